@@ -1,0 +1,807 @@
+//! Configuration: `/etc/hadb/hadb.toml`, overridden key by key from the
+//! kernel command line (`hadb.<dotted.key>=value`), validated into [`Config`].
+//!
+//! One image serves both nodes, so the kernel command line must be able to
+//! change any key; that is why overrides are applied to the parsed TOML tree
+//! before it becomes typed configuration, and why every error remembers
+//! whether a key came from the file (with its line) or from the command line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_PATH: &str = "/etc/hadb/hadb.toml";
+pub const DEFAULT_CMDLINE: &str = "/proc/cmdline";
+const CMDLINE_PREFIX: &str = "hadb.";
+
+/// Where a key's value came from, for error messages an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File {
+        path: PathBuf,
+        line: usize,
+    },
+    Cmdline {
+        path: PathBuf,
+    },
+    /// The key is absent; its default (or its absence) is what is wrong.
+    Default {
+        path: PathBuf,
+    },
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::Cmdline { path } => write!(f, "kernel command line ({})", path.display()),
+            Origin::Default { path } => write!(f, "{} (key not set)", path.display()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Error {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    Cmdline {
+        path: PathBuf,
+        word: String,
+        message: String,
+    },
+    Key {
+        origin: Origin,
+        key: String,
+        message: String,
+    },
+    /// Several independent problems, all reported at once so an operator
+    /// fixes the file in one go.
+    Many(Vec<Error>),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Read { path, source } => write!(
+                f,
+                "cannot read config {}: {source}; create it (see docs/config.md) or pass --config PATH",
+                path.display()
+            ),
+            Error::Syntax {
+                path,
+                line,
+                message,
+            } => write!(f, "{}:{line}: not valid TOML: {message}", path.display()),
+            Error::Cmdline {
+                path,
+                word,
+                message,
+            } => write!(
+                f,
+                "kernel command line ({}): `{word}`: {message}",
+                path.display()
+            ),
+            Error::Key {
+                origin,
+                key,
+                message,
+            } => write!(f, "{origin}: key `{key}`: {message}"),
+            Error::Many(errors) => {
+                for (i, e) in errors.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(f)?;
+                    }
+                    write!(f, "{e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// What the volume's replication waits for before it acknowledges a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Protocol C: a write completes once it is on both nodes.
+    Sync,
+    /// Like sync, but goes on alone after `ack_timeout` once the peer is
+    /// known not to be promotable.
+    Semisync,
+    /// Protocol A: a write completes once it is local; failover can lose
+    /// writes.
+    Async,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::Semisync => "semisync",
+            Mode::Async => "async",
+        })
+    }
+}
+
+/// A duration written the way operators write them: `200ms`, `10s`, `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().map_err(|_| {
+            format!("`{text}` is not a duration; write e.g. \"200ms\", \"10s\", \"2m\"")
+        })?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => {
+                return Err(format!(
+                    "`{text}` has no known unit; write a whole number followed by ms, s, m or h"
+                ));
+            }
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's address on the private network (ring0).
+    pub address: IpAddr,
+    /// Replication port of this node; defaults to `volume.port`. Lets two
+    /// nodes share one host in tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// The backing store: a block device, or a regular file for tests.
+    pub device: PathBuf,
+    #[serde(default = "default_volume_port")]
+    pub port: u16,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: HumanDuration,
+    /// Where the primary attaches the volume to its own kernel; none: no
+    /// kernel block device (tests, hosts without nbd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_device: Option<PathBuf>,
+    /// NBD server for userspace tools, on the primary.
+    #[serde(default = "default_nbd_socket")]
+    pub nbd_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_control_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: default_control_socket(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cluster: String,
+    /// This node's name; defaults to the host name.
+    #[serde(default)]
+    pub node: String,
+    #[serde(default = "default_key_file")]
+    pub key_file: PathBuf,
+    pub nodes: BTreeMap<String, NodeConfig>,
+    pub volume: VolumeConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+fn default_volume_port() -> u16 {
+    7789
+}
+fn default_mode() -> Mode {
+    Mode::Sync
+}
+fn default_ack_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_nbd_socket() -> PathBuf {
+    PathBuf::from("/run/hadb/volume.sock")
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/hadb/control.sock")
+}
+fn default_key_file() -> PathBuf {
+    PathBuf::from("/etc/hadb/authkey")
+}
+
+impl Config {
+    /// The peer of a two-node pair: the one node that is not us.
+    pub fn peer(&self) -> (&str, &NodeConfig) {
+        // validate() guarantees exactly one other node.
+        self.nodes
+            .iter()
+            .find(|(name, _)| **name != self.node)
+            .map(|(n, c)| (n.as_str(), c))
+            .expect("validated config has a peer")
+    }
+
+    pub fn me(&self) -> &NodeConfig {
+        &self.nodes[&self.node]
+    }
+
+    pub fn replication_port(&self, node: &NodeConfig) -> u16 {
+        node.port.unwrap_or(self.volume.port)
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.me().address, self.replication_port(self.me()))
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        let (_, peer) = self.peer();
+        SocketAddr::new(peer.address, self.replication_port(peer))
+    }
+}
+
+/// Where to read from. Tests point both at temporary files.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub file: PathBuf,
+    /// None: no kernel command line overrides (e.g. `--cmdline none`).
+    pub cmdline: Option<PathBuf>,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Sources {
+            file: PathBuf::from(DEFAULT_PATH),
+            cmdline: Some(PathBuf::from(DEFAULT_CMDLINE)),
+        }
+    }
+}
+
+/// Reads, merges and validates the configuration.
+pub fn load(sources: &Sources) -> Result<Config, Error> {
+    let text = std::fs::read_to_string(&sources.file).map_err(|source| Error::Read {
+        path: sources.file.clone(),
+        source,
+    })?;
+    let cmdline = match &sources.cmdline {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some((path.clone(), text)),
+            // A missing /proc (a chroot, a test) simply means no overrides.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(Error::Read {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        },
+        None => None,
+    };
+    let hostname = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    parse(
+        &sources.file,
+        &text,
+        cmdline.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        &hostname,
+    )
+}
+
+/// The pure part of [`load`]: text in, validated config or every error out.
+pub fn parse(
+    file: &Path,
+    text: &str,
+    cmdline: Option<(&Path, &str)>,
+    hostname: &str,
+) -> Result<Config, Error> {
+    let lines = KeyLines::new(text);
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Syntax {
+        path: file.to_owned(),
+        line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+        message: e.message().trim().to_owned(),
+    })?;
+
+    let mut overridden: Vec<String> = Vec::new();
+    if let Some((cmdline_path, cmdline_text)) = cmdline {
+        let mut errors = Vec::new();
+        for word in split_cmdline(cmdline_text) {
+            let Some(rest) = word.strip_prefix(CMDLINE_PREFIX) else {
+                continue;
+            };
+            match apply_override(&mut table, rest) {
+                Ok(key) => overridden.push(key),
+                Err(message) => errors.push(Error::Cmdline {
+                    path: cmdline_path.to_owned(),
+                    word: word.clone(),
+                    message,
+                }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Many(errors));
+        }
+    }
+
+    let origin_of = |key: &str| -> Origin {
+        if overridden
+            .iter()
+            .any(|k| k == key || key.starts_with(&format!("{k}.")))
+        {
+            Origin::Cmdline {
+                path: cmdline.map(|(p, _)| p.to_owned()).unwrap_or_default(),
+            }
+        } else if let Some(line) = lines.line_of_key(key) {
+            Origin::File {
+                path: file.to_owned(),
+                line,
+            }
+        } else {
+            Origin::Default {
+                path: file.to_owned(),
+            }
+        }
+    };
+
+    let mut config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let message = e.inner().message().trim().to_owned();
+            // serde_path_to_error already ends the path with an unknown
+            // field's name; only a top-level one arrives without it.
+            let key = match unknown_field(&message) {
+                Some(field) if key.is_empty() => field.to_owned(),
+                _ => key,
+            };
+            Error::Key {
+                origin: origin_of(&key),
+                key,
+                message: explain(&message),
+            }
+        })?;
+
+    if config.node.is_empty() {
+        config.node = hostname.to_owned();
+    }
+    let errors = validate(&config, &origin_of);
+    match errors.len() {
+        0 => Ok(config),
+        1 => Err(errors.into_iter().next().expect("one error")),
+        _ => Err(Error::Many(errors)),
+    }
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+fn explain(message: &str) -> String {
+    if message.starts_with("unknown field") {
+        format!("{message}; remove it or check its spelling in docs/config.md")
+    } else if message.starts_with("missing field") {
+        format!("{message}; it has no default, set it (see docs/config.md)")
+    } else {
+        message.to_owned()
+    }
+}
+
+fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
+    let mut errors = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        errors.push(Error::Key {
+            origin: origin_of(key),
+            key: key.to_owned(),
+            message,
+        })
+    };
+    if config.cluster.is_empty() || !config.cluster.chars().all(name_char) {
+        bad(
+            "cluster",
+            "expected a non-empty name of letters, digits, '-' or '_'".into(),
+        );
+    }
+    for name in config.nodes.keys() {
+        if name.is_empty() || !name.chars().all(name_char) {
+            bad(
+                &format!("nodes.{name}"),
+                "a node name must be letters, digits, '-' or '_'".into(),
+            );
+        }
+    }
+    if config.nodes.len() != 2 {
+        bad(
+            "nodes",
+            format!(
+                "expected exactly two nodes (a pair), found {}: {:?}",
+                config.nodes.len(),
+                config.nodes.keys().collect::<Vec<_>>()
+            ),
+        );
+    }
+    if !config.nodes.contains_key(&config.node) {
+        bad(
+            "node",
+            format!(
+                "this node is `{}` but [nodes] has only {:?}; set `node` (or hadb.node= on the kernel command line) to one of them",
+                config.node,
+                config.nodes.keys().collect::<Vec<_>>()
+            ),
+        );
+    }
+    if config.volume.port == 0 {
+        bad("volume.port", "expected a port from 1 to 65535".into());
+    }
+    for (name, node) in &config.nodes {
+        if node.port == Some(0) {
+            bad(
+                &format!("nodes.{name}.port"),
+                "expected a port from 1 to 65535".into(),
+            );
+        }
+    }
+    if config.volume.ack_timeout.0 < Duration::from_millis(100) {
+        bad(
+            "volume.ack_timeout",
+            "expected at least 100ms; shorter timeouts make the volume go alone on ordinary jitter"
+                .into(),
+        );
+    }
+    for (key, path) in [
+        ("volume.device", &config.volume.device),
+        ("volume.nbd_socket", &config.volume.nbd_socket),
+        ("control.socket", &config.control.socket),
+        ("key_file", &config.key_file),
+    ] {
+        if !path.is_absolute() {
+            bad(
+                key,
+                format!("expected an absolute path, got `{}`", path.display()),
+            );
+        }
+    }
+    errors
+}
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+/// Splits a kernel command line the way the kernel does: on spaces, with
+/// double quotes grouping.
+fn split_cmdline(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// Applies `dotted.key=value` to the tree; returns the dotted key.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<String, String> {
+    let Some((key, raw)) = assignment.split_once('=') else {
+        return Err("expected hadb.<dotted.key>=value".into());
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{key}` is not a dotted key"));
+    }
+    // A value that reads as TOML (a number, a boolean, a quoted string, an
+    // array) is taken as that; anything else is a bare string, so that
+    // `hadb.node=hadb01` works without quotes.
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let mut cursor = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cursor
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{part}` in `{key}` is a value, not a table")),
+        };
+    }
+    cursor.insert(parts[parts.len() - 1].to_owned(), value);
+    Ok(key.to_owned())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Dotted key -> line in the file, from the spanned parse.
+struct KeyLines {
+    lines: BTreeMap<String, usize>,
+}
+
+impl KeyLines {
+    fn new(text: &str) -> Self {
+        let mut lines = BTreeMap::new();
+        if let Ok(doc) = toml::de::DeTable::parse(text) {
+            collect_lines(text, "", doc.get_ref(), &mut lines);
+        }
+        KeyLines { lines }
+    }
+
+    /// The line of the key or, failing that, of its nearest parent.
+    fn line_of_key(&self, key: &str) -> Option<usize> {
+        let mut key = key;
+        loop {
+            if let Some(line) = self.lines.get(key) {
+                return Some(*line);
+            }
+            key = &key[..key.rfind('.')?];
+        }
+    }
+}
+
+fn collect_lines(
+    text: &str,
+    prefix: &str,
+    table: &toml::de::DeTable<'_>,
+    out: &mut BTreeMap<String, usize>,
+) {
+    for (key, value) in table.iter() {
+        let dotted = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        out.insert(dotted.clone(), line_of(text, key.span().start));
+        if let toml::de::DeValue::Table(t) = value.get_ref() {
+            collect_lines(text, &dotted, t, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+cluster = "hadb"
+node = "hadb01"
+key_file = "/etc/hadb/authkey"
+
+[nodes.hadb01]
+address = "10.10.10.4"
+[nodes.hadb02]
+address = "10.10.10.5"
+
+[volume]
+device = "/dev/sdc1"
+port = 7789
+mode = "sync"
+ack_timeout = "10s"
+nbd_device = "/dev/nbd0"
+nbd_socket = "/run/hadb/volume.sock"
+
+[control]
+socket = "/run/hadb/control.sock"
+"#;
+
+    fn p(text: &str, cmdline: Option<&str>) -> Result<Config, Error> {
+        parse(
+            Path::new("/etc/hadb/hadb.toml"),
+            text,
+            cmdline.map(|c| (Path::new("/proc/cmdline"), c)),
+            "myhost",
+        )
+    }
+
+    #[test]
+    fn seed_config_parses() {
+        let c = p(SEED, None).unwrap();
+        assert_eq!(c.node, "hadb01");
+        assert_eq!(c.peer().0, "hadb02");
+        assert_eq!(c.volume.mode, Mode::Sync);
+        assert_eq!(c.volume.ack_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.peer_addr(), "10.10.10.5:7789".parse().unwrap());
+        assert_eq!(c.volume.nbd_device.as_deref(), Some(Path::new("/dev/nbd0")));
+    }
+
+    #[test]
+    fn cmdline_overrides_any_key() {
+        let c = p(
+            SEED,
+            Some("BOOT_IMAGE=/vmlinuz root=/dev/sda1 hadb.node=hadb02 hadb.volume.port=7790 hadb.volume.mode=\"async\" quiet\n"),
+        )
+        .unwrap();
+        assert_eq!(c.node, "hadb02");
+        assert_eq!(c.volume.port, 7790);
+        assert_eq!(c.volume.mode, Mode::Async);
+        assert_eq!(c.peer().0, "hadb01");
+    }
+
+    #[test]
+    fn node_defaults_to_host_name() {
+        let text = SEED.replace("node = \"hadb01\"\n", "");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("this node is `myhost`"), "{err}");
+        assert!(err.contains("(key not set)"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = SEED.replace("port = 7789", "port = 7789\nmdoe = \"sync\"");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/hadb/hadb.toml:14: key `volume.mdoe`"),
+            "{err}"
+        );
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let text = SEED.replace("port = 7789", "port = \"seven\"");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/hadb/hadb.toml:13: key `volume.port`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_mode_and_duration() {
+        let err = p(&SEED.replace("mode = \"sync\"", "mode = \"fast\""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("volume.mode") && err.contains("fast"), "{err}");
+        let err = p(&SEED.replace("\"10s\"", "\"10 parsecs\""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("volume.ack_timeout"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let text = SEED.replace("[volume]", "[volume");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("/etc/hadb/hadb.toml:11: not valid TOML"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cmdline_errors_are_reported_as_cmdline() {
+        let err = p(SEED, Some("hadb.volume.prot=1")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("kernel command line (/proc/cmdline)"),
+            "{err}"
+        );
+        assert!(err.contains("volume.prot"), "{err}");
+        let err = p(SEED, Some("hadb.cluster.x=1")).unwrap_err().to_string();
+        assert!(err.contains("is a value, not a table"), "{err}");
+    }
+
+    #[test]
+    fn every_validation_error_at_once() {
+        let text = SEED
+            .replace("port = 7789", "port = 0")
+            .replace("\"/dev/sdc1\"", "\"sdc1\"");
+        let err = p(&text, None).unwrap_err();
+        let Error::Many(errors) = &err else {
+            panic!("expected several errors, got {err}")
+        };
+        assert_eq!(errors.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn three_nodes_refused() {
+        let text = format!("{SEED}\n[nodes.hadb03]\naddress = \"10.10.10.6\"\n");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("expected exactly two nodes"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            HumanDuration::parse("200ms").unwrap().0,
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            HumanDuration::parse("2m").unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert!(HumanDuration::parse("2").is_err());
+        assert!(HumanDuration::parse("ms").is_err());
+        assert_eq!(
+            HumanDuration(Duration::from_millis(1500)).to_string(),
+            "1500ms"
+        );
+    }
+
+    #[test]
+    fn quoted_cmdline_words() {
+        assert_eq!(
+            split_cmdline("a \"b c\" hadb.x=\"y z\"  "),
+            vec!["a", "b c", "hadb.x=y z"]
+        );
+    }
+}

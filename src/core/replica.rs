@@ -1,0 +1,1610 @@
+//! The volume's replication state machine, free of sockets, disks and
+//! clocks. The driver (`run::volume`) feeds it events (an application
+//! request, a local disk completion, a frame from the peer, the link coming
+//! or going, an operator command) and carries out the [`Action`]s it
+//! returns, in order.
+//!
+//! Ordering is the whole game. Every operation that must reach the peer gets
+//! a sequence number; the driver hands local disk operations to one FIFO
+//! worker in the order they are returned, frames go out in the order they
+//! are returned, and the peer applies frames in arrival order on its own
+//! FIFO worker. Both copies therefore see overlapping writes in the same
+//! order, the order in which the primary issued them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use crate::config::Mode;
+use crate::core::wire::{self, Kind, NodeState};
+
+pub type Payload = Arc<Vec<u8>>;
+/// The driver's name for an application request.
+pub type ReqId = u64;
+pub type Seq = u64;
+
+/// Granularity of the in-memory dirty bitmap and of resync.
+pub const BLOCK: u64 = 4096;
+/// Largest run of dirty blocks one resync read covers.
+const RESYNC_RUN: u64 = 64;
+/// Resync reads in flight at once.
+const RESYNC_WINDOW: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The state of this node's copy of the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    /// Holds the newest data (or data no other copy is known to beat).
+    UpToDate,
+    /// Known to be older than the peer's; must not be promoted.
+    Outdated,
+    /// Partly written by a resync that has not finished; never promotable.
+    Inconsistent,
+    /// The backing store fails I/O.
+    Failed,
+}
+
+/// The replication link as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Not trying to reach the peer (refused: split brain, unrelated data).
+    Standalone,
+    /// Trying to reach the peer.
+    Connecting,
+    /// Connected, copies in sync.
+    Connected,
+    /// Connected, sending the peer the blocks it lacks.
+    SyncSource,
+    /// Connected, receiving the blocks this node lacks.
+    SyncTarget,
+}
+
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Primary => 1,
+        Role::Secondary => 0,
+    }
+}
+fn disk_code(d: DiskState) -> u8 {
+    match d {
+        DiskState::UpToDate => 0,
+        DiskState::Outdated => 1,
+        DiskState::Inconsistent => 2,
+        DiskState::Failed => 3,
+    }
+}
+pub fn disk_from_code(c: u8) -> DiskState {
+    match c {
+        0 => DiskState::UpToDate,
+        1 => DiskState::Outdated,
+        2 => DiskState::Inconsistent,
+        _ => DiskState::Failed,
+    }
+}
+
+/// An operation on a backing store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOp {
+    Write {
+        offset: u64,
+        data: Payload,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        length: u64,
+        punch: bool,
+        fua: bool,
+    },
+    Flush,
+    Read {
+        offset: u64,
+        length: u64,
+    },
+}
+
+/// Who a disk completion belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskTag {
+    /// An application request on the primary, by sequence.
+    Local(Seq),
+    /// A frame from the peer being applied, by the peer's sequence.
+    FromPeer(Seq),
+    /// A resync read, by its first block.
+    ResyncRead(u64),
+    /// Making the resync durable before acknowledging ResyncDone.
+    ResyncFlush(Seq),
+}
+
+/// A frame to send; the driver seals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub header: wire::Header,
+    pub payload: Option<Payload>,
+}
+
+/// What the metadata must say before anything that depends on it happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaUpdate {
+    pub current_gen: u64,
+    pub bitmap_gen: u64,
+    pub volume_id: [u8; 16],
+    pub consistent: bool,
+    pub primary: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Persist (and flush) the metadata now, before the actions after it.
+    Persist(MetaUpdate),
+    Disk {
+        tag: DiskTag,
+        op: DiskOp,
+    },
+    Send(Frame),
+    /// The application request is done; Err carries an NBD errno.
+    Complete {
+        id: ReqId,
+        result: Result<(), u32>,
+    },
+    /// The link is unusable (protocol violation); the driver closes it and
+    /// reports `link_lost` later.
+    DropLink(String),
+    /// The role changed (for the driver to attach or detach the kernel
+    /// device and open or close the NBD server).
+    RoleChanged(Role),
+    Log {
+        warn: bool,
+        message: String,
+    },
+}
+
+/// An application request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Write {
+        offset: u64,
+        data: Payload,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        length: u64,
+        punch: bool,
+        fua: bool,
+    },
+    Flush,
+}
+
+impl Request {
+    fn blocks(&self) -> Option<(u64, u64)> {
+        match self {
+            Request::Write { offset, data, .. } => Some(block_range(*offset, data.len() as u64)),
+            Request::Zeroes { offset, length, .. } => Some(block_range(*offset, *length)),
+            Request::Flush => None,
+        }
+    }
+}
+
+fn block_range(offset: u64, length: u64) -> (u64, u64) {
+    let first = offset / BLOCK;
+    let end = (offset + length.max(1)).div_ceil(BLOCK);
+    (first, end)
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: ReqId,
+    blocks: Option<(u64, u64)>,
+    local_done: bool,
+    /// None: the peer is not needed (async, alone).
+    peer_done: Option<bool>,
+    error: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromoteError {
+    AlreadyPrimary,
+    PeerIsPrimary,
+    NotUpToDate(DiskState),
+    FreshVolume,
+    RequestPending,
+}
+
+impl std::fmt::Display for PromoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PromoteError::AlreadyPrimary => write!(f, "this node is already primary"),
+            PromoteError::PeerIsPrimary => write!(
+                f,
+                "the peer is primary; demote it first (`hadb volume secondary` there)"
+            ),
+            PromoteError::NotUpToDate(d) => write!(
+                f,
+                "the local disk is {d:?}, not up to date; wait for the resync, or use --force if you know this copy is the one to keep"
+            ),
+            PromoteError::FreshVolume => write!(
+                f,
+                "this volume has never been primary and the peer is not connected to agree; use --force to make this copy the source of the initial sync"
+            ),
+            PromoteError::RequestPending => write!(
+                f,
+                "a role request to the peer is already under way; try again in a moment"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoteError {
+    NotPrimary,
+    Busy { pending: usize },
+}
+
+impl std::fmt::Display for DemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DemoteError::NotPrimary => write!(f, "this node is not primary"),
+            DemoteError::Busy { pending } => write!(
+                f,
+                "{pending} write(s) are still waiting for the peer; `hadb volume go-alone` releases them, or wait for the peer"
+            ),
+        }
+    }
+}
+
+/// Counters an operator reads in status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Counters {
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub replicated_bytes: u64,
+    pub flushes: u64,
+    pub peer_acks: u64,
+    pub held_requests: u64,
+    pub resync_blocks_sent: u64,
+    pub resync_blocks_received: u64,
+    pub resyncs_started: u64,
+    pub write_errors: u64,
+    pub protocol_errors: u64,
+}
+
+/// The outcome of comparing generations at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDecision {
+    /// Same data; only the primary's in-memory dirty blocks, if any, move.
+    InSync,
+    /// Neither copy has ever been primary: nothing moves until one is.
+    BothFresh,
+    SourceBitmap,
+    SourceFull,
+    TargetBitmap,
+    TargetFull,
+    SplitBrain,
+    Unrelated,
+}
+
+impl SyncDecision {
+    pub fn rule(self) -> &'static str {
+        match self {
+            SyncDecision::InSync => "same generation: in sync",
+            SyncDecision::BothFresh => "both copies fresh: waiting for a first primary",
+            SyncDecision::SourceBitmap => {
+                "peer is at the generation my bitmap starts from: resync changed blocks to it"
+            }
+            SyncDecision::SourceFull => "peer is fresh or my bitmap is gone: full resync to it",
+            SyncDecision::TargetBitmap => {
+                "I am at the generation the peer's bitmap starts from: receive changed blocks"
+            }
+            SyncDecision::TargetFull => {
+                "I am fresh or the peer's bitmap is gone: receive a full resync"
+            }
+            SyncDecision::SplitBrain => {
+                "both copies changed since they parted: split brain, refusing to connect"
+            }
+            SyncDecision::Unrelated => {
+                "the copies share no generation: unrelated data, refusing to connect"
+            }
+        }
+    }
+}
+
+/// What a node knows of itself for the connect decision.
+#[derive(Debug, Clone, Copy)]
+pub struct GenView {
+    pub current: u64,
+    pub bitmap_gen: u64,
+    /// Whether this node holds a bitmap valid since `bitmap_gen`.
+    pub has_bitmap: bool,
+}
+
+/// Compares generations. Pure and symmetric: the two nodes reach mirror
+/// decisions from the same facts.
+pub fn decide(me: GenView, peer: GenView) -> SyncDecision {
+    use SyncDecision::*;
+    if me.current == peer.current {
+        return if me.current == 0 { BothFresh } else { InSync };
+    }
+    if peer.current == 0 {
+        return SourceFull;
+    }
+    if me.current == 0 {
+        return TargetFull;
+    }
+    if me.bitmap_gen != 0 && me.bitmap_gen == peer.current {
+        return if me.has_bitmap {
+            SourceBitmap
+        } else {
+            SourceFull
+        };
+    }
+    if peer.bitmap_gen != 0 && peer.bitmap_gen == me.current {
+        return if peer.has_bitmap {
+            TargetBitmap
+        } else {
+            TargetFull
+        };
+    }
+    if me.bitmap_gen != 0 && me.bitmap_gen == peer.bitmap_gen {
+        return SplitBrain;
+    }
+    Unrelated
+}
+
+/// Static facts the state machine needs.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub mode: Mode,
+    pub data_size: u64,
+    pub volume_id: [u8; 16],
+    pub current_gen: u64,
+    pub bitmap_gen: u64,
+    pub consistent: bool,
+    /// Seeds new generation identifiers; the driver passes randomness.
+    pub gen_seed: u64,
+    /// Our name and the peer's, for tie-breaks.
+    pub me: String,
+    pub peer: String,
+}
+
+pub struct Replica {
+    mode: Mode,
+    data_size: u64,
+    volume_id: [u8; 16],
+    current_gen: u64,
+    bitmap_gen: u64,
+    gen_state: u64,
+    me_first: bool,
+
+    role: Role,
+    disk: DiskState,
+    link: LinkState,
+    peer: Option<NodeState>,
+    /// The peer acknowledged our State since the link came up.
+    peer_ready: bool,
+    /// The operator released held I/O: go on without the peer.
+    alone: bool,
+
+    next_seq: Seq,
+    pending: BTreeMap<Seq, Pending>,
+    /// Writes that reached only our disk while the peer could not have them;
+    /// completed once a resync has carried them over.
+    awaiting_resync: BTreeSet<Seq>,
+    held: VecDeque<(ReqId, Request)>,
+
+    /// Blocks the peer lacks; None: unknown (a full resync is due).
+    dirty: Option<BTreeSet<u64>>,
+    resync: Option<ResyncState>,
+    /// Target side: frames applied but not yet acknowledged are acked in
+    /// order by the disk completions; nothing to track but the final flush.
+    role_request: Option<bool>,
+
+    pub counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct ResyncState {
+    cursor: u64,
+    full: bool,
+    /// Reads in flight: first block -> (count, invalidated by a write).
+    reads: BTreeMap<u64, (u64, bool)>,
+    /// Resync frames sent, awaiting the peer's ack: seq -> (first block,
+    /// count), so a lost link can mark them out of sync again.
+    unacked: BTreeMap<Seq, (u64, u64)>,
+    done_sent: bool,
+    total_blocks: u64,
+    sent_blocks: u64,
+}
+
+impl Replica {
+    pub fn new(s: Setup) -> Replica {
+        let disk = if s.consistent {
+            DiskState::UpToDate
+        } else {
+            DiskState::Inconsistent
+        };
+        Replica {
+            mode: s.mode,
+            data_size: s.data_size,
+            volume_id: s.volume_id,
+            current_gen: s.current_gen,
+            bitmap_gen: s.bitmap_gen,
+            gen_state: s.gen_seed | 1,
+            me_first: s.me < s.peer,
+            role: Role::Secondary,
+            disk,
+            link: LinkState::Connecting,
+            peer: None,
+            peer_ready: false,
+            alone: false,
+            next_seq: 1,
+            pending: BTreeMap::new(),
+            awaiting_resync: BTreeSet::new(),
+            held: VecDeque::new(),
+            // After a start we do not know what the peer lacks, unless the
+            // generations later say we are in sync.
+            dirty: if s.bitmap_gen == 0 {
+                Some(BTreeSet::new())
+            } else {
+                None
+            },
+            resync: None,
+            role_request: None,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+    pub fn link(&self) -> LinkState {
+        self.link
+    }
+    pub fn peer_state(&self) -> Option<NodeState> {
+        self.peer
+    }
+    pub fn alone(&self) -> bool {
+        self.alone
+    }
+    pub fn generations(&self) -> (u64, u64) {
+        (self.current_gen, self.bitmap_gen)
+    }
+    /// A promotion waits for the peer's answer.
+    pub fn role_request_pending(&self) -> bool {
+        self.role_request.is_some()
+    }
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+    /// Blocks the peer lacks, None when unknown (full resync due).
+    pub fn out_of_sync_blocks(&self) -> Option<u64> {
+        self.dirty.as_ref().map(|d| d.len() as u64)
+    }
+    /// (blocks sent, blocks to send, whether the whole volume is resent)
+    pub fn resync_progress(&self) -> Option<(u64, u64, bool)> {
+        self.resync
+            .as_ref()
+            .map(|r| (r.sent_blocks, r.total_blocks, r.full))
+    }
+    /// Whether the peer is connected and holds every completed write.
+    pub fn peer_up_to_date(&self) -> bool {
+        self.link == LinkState::Connected
+            && self
+                .peer
+                .is_some_and(|p| disk_from_code(p.disk) == DiskState::UpToDate)
+    }
+    /// Whether application I/O is frozen waiting for the peer.
+    pub fn frozen(&self) -> bool {
+        self.role == Role::Primary && self.must_hold()
+    }
+
+    fn must_hold(&self) -> bool {
+        self.mode != Mode::Async && !self.alone && !self.peer_ready
+    }
+
+    fn blocks_total(&self) -> u64 {
+        self.data_size.div_ceil(BLOCK)
+    }
+
+    fn next_gen(&mut self) -> u64 {
+        // splitmix64: deterministic from the driver's seed.
+        self.gen_state = self.gen_state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.gen_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) | 1
+    }
+
+    fn meta(&self) -> MetaUpdate {
+        MetaUpdate {
+            current_gen: self.current_gen,
+            bitmap_gen: self.bitmap_gen,
+            volume_id: self.volume_id,
+            consistent: self.disk == DiskState::UpToDate || self.disk == DiskState::Outdated,
+            primary: self.role == Role::Primary,
+        }
+    }
+
+    pub fn node_state(&self) -> NodeState {
+        NodeState {
+            role: role_code(self.role),
+            disk: disk_code(self.disk),
+            data_size: self.data_size,
+            volume_id: self.volume_id,
+            current_gen: self.current_gen,
+            bitmap_gen: self.bitmap_gen,
+            dirty_blocks: self.dirty.as_ref().map_or(u64::MAX, |d| d.len() as u64),
+        }
+    }
+
+    fn state_frame(&self, kind: Kind) -> Action {
+        Action::Send(Frame {
+            header: wire::Header::new(kind, 0, 0, 0),
+            payload: Some(Arc::new(self.node_state().encode())),
+        })
+    }
+
+    fn mark_dirty(&mut self, range: (u64, u64)) {
+        if let Some(d) = &mut self.dirty {
+            d.extend(range.0..range.1);
+        }
+    }
+
+    /// Starts writing without the peer: a new generation, so that the peer's
+    /// copy can later be recognised as older (the bitmap starts at its gen).
+    fn begin_alone_writes(&mut self, out: &mut Vec<Action>) {
+        if self.bitmap_gen == 0 {
+            self.bitmap_gen = self.current_gen;
+            self.current_gen = self.next_gen();
+            out.push(Action::Persist(self.meta()));
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "writing without the peer: new generation {:016x}, peer's copy stays at {:016x}",
+                    self.current_gen, self.bitmap_gen
+                ),
+            });
+        }
+    }
+
+    // ---- application requests (primary) --------------------------------
+
+    pub fn request(&mut self, id: ReqId, req: Request) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.role != Role::Primary {
+            out.push(Action::Complete {
+                id,
+                result: Err(crate::core::nbd::EPERM),
+            });
+            return out;
+        }
+        if self.disk == DiskState::Failed {
+            out.push(Action::Complete {
+                id,
+                result: Err(crate::core::nbd::EIO),
+            });
+            return out;
+        }
+        if self.must_hold() || !self.held.is_empty() {
+            if self.held.is_empty() {
+                out.push(Action::Log {
+                    warn: true,
+                    message: "I/O frozen: the peer is not connected and the mode is sync; it resumes when the peer is back or after `hadb volume go-alone`".into(),
+                });
+            }
+            self.counters.held_requests += 1;
+            self.held.push_back((id, req));
+            return out;
+        }
+        self.issue(id, req, &mut out);
+        out
+    }
+
+    fn issue(&mut self, id: ReqId, req: Request, out: &mut Vec<Action>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let blocks = req.blocks();
+        let to_peer = self.peer_ready;
+        if !to_peer {
+            self.begin_alone_writes(out);
+            if let Some(r) = blocks {
+                self.mark_dirty(r);
+            }
+        }
+        if let (Some(r), Some(rs)) = (blocks, &mut self.resync) {
+            // A resync read of these blocks may have seen older data; its
+            // frame would overwrite this write on the peer.
+            for (_, (count, invalid)) in rs.reads.range_mut(r.0.saturating_sub(RESYNC_RUN)..r.1) {
+                let _ = count;
+                *invalid = true;
+            }
+        }
+        let (op, header) = match &req {
+            Request::Write { offset, data, fua } => {
+                self.counters.writes += 1;
+                self.counters.written_bytes += data.len() as u64;
+                let mut h = wire::Header::new(Kind::Data, seq, *offset, data.len() as u32);
+                if *fua {
+                    h.flags |= wire::FLAG_FUA;
+                }
+                (
+                    DiskOp::Write {
+                        offset: *offset,
+                        data: data.clone(),
+                        fua: *fua,
+                    },
+                    h,
+                )
+            }
+            Request::Zeroes {
+                offset,
+                length,
+                punch,
+                fua,
+            } => {
+                self.counters.writes += 1;
+                let mut h = wire::Header::new(Kind::Zeroes, seq, *offset, *length as u32);
+                if *punch {
+                    h.flags |= wire::FLAG_PUNCH;
+                }
+                if *fua {
+                    h.flags |= wire::FLAG_FUA;
+                }
+                (
+                    DiskOp::Zeroes {
+                        offset: *offset,
+                        length: *length,
+                        punch: *punch,
+                        fua: *fua,
+                    },
+                    h,
+                )
+            }
+            Request::Flush => {
+                self.counters.flushes += 1;
+                (DiskOp::Flush, wire::Header::new(Kind::Flush, seq, 0, 0))
+            }
+        };
+        let peer_done = match (to_peer, self.mode) {
+            (true, Mode::Async) => None,
+            (true, _) => Some(false),
+            (false, _) => None,
+        };
+        if to_peer {
+            let payload = match &req {
+                Request::Write { data, .. } => {
+                    self.counters.replicated_bytes += data.len() as u64;
+                    Some(data.clone())
+                }
+                _ => None,
+            };
+            out.push(Action::Send(Frame { header, payload }));
+        }
+        out.push(Action::Disk {
+            tag: DiskTag::Local(seq),
+            op,
+        });
+        self.pending.insert(
+            seq,
+            Pending {
+                id,
+                blocks,
+                local_done: false,
+                peer_done,
+                error: None,
+            },
+        );
+    }
+
+    pub fn disk_done(&mut self, tag: DiskTag, result: Result<Option<Payload>, u32>) -> Vec<Action> {
+        let mut out = Vec::new();
+        match tag {
+            DiskTag::Local(seq) => {
+                if let Some(p) = self.pending.get_mut(&seq) {
+                    p.local_done = true;
+                    if let Err(e) = result {
+                        p.error = Some(e);
+                        self.counters.write_errors += 1;
+                        out.push(Action::Log {
+                            warn: true,
+                            message: format!("local disk write failed with errno {e}"),
+                        });
+                    }
+                }
+                self.try_complete(seq, &mut out);
+            }
+            DiskTag::FromPeer(seq) => match result {
+                Ok(_) => out.push(Action::Send(Frame {
+                    header: wire::Header::new(Kind::Ack, seq, 0, 0),
+                    payload: None,
+                })),
+                Err(e) => {
+                    self.counters.write_errors += 1;
+                    out.push(Action::Send(Frame {
+                        header: wire::Header::new(Kind::Nack, seq, e as u64, 0),
+                        payload: None,
+                    }));
+                }
+            },
+            DiskTag::ResyncRead(first) => self.resync_read_done(first, result, &mut out),
+            DiskTag::ResyncFlush(seq) => {
+                // The whole resync is durable here: adopt the source's
+                // generation, then tell it.
+                if result.is_ok() {
+                    self.disk = DiskState::UpToDate;
+                    self.link = LinkState::Connected;
+                    out.push(Action::Persist(self.meta()));
+                    out.push(Action::Log {
+                        warn: false,
+                        message: "resync finished: local disk up to date".into(),
+                    });
+                    out.push(Action::Send(Frame {
+                        header: wire::Header::new(Kind::Ack, seq, 0, 0),
+                        payload: None,
+                    }));
+                    out.push(self.state_frame(Kind::State));
+                } else {
+                    out.push(Action::Send(Frame {
+                        header: wire::Header::new(Kind::Nack, seq, crate::core::nbd::EIO as u64, 0),
+                        payload: None,
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    fn try_complete(&mut self, seq: Seq, out: &mut Vec<Action>) {
+        let Some(p) = self.pending.get(&seq) else {
+            return;
+        };
+        if !p.local_done || p.peer_done == Some(false) {
+            return;
+        }
+        let p = self.pending.remove(&seq).expect("present");
+        out.push(Action::Complete {
+            id: p.id,
+            result: p.error.map_or(Ok(()), Err),
+        });
+    }
+
+    // ---- the link -------------------------------------------------------
+
+    /// The link is authenticated and up: say who we are.
+    pub fn link_up(&mut self) -> Vec<Action> {
+        self.link = LinkState::Connected;
+        self.peer = None;
+        self.peer_ready = false;
+        vec![self.state_frame(Kind::State)]
+    }
+
+    pub fn link_lost(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        let was = self.link;
+        self.link = LinkState::Connecting;
+        self.peer = None;
+        self.peer_ready = false;
+        self.role_request = None;
+        if let Some(rs) = self.resync.take() {
+            out.push(Action::Log {
+                warn: true,
+                message: "link lost during resync; it resumes on reconnect".into(),
+            });
+            // What was read or sent but not acknowledged is still missing
+            // on the peer.
+            let lost: Vec<(u64, u64)> = rs
+                .reads
+                .iter()
+                .map(|(f, (c, _))| (*f, *c))
+                .chain(rs.unacked.values().copied())
+                .collect();
+            for (first, count) in lost {
+                self.mark_dirty((first, first + count));
+            }
+        }
+        if was == LinkState::SyncTarget {
+            // Half-written: stays inconsistent until a resync finishes.
+            self.disk = DiskState::Inconsistent;
+        }
+        // Everything the peer did not acknowledge may be missing there.
+        let unacked: Vec<Seq> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.peer_done == Some(false))
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in unacked {
+            let blocks = self.pending[&seq].blocks;
+            if let Some(r) = blocks {
+                self.mark_dirty(r);
+            }
+            if self.alone || self.mode == Mode::Async {
+                if let Some(p) = self.pending.get_mut(&seq) {
+                    p.peer_done = None;
+                }
+                self.try_complete(seq, &mut out);
+            } else {
+                self.awaiting_resync.insert(seq);
+            }
+        }
+        if self.role == Role::Primary && !self.pending.is_empty() && self.must_hold() {
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "replication link lost with {} write(s) unacknowledged: I/O frozen until the peer is back or `hadb volume go-alone`",
+                    self.pending.len()
+                ),
+            });
+        }
+        out
+    }
+
+    pub fn frame(&mut self, h: wire::Header, payload: Option<Payload>) -> Vec<Action> {
+        let mut out = Vec::new();
+        match h.kind {
+            Kind::State => match payload.as_deref().map(|p| NodeState::decode(p)) {
+                Some(Ok(s)) => self.peer_state_changed(s, &mut out),
+                _ => self.violation("state frame without a valid node state", &mut out),
+            },
+            Kind::Data | Kind::Zeroes | Kind::Flush | Kind::ResyncData => {
+                if self.role == Role::Primary {
+                    self.violation("the peer sent writes while this node is primary", &mut out);
+                    return out;
+                }
+                let op = match h.kind {
+                    Kind::Data | Kind::ResyncData => match payload {
+                        Some(data) => {
+                            if h.offset
+                                .checked_add(data.len() as u64)
+                                .is_none_or(|end| end > self.data_size)
+                            {
+                                self.violation("write past the end of the volume", &mut out);
+                                return out;
+                            }
+                            if h.kind == Kind::ResyncData {
+                                self.counters.resync_blocks_received +=
+                                    (data.len() as u64).div_ceil(BLOCK);
+                            } else {
+                                self.counters.writes += 1;
+                                self.counters.written_bytes += data.len() as u64;
+                            }
+                            DiskOp::Write {
+                                offset: h.offset,
+                                data,
+                                fua: h.flags & wire::FLAG_FUA != 0,
+                            }
+                        }
+                        None => {
+                            self.violation("data frame without payload", &mut out);
+                            return out;
+                        }
+                    },
+                    Kind::Zeroes => {
+                        if h.offset
+                            .checked_add(h.length as u64)
+                            .is_none_or(|end| end > self.data_size)
+                        {
+                            self.violation("zeroes past the end of the volume", &mut out);
+                            return out;
+                        }
+                        DiskOp::Zeroes {
+                            offset: h.offset,
+                            length: h.length as u64,
+                            punch: h.flags & wire::FLAG_PUNCH != 0,
+                            fua: h.flags & wire::FLAG_FUA != 0,
+                        }
+                    }
+                    _ => DiskOp::Flush,
+                };
+                out.push(Action::Disk {
+                    tag: DiskTag::FromPeer(h.seq),
+                    op,
+                });
+            }
+            Kind::ResyncDone => match payload.as_deref().map(|p| NodeState::decode(p)) {
+                Some(Ok(s)) => {
+                    self.volume_id = s.volume_id;
+                    self.current_gen = s.current_gen;
+                    self.bitmap_gen = 0;
+                    self.dirty = Some(BTreeSet::new());
+                    out.push(Action::Disk {
+                        tag: DiskTag::ResyncFlush(h.seq),
+                        op: DiskOp::Flush,
+                    });
+                }
+                _ => self.violation("resync-done without a valid node state", &mut out),
+            },
+            Kind::Ack => self.ack(h.seq, None, &mut out),
+            Kind::Nack => self.ack(h.seq, Some(h.offset as u32), &mut out),
+            Kind::RoleRequest => {
+                let grant =
+                    self.role == Role::Secondary && (self.role_request.is_none() || !self.me_first);
+                if grant {
+                    self.role_request = None;
+                }
+                out.push(Action::Send(Frame {
+                    header: wire::Header::new(Kind::RoleReply, 0, grant as u64, 0),
+                    payload: None,
+                }));
+            }
+            Kind::RoleReply => {
+                if self.role_request.take().is_some() {
+                    if h.offset == 1 {
+                        self.become_primary(&mut out);
+                    } else {
+                        out.push(Action::Log { warn: true, message: "the peer refused to let this node become primary (it is primary, or asked first)".into() });
+                    }
+                }
+            }
+            Kind::Ping => out.push(Action::Send(Frame {
+                header: wire::Header::new(Kind::Pong, h.seq, 0, 0),
+                payload: None,
+            })),
+            Kind::Pong => {}
+        }
+        out
+    }
+
+    fn violation(&mut self, what: &str, out: &mut Vec<Action>) {
+        self.counters.protocol_errors += 1;
+        out.push(Action::DropLink(format!("protocol violation: {what}")));
+    }
+
+    fn ack(&mut self, seq: Seq, error: Option<u32>, out: &mut Vec<Action>) {
+        self.counters.peer_acks += 1;
+        if let Some(e) = error {
+            // The peer's disk failed; it is no longer a copy to wait for.
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "the peer failed to write (errno {e}); its copy is now out of date"
+                ),
+            });
+            if let Some(blocks) = self.pending.get(&seq).and_then(|p| p.blocks) {
+                self.mark_dirty(blocks);
+            }
+        }
+        if let Some(rs) = &mut self.resync {
+            if rs.unacked.remove(&seq).is_some() {
+                self.resync_pump(out);
+                return;
+            }
+            if rs.done_sent && seq == 0 {
+                // unreachable: ResyncDone uses a real seq
+            }
+        }
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.peer_done = Some(true);
+            self.try_complete(seq, out);
+            return;
+        }
+        if self.resync.as_ref().is_some_and(|rs| rs.done_sent) {
+            self.resync_finished(out);
+        }
+    }
+
+    fn peer_state_changed(&mut self, s: NodeState, out: &mut Vec<Action>) {
+        let first = self.peer.is_none();
+        self.peer = Some(s);
+        if !first {
+            return;
+        }
+        if s.data_size != self.data_size {
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "the peer's volume has {} data bytes, this one {}: refusing to replicate; make both backing devices the same size",
+                    s.data_size, self.data_size
+                ),
+            });
+            self.link = LinkState::Standalone;
+            out.push(Action::DropLink("data sizes differ".into()));
+            return;
+        }
+        if s.role == 1 && self.role == Role::Primary {
+            out.push(Action::Log {
+                warn: true,
+                message: "both nodes are primary: refusing to connect (split brain); demote one"
+                    .into(),
+            });
+            self.link = LinkState::Standalone;
+            out.push(Action::DropLink("both primary".into()));
+            return;
+        }
+        let me = GenView {
+            current: self.current_gen,
+            bitmap_gen: self.bitmap_gen,
+            has_bitmap: self.dirty.is_some(),
+        };
+        let peer = GenView {
+            current: s.current_gen,
+            bitmap_gen: s.bitmap_gen,
+            has_bitmap: s.dirty_blocks != u64::MAX,
+        };
+        let d = decide(me, peer);
+        out.push(Action::Log {
+            warn: matches!(d, SyncDecision::SplitBrain | SyncDecision::Unrelated),
+            message: format!("connected to peer: {}", d.rule()),
+        });
+        match d {
+            SyncDecision::InSync => {
+                if self.dirty.as_ref().is_some_and(|d| !d.is_empty()) {
+                    self.start_resync(false, out);
+                } else {
+                    self.link = LinkState::Connected;
+                    self.dirty = Some(BTreeSet::new());
+                    self.peer_is_current(out);
+                }
+            }
+            SyncDecision::BothFresh => {
+                self.link = LinkState::Connected;
+                if self.role == Role::Primary {
+                    // Only reachable via --force before the peer was seen.
+                    self.start_resync(true, out);
+                }
+            }
+            SyncDecision::SourceBitmap => self.start_resync(false, out),
+            SyncDecision::SourceFull => self.start_resync(true, out),
+            SyncDecision::TargetBitmap | SyncDecision::TargetFull => {
+                self.link = LinkState::SyncTarget;
+                self.disk = DiskState::Inconsistent;
+                out.push(Action::Persist(self.meta()));
+            }
+            SyncDecision::SplitBrain | SyncDecision::Unrelated => {
+                self.link = LinkState::Standalone;
+                out.push(Action::DropLink(d.rule().into()));
+            }
+        }
+    }
+
+    /// The peer holds everything we completed: replicate from here on, and
+    /// release what waited for it.
+    fn peer_is_current(&mut self, out: &mut Vec<Action>) {
+        self.peer_ready = true;
+        if self.bitmap_gen != 0 {
+            self.bitmap_gen = 0;
+            out.push(Action::Persist(self.meta()));
+        }
+        for seq in std::mem::take(&mut self.awaiting_resync) {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.peer_done = Some(true);
+            }
+            self.try_complete(seq, out);
+        }
+        self.release_held(out);
+    }
+
+    fn release_held(&mut self, out: &mut Vec<Action>) {
+        while !self.must_hold() {
+            let Some((id, req)) = self.held.pop_front() else {
+                break;
+            };
+            self.issue(id, req, out);
+        }
+    }
+
+    fn start_resync(&mut self, full: bool, out: &mut Vec<Action>) {
+        if self.role != Role::Primary && !full && self.dirty.as_ref().is_none_or(|d| d.is_empty()) {
+            self.link = LinkState::Connected;
+            return;
+        }
+        let blocks = self.blocks_total();
+        if full || self.dirty.is_none() {
+            self.dirty = Some((0..blocks).collect());
+        }
+        let total = self.dirty.as_ref().map_or(0, |d| d.len() as u64);
+        self.counters.resyncs_started += 1;
+        self.link = LinkState::SyncSource;
+        // The peer applies application writes in order with the resync, so
+        // it takes them from now on; it becomes up to date at the end.
+        self.peer_ready = true;
+        self.release_held(out);
+        out.push(Action::Log {
+            warn: false,
+            message: format!("resync to the peer: {total} block(s) of {BLOCK} bytes"),
+        });
+        self.resync = Some(ResyncState {
+            full,
+            total_blocks: total,
+            ..Default::default()
+        });
+        self.resync_pump(out);
+    }
+
+    /// Keeps the resync window full; finishes when nothing is left.
+    fn resync_pump(&mut self, out: &mut Vec<Action>) {
+        let Some(rs) = &mut self.resync else { return };
+        let Some(dirty) = &mut self.dirty else { return };
+        while rs.reads.len() + rs.unacked.len() < RESYNC_WINDOW {
+            let Some(&first) = dirty
+                .range(rs.cursor..)
+                .next()
+                .or_else(|| dirty.iter().next())
+            else {
+                break;
+            };
+            let mut count = 1;
+            while count < RESYNC_RUN && dirty.contains(&(first + count)) {
+                count += 1;
+            }
+            for b in first..first + count {
+                dirty.remove(&b);
+            }
+            rs.cursor = first + count;
+            rs.reads.insert(first, (count, false));
+            let offset = first * BLOCK;
+            let length = (count * BLOCK).min(self.data_size - offset);
+            out.push(Action::Disk {
+                tag: DiskTag::ResyncRead(first),
+                op: DiskOp::Read { offset, length },
+            });
+        }
+        if dirty.is_empty() && rs.reads.is_empty() && rs.unacked.is_empty() && !rs.done_sent {
+            rs.done_sent = true;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            rs.unacked.insert(seq, (0, 0));
+            let state = self.node_state();
+            out.push(Action::Send(Frame {
+                header: wire::Header::new(Kind::ResyncDone, seq, 0, 0),
+                payload: Some(Arc::new(
+                    NodeState {
+                        disk: disk_code(DiskState::UpToDate),
+                        dirty_blocks: 0,
+                        ..state
+                    }
+                    .encode(),
+                )),
+            }));
+        } else if rs.done_sent && rs.unacked.is_empty() {
+            self.resync_finished(out);
+        }
+    }
+
+    fn resync_read_done(
+        &mut self,
+        first: u64,
+        result: Result<Option<Payload>, u32>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(rs) = &mut self.resync else { return };
+        let Some((count, invalid)) = rs.reads.remove(&first) else {
+            return;
+        };
+        match result {
+            Ok(Some(data)) if !invalid => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                rs.unacked.insert(seq, (first, count));
+                rs.sent_blocks += count;
+                self.counters.resync_blocks_sent += count;
+                out.push(Action::Send(Frame {
+                    header: wire::Header::new(
+                        Kind::ResyncData,
+                        seq,
+                        first * BLOCK,
+                        data.len() as u32,
+                    ),
+                    payload: Some(data),
+                }));
+            }
+            Ok(_) => {
+                // Raced with a write: read these blocks again.
+                if let Some(d) = &mut self.dirty {
+                    d.extend(first..first + count);
+                }
+            }
+            Err(e) => {
+                out.push(Action::Log {
+                    warn: true,
+                    message: format!("resync read failed (errno {e}); retrying those blocks"),
+                });
+                if let Some(d) = &mut self.dirty {
+                    d.extend(first..first + count);
+                }
+            }
+        }
+        self.resync_pump(out);
+    }
+
+    fn resync_finished(&mut self, out: &mut Vec<Action>) {
+        let Some(rs) = self.resync.take() else { return };
+        out.push(Action::Log {
+            warn: false,
+            message: format!("resync finished: {} block(s) sent", rs.sent_blocks),
+        });
+        self.link = LinkState::Connected;
+        self.peer_is_current(out);
+    }
+
+    // ---- operator commands ----------------------------------------------
+
+    pub fn promote(&mut self, force: bool) -> Result<Vec<Action>, PromoteError> {
+        if self.role == Role::Primary {
+            return Err(PromoteError::AlreadyPrimary);
+        }
+        if self.role_request.is_some() {
+            return Err(PromoteError::RequestPending);
+        }
+        if self.peer.is_some_and(|p| p.role == 1) {
+            return Err(PromoteError::PeerIsPrimary);
+        }
+        let connected = self.peer.is_some();
+        if !force {
+            if self.current_gen == 0
+                && !(connected && self.peer.is_some_and(|p| p.current_gen == 0))
+            {
+                return Err(PromoteError::FreshVolume);
+            }
+            if self.current_gen != 0 && self.disk != DiskState::UpToDate {
+                return Err(PromoteError::NotUpToDate(self.disk));
+            }
+        }
+        let mut out = Vec::new();
+        if connected {
+            self.role_request = Some(force);
+            out.push(Action::Send(Frame {
+                header: wire::Header::new(Kind::RoleRequest, 0, 0, 0),
+                payload: None,
+            }));
+        } else {
+            self.become_primary(&mut out);
+        }
+        Ok(out)
+    }
+
+    fn become_primary(&mut self, out: &mut Vec<Action>) {
+        if self.current_gen == 0 || self.disk != DiskState::UpToDate {
+            // First primary of a fresh pair, or forced: this copy becomes the
+            // reference the peer is synchronised from.
+            self.current_gen = self.next_gen();
+            self.bitmap_gen = 0;
+            self.disk = DiskState::UpToDate;
+            self.dirty = None;
+        }
+        self.role = Role::Primary;
+        out.push(Action::Persist(self.meta()));
+        out.push(Action::Log {
+            warn: false,
+            message: "promoted to primary".into(),
+        });
+        out.push(Action::RoleChanged(Role::Primary));
+        if self.peer.is_some() {
+            out.push(self.state_frame(Kind::State));
+            let peer = self.peer.expect("connected");
+            let d = decide(
+                GenView {
+                    current: self.current_gen,
+                    bitmap_gen: self.bitmap_gen,
+                    has_bitmap: self.dirty.is_some(),
+                },
+                GenView {
+                    current: peer.current_gen,
+                    bitmap_gen: peer.bitmap_gen,
+                    has_bitmap: peer.dirty_blocks != u64::MAX,
+                },
+            );
+            match d {
+                SyncDecision::InSync => self.peer_is_current(out),
+                SyncDecision::SourceFull | SyncDecision::SourceBitmap => {
+                    self.start_resync(d == SyncDecision::SourceFull, out)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn demote(&mut self) -> Result<Vec<Action>, DemoteError> {
+        if self.role != Role::Primary {
+            return Err(DemoteError::NotPrimary);
+        }
+        if !self.pending.is_empty() || !self.held.is_empty() {
+            return Err(DemoteError::Busy {
+                pending: self.pending.len() + self.held.len(),
+            });
+        }
+        self.role = Role::Secondary;
+        self.alone = false;
+        let mut out = vec![
+            Action::Persist(self.meta()),
+            Action::Log {
+                warn: false,
+                message: "demoted to secondary".into(),
+            },
+            Action::RoleChanged(Role::Secondary),
+        ];
+        if self.peer.is_some() {
+            out.push(self.state_frame(Kind::State));
+        }
+        Ok(out)
+    }
+
+    /// The operator's word that the primary may go on without its peer.
+    pub fn go_alone(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.role != Role::Primary || self.peer_ready {
+            return out;
+        }
+        self.alone = true;
+        out.push(Action::Log { warn: true, message: "going on without the peer (operator's go-alone): writes are on this node only until it is back".into() });
+        for seq in std::mem::take(&mut self.awaiting_resync) {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.peer_done = None;
+            }
+            self.try_complete(seq, &mut out);
+        }
+        self.release_held(&mut out);
+        out
+    }
+
+    /// A local disk failure the driver saw outside a request (e.g. at open).
+    pub fn disk_failed(&mut self) -> Vec<Action> {
+        self.disk = DiskState::Failed;
+        let mut out = vec![Action::Log {
+            warn: true,
+            message: "local disk failed".into(),
+        }];
+        if self.peer.is_some() {
+            out.push(self.state_frame(Kind::State));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(name: &str, peer: &str, generation: u64) -> Setup {
+        Setup {
+            mode: Mode::Sync,
+            data_size: 64 * BLOCK,
+            volume_id: [1; 16],
+            current_gen: generation,
+            bitmap_gen: 0,
+            consistent: generation != 0,
+            gen_seed: 42,
+            me: name.into(),
+            peer: peer.into(),
+        }
+    }
+
+    /// Two replicas joined by in-order queues and instant disks: enough to
+    /// check the sequencing rules; the full simulation lives in tests/.
+    struct Pair {
+        nodes: [Replica; 2],
+        disks: [Vec<u8>; 2],
+        link: [VecDeque<Frame>; 2],
+        completed: Vec<(ReqId, Result<(), u32>)>,
+        connected: bool,
+    }
+
+    impl Pair {
+        fn new(generation: u64) -> Pair {
+            Pair {
+                nodes: [
+                    Replica::new(setup("a", "b", generation)),
+                    Replica::new(setup("b", "a", generation)),
+                ],
+                disks: [vec![0; 64 * 4096], vec![0; 64 * 4096]],
+                link: [VecDeque::new(), VecDeque::new()],
+                completed: Vec::new(),
+                connected: false,
+            }
+        }
+
+        fn run(&mut self, node: usize, actions: Vec<Action>) {
+            let mut queue: VecDeque<(usize, Action)> =
+                actions.into_iter().map(|a| (node, a)).collect();
+            loop {
+                while let Some((n, a)) = queue.pop_front() {
+                    match a {
+                        Action::Disk { tag, op } => {
+                            let res = match op {
+                                DiskOp::Write { offset, data, .. } => {
+                                    self.disks[n][offset as usize..offset as usize + data.len()]
+                                        .copy_from_slice(&data);
+                                    None
+                                }
+                                DiskOp::Zeroes { offset, length, .. } => {
+                                    self.disks[n][offset as usize..(offset + length) as usize]
+                                        .fill(0);
+                                    None
+                                }
+                                DiskOp::Flush => None,
+                                DiskOp::Read { offset, length } => Some(Arc::new(
+                                    self.disks[n][offset as usize..(offset + length) as usize]
+                                        .to_vec(),
+                                )),
+                            };
+                            let next = self.nodes[n].disk_done(tag, Ok(res));
+                            queue.extend(next.into_iter().map(|a| (n, a)));
+                        }
+                        Action::Send(f) if self.connected => self.link[n].push_back(f),
+                        Action::Complete { id, result } => self.completed.push((id, result)),
+                        Action::DropLink(why) => panic!("link dropped: {why}"),
+                        _ => {}
+                    }
+                }
+                // Deliver one frame at a time, alternating, until quiet.
+                let mut any = false;
+                for from in 0..2 {
+                    if let Some(f) = self.link[from].pop_front() {
+                        any = true;
+                        let next = self.nodes[1 - from].frame(f.header, f.payload);
+                        queue.extend(next.into_iter().map(|a| (1 - from, a)));
+                    }
+                }
+                if !any && queue.is_empty() {
+                    break;
+                }
+            }
+        }
+
+        fn connect(&mut self) {
+            self.connected = true;
+            let a = self.nodes[0].link_up();
+            let b = self.nodes[1].link_up();
+            self.run(0, a);
+            self.run(1, b);
+        }
+
+        fn disconnect(&mut self) {
+            self.connected = false;
+            self.link = [VecDeque::new(), VecDeque::new()];
+            let a = self.nodes[0].link_lost();
+            let b = self.nodes[1].link_lost();
+            self.run(0, a);
+            self.run(1, b);
+        }
+
+        fn write(&mut self, id: ReqId, offset: u64, byte: u8, len: usize) {
+            let a = self.nodes[0].request(
+                id,
+                Request::Write {
+                    offset,
+                    data: Arc::new(vec![byte; len]),
+                    fua: false,
+                },
+            );
+            self.run(0, a);
+        }
+    }
+
+    #[test]
+    fn fresh_pair_first_primary_full_syncs_then_mirrors() {
+        let mut p = Pair::new(0);
+        p.disks[0][0] = 7; // differing garbage must be overwritten
+        p.connect();
+        assert_eq!(p.nodes[0].link(), LinkState::Connected);
+        let a = p.nodes[0].promote(false).unwrap();
+        p.run(0, a);
+        assert_eq!(p.nodes[0].role(), Role::Primary);
+        assert_eq!(p.nodes[1].disk(), DiskState::UpToDate);
+        assert_eq!(p.disks[0], p.disks[1]);
+        p.write(1, 4096, 0xaa, 8192);
+        assert_eq!(p.completed, vec![(1, Ok(()))]);
+        assert_eq!(p.disks[0], p.disks[1]);
+        assert!(p.nodes[0].peer_up_to_date());
+    }
+
+    #[test]
+    fn sync_mode_holds_writes_while_peer_away_and_resyncs_only_changes() {
+        let mut p = Pair::new(0);
+        p.connect();
+        let a = p.nodes[0].promote(false).unwrap();
+        p.run(0, a);
+        p.disconnect();
+        p.write(1, 0, 1, 4096);
+        assert!(
+            p.completed.is_empty(),
+            "a sync write must wait for the peer"
+        );
+        assert!(p.nodes[0].frozen());
+        p.connect();
+        assert_eq!(p.completed, vec![(1, Ok(()))]);
+        assert_eq!(p.disks[0], p.disks[1]);
+        // Go alone: writes complete locally, then only they are resynced.
+        p.disconnect();
+        let a = p.nodes[0].go_alone();
+        p.run(0, a);
+        p.write(2, 8192, 2, 100);
+        p.write(3, 40960, 3, 4096);
+        assert_eq!(p.completed.len(), 3);
+        assert_ne!(p.disks[0], p.disks[1]);
+        let before = p.nodes[0].counters.resync_blocks_sent;
+        p.connect();
+        assert_eq!(p.nodes[0].counters.resync_blocks_sent - before, 2);
+        assert_eq!(p.disks[0], p.disks[1]);
+        assert_eq!(p.nodes[1].disk(), DiskState::UpToDate);
+    }
+
+    #[test]
+    fn only_one_primary() {
+        let mut p = Pair::new(0);
+        p.connect();
+        let a = p.nodes[0].promote(false).unwrap();
+        p.run(0, a);
+        assert_eq!(p.nodes[1].promote(false), Err(PromoteError::PeerIsPrimary));
+        let a = p.nodes[0].demote().unwrap();
+        p.run(0, a);
+        let b = p.nodes[1].promote(false).unwrap();
+        p.run(1, b);
+        assert_eq!(p.nodes[1].role(), Role::Primary);
+        assert_eq!(p.nodes[0].role(), Role::Secondary);
+        let a = p.nodes[1].request(
+            9,
+            Request::Write {
+                offset: 0,
+                data: Arc::new(vec![5; 4096]),
+                fua: true,
+            },
+        );
+        p.run(1, a);
+        assert_eq!(p.disks[0], p.disks[1]);
+    }
+
+    #[test]
+    fn secondary_refuses_application_writes() {
+        let mut r = Replica::new(setup("a", "b", 5));
+        let out = r.request(1, Request::Flush);
+        assert_eq!(
+            out,
+            vec![Action::Complete {
+                id: 1,
+                result: Err(crate::core::nbd::EPERM)
+            }]
+        );
+    }
+
+    #[test]
+    fn generation_rules() {
+        let g = |current, bitmap_gen, has_bitmap| GenView {
+            current,
+            bitmap_gen,
+            has_bitmap,
+        };
+        assert_eq!(decide(g(5, 0, true), g(5, 0, true)), SyncDecision::InSync);
+        assert_eq!(
+            decide(g(0, 0, true), g(0, 0, true)),
+            SyncDecision::BothFresh
+        );
+        assert_eq!(
+            decide(g(7, 5, true), g(5, 0, true)),
+            SyncDecision::SourceBitmap
+        );
+        assert_eq!(
+            decide(g(7, 5, false), g(5, 0, true)),
+            SyncDecision::SourceFull
+        );
+        assert_eq!(
+            decide(g(5, 0, true), g(7, 5, true)),
+            SyncDecision::TargetBitmap
+        );
+        assert_eq!(
+            decide(g(7, 5, true), g(8, 5, true)),
+            SyncDecision::SplitBrain
+        );
+        assert_eq!(
+            decide(g(7, 1, true), g(8, 2, true)),
+            SyncDecision::Unrelated
+        );
+        assert_eq!(
+            decide(g(7, 0, true), g(0, 0, true)),
+            SyncDecision::SourceFull
+        );
+    }
+}

@@ -1,0 +1,344 @@
+//! hadb: two VMs, one highly available MySQL. See docs/design.md.
+
+#![deny(unsafe_code)]
+
+use hadb::{config, core, logging, run};
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use argh::FromArgs;
+use serde_json::{Value, json};
+
+/// hadb: a replicated volume, heartbeat and manager for a two-node MySQL pair.
+#[derive(FromArgs)]
+struct Cli {
+    /// configuration file (default /etc/hadb/hadb.toml)
+    #[argh(option, default = "PathBuf::from(config::DEFAULT_PATH)")]
+    config: PathBuf,
+    /// kernel command line to take hadb.* overrides from (default
+    /// /proc/cmdline; "none" for no overrides)
+    #[argh(option, default = "String::from(config::DEFAULT_CMDLINE)")]
+    cmdline: String,
+    /// log debug messages too
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+    #[argh(subcommand)]
+    command: Top,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Top {
+    Run(RunCmd),
+    Status(StatusCmd),
+    Volume(VolumeCmd),
+    Config(ConfigCmd),
+    Version(VersionCmd),
+}
+
+/// run the daemon in the foreground
+#[derive(FromArgs)]
+#[argh(subcommand, name = "run")]
+struct RunCmd {}
+
+/// show the state of the pair
+#[derive(FromArgs)]
+#[argh(subcommand, name = "status")]
+struct StatusCmd {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// print the version
+#[derive(FromArgs)]
+#[argh(subcommand, name = "version")]
+struct VersionCmd {}
+
+/// the replicated volume
+#[derive(FromArgs)]
+#[argh(subcommand, name = "volume")]
+struct VolumeCmd {
+    #[argh(subcommand)]
+    command: VolumeSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum VolumeSub {
+    CreateMd(CreateMdCmd),
+    ShowMd(ShowMdCmd),
+    Primary(PrimaryCmd),
+    Secondary(SecondaryCmd),
+    GoAlone(GoAloneCmd),
+}
+
+/// write fresh metadata at the end of the backing device
+#[derive(FromArgs)]
+#[argh(subcommand, name = "create-md")]
+struct CreateMdCmd {
+    /// overwrite existing metadata or a recognised filesystem
+    #[argh(switch)]
+    force: bool,
+}
+
+/// print the metadata of the backing device
+#[derive(FromArgs)]
+#[argh(subcommand, name = "show-md")]
+struct ShowMdCmd {
+    /// print JSON
+    #[argh(switch)]
+    json: bool,
+}
+
+/// make this node primary (the peer must be secondary)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "primary")]
+struct PrimaryCmd {
+    /// promote even if this copy is not known to be up to date
+    #[argh(switch)]
+    force: bool,
+}
+
+/// make this node secondary
+#[derive(FromArgs)]
+#[argh(subcommand, name = "secondary")]
+struct SecondaryCmd {}
+
+/// let a primary whose peer is away go on writing alone
+#[derive(FromArgs)]
+#[argh(subcommand, name = "go-alone")]
+struct GoAloneCmd {}
+
+/// configuration
+#[derive(FromArgs)]
+#[argh(subcommand, name = "config")]
+struct ConfigCmd {
+    #[argh(subcommand)]
+    command: ConfigSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ConfigSub {
+    Check(CheckCmd),
+}
+
+/// check the configuration and print it as hadb sees it
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct CheckCmd {}
+
+fn main() -> ExitCode {
+    let cli: Cli = argh::from_env();
+    logging::init(cli.verbose);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hadb: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<config::Config, config::Error> {
+    config::load(&config::Sources {
+        file: cli.config.clone(),
+        cmdline: (cli.cmdline != "none").then(|| PathBuf::from(&cli.cmdline)),
+    })
+}
+
+fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match &cli.command {
+        Top::Version(_) => {
+            println!("hadb {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Top::Config(ConfigCmd {
+            command: ConfigSub::Check(_),
+        }) => {
+            let config = load_config(&cli)?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            eprintln!("config: ok");
+            Ok(())
+        }
+        Top::Run(_) => {
+            let config = load_config(&cli)?;
+            run::daemon::run(config)?;
+            Ok(())
+        }
+        Top::Status(s) => {
+            let config = load_config(&cli)?;
+            let status = run::control::call(&config.control.socket, json!({"command": "status"}))?;
+            if s.json {
+                println!("{status}");
+            } else {
+                print!("{}", human_status(&status));
+            }
+            Ok(())
+        }
+        Top::Volume(v) => {
+            let config = load_config(&cli)?;
+            volume_command(&config, &v.command)
+        }
+    }
+}
+
+fn volume_command(
+    config: &config::Config,
+    command: &VolumeSub,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let socket = &config.control.socket;
+    match command {
+        VolumeSub::CreateMd(c) => {
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id)
+                .map_err(|e| format!("no randomness for the volume id: {e}"))?;
+            let store = run::store::Store::create(&config.volume.device, id, c.force)?;
+            println!(
+                "metadata written on {}: {} data bytes usable; start `hadb run` on both nodes, then `hadb volume primary` on one",
+                config.volume.device.display(),
+                store.layout.data_size
+            );
+            Ok(())
+        }
+        VolumeSub::ShowMd(c) => {
+            let store = run::store::Store::open(&config.volume.device)?;
+            let sb = &store.superblock;
+            let l = &store.layout;
+            let v = json!({
+                "device": config.volume.device,
+                "version": core::meta::VERSION,
+                "seq": sb.seq,
+                "volume_id": sb.volume_id_hex(),
+                "device_size": l.device_size,
+                "data_size": l.data_size,
+                "bitmap_offset": l.bitmap_offset,
+                "bitmap_bytes": l.bitmap_bytes,
+                "al_offset": l.al_offset,
+                "al_bytes": l.al_bytes,
+                "consistent": sb.has(core::meta::flags::CONSISTENT),
+                "was_primary": sb.has(core::meta::flags::PRIMARY),
+                "current_gen": format!("{:016x}", sb.current_gen),
+                "bitmap_gen": format!("{:016x}", sb.bitmap_gen),
+                "history": sb.history.iter().map(|h| format!("{h:016x}")).collect::<Vec<_>>(),
+            });
+            if c.json {
+                println!("{v}");
+            } else if let Value::Object(m) = v {
+                for (k, v) in m {
+                    println!(
+                        "{k:>14}: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                    );
+                }
+            }
+            Ok(())
+        }
+        VolumeSub::Primary(p) => {
+            let r = run::control::call(
+                socket,
+                json!({"command": "volume.primary", "force": p.force}),
+            )?;
+            println!("{}", r["role"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        VolumeSub::Secondary(_) => {
+            let r = run::control::call(socket, json!({"command": "volume.secondary"}))?;
+            println!("{}", r["role"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        VolumeSub::GoAlone(_) => {
+            run::control::call(socket, json!({"command": "volume.go-alone"}))?;
+            println!("going on without the peer");
+            Ok(())
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// crm_mon-like text: what an operator scans for first comes first.
+fn human_status(st: &Value) -> String {
+    let v = &st["volume"];
+    let mut out = String::new();
+    out += &format!(
+        "cluster {}  node {}  (pid {})\n",
+        s(&st["cluster"]),
+        s(&st["node"]),
+        s(&st["pid"])
+    );
+    out += &format!(
+        "volume: {} {}  link {}  mode {}{}{}\n",
+        s(&v["role"]),
+        s(&v["disk"]),
+        s(&v["link"]),
+        s(&v["mode"]),
+        if v["frozen"] == json!(true) {
+            "  I/O FROZEN (peer away; `hadb volume go-alone` to release)"
+        } else {
+            ""
+        },
+        if v["alone"] == json!(true) {
+            "  ALONE (peer behind)"
+        } else {
+            ""
+        },
+    );
+    let peer = &v["peer"];
+    if peer.is_null() {
+        out += &format!("peer {}: not connected\n", s(&v["peer_name"]));
+    } else {
+        out += &format!(
+            "peer {}: {} {}{}\n",
+            s(&peer["name"]),
+            s(&peer["role"]),
+            s(&peer["disk"]),
+            if v["peer_up_to_date"] == json!(true) {
+                ", replicating"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(r) = v["resync"].as_object() {
+        out += &format!(
+            "resync: {:.1}% ({} of {} blocks)\n",
+            r["percent"].as_f64().unwrap_or(0.0),
+            s(&r["done_blocks"]),
+            s(&r["total_blocks"])
+        );
+    }
+    out += &format!(
+        "out of sync: {} bytes   pending {}  held {}\n",
+        s(&v["out_of_sync_bytes"]),
+        s(&v["pending_requests"]),
+        s(&v["held_requests"])
+    );
+    out += &format!(
+        "generation {}  (bitmap from {})\n",
+        s(&v["current_gen"]),
+        s(&v["bitmap_gen"])
+    );
+    if !v["last_link_event"].is_null() {
+        out += &format!("last link event: {}\n", s(&v["last_link_event"]));
+    }
+    if let Some(bad) = v["bad_input"].as_object() {
+        let nonzero: Vec<String> = bad
+            .iter()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            out += &format!("refused input: {}\n", nonzero.join(" "));
+        }
+    }
+    out
+}

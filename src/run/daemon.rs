@@ -1,0 +1,251 @@
+//! `hadb run`: opens the volume, starts the replication link, the NBD
+//! servers and the control socket, and follows role changes with the
+//! kernel block device.
+
+use std::fmt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+use smol::channel::Sender;
+
+use crate::config::Config;
+use crate::core::nbd as proto;
+use crate::core::replica::Role;
+use crate::run::control::{self, Request};
+use crate::run::nbd::Server;
+use crate::run::peer::{self, LinkSetup};
+use crate::run::stats::Stats;
+use crate::run::store::{self, Store};
+use crate::run::volume::{Command, Event, Volume};
+use crate::sys::nbd_kernel::KernelNbd;
+
+#[derive(Debug)]
+pub enum Error {
+    Key(peer::KeyError),
+    Store(store::Error),
+    Start {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    Signals(std::io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Key(e) => write!(f, "{e}"),
+            Error::Store(e) => write!(f, "{e}"),
+            Error::Start { what, source } => write!(f, "cannot start {what}: {source}"),
+            Error::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+struct Daemon {
+    config: Config,
+    events: Sender<Event>,
+}
+
+impl Daemon {
+    async fn ask(&self, command: Command) -> Result<serde_json::Value, String> {
+        let (tx, rx) = smol::channel::bounded(1);
+        self.events
+            .send(Event::Command { command, reply: tx })
+            .await
+            .map_err(|_| "the volume task has stopped".to_string())?;
+        rx.recv()
+            .await
+            .map_err(|_| "the volume task has stopped".to_string())?
+    }
+}
+
+impl control::Handler for Daemon {
+    async fn handle(&self, request: Request) -> Result<serde_json::Value, String> {
+        match request.command.as_str() {
+            "status" => {
+                let volume = self.ask(Command::Status).await?;
+                Ok(json!({
+                    "cluster": self.config.cluster,
+                    "node": self.config.node,
+                    "pid": std::process::id(),
+                    "volume": volume,
+                    "nbd_device": self.config.volume.nbd_device,
+                    "nbd_socket": self.config.volume.nbd_socket,
+                }))
+            }
+            "volume.primary" => {
+                self.ask(Command::Primary {
+                    force: request.force,
+                })
+                .await
+            }
+            "volume.secondary" => {
+                if let Some(dev) = &self.config.volume.nbd_device
+                    && let Some(at) = mounted_at(dev)
+                {
+                    return Err(format!(
+                        "{} is mounted at {at}; unmount it first (the filesystem must be clean before the volume stops taking writes)",
+                        dev.display()
+                    ));
+                }
+                self.ask(Command::Secondary).await
+            }
+            "volume.go-alone" => self.ask(Command::GoAlone).await,
+            other => Err(format!(
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone"
+            )),
+        }
+    }
+}
+
+/// Where `device` is mounted, from /proc/self/mounts.
+fn mounted_at(device: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let dev = device.to_string_lossy();
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == dev).then(|| f.next().unwrap_or("?").to_owned())
+    })
+}
+
+pub fn run(config: Config) -> Result<(), Error> {
+    let key = peer::read_key(&config.key_file).map_err(Error::Key)?;
+    if config.volume.nbd_device.is_some() {
+        // Before any thread starts: the flag is inherited, not shared.
+        if let Err(e) = crate::sys::memory::protect_from_writeback_deadlock() {
+            log::warn!("{e}");
+        }
+    }
+    let store = Store::open(&config.volume.device).map_err(Error::Store)?;
+    let reader = Arc::new(store.reader().map_err(Error::Store)?);
+    log::info!(
+        "volume: {} opened, {} data bytes, generation {:016x}",
+        config.volume.device.display(),
+        store.layout.data_size,
+        store.superblock.current_gen
+    );
+    let (role_tx, role_rx) = smol::channel::unbounded();
+    let (volume, events, shared) = Volume::open(&config, store, Stats::default(), role_tx)
+        .map_err(|source| Error::Start {
+            what: "the volume",
+            source,
+        })?;
+    let peer_name = config.peer().0.to_owned();
+    let setup = LinkSetup {
+        cluster: config.cluster.clone(),
+        me: config.node.clone(),
+        peer: peer_name.clone(),
+        key: Arc::new(key),
+        listen: config.listen_addr(),
+        peer_addr: config.peer_addr(),
+        events: events.clone(),
+        shared: shared.clone(),
+    };
+    let nbd_server = Arc::new(Server {
+        events: events.clone(),
+        shared: shared.clone(),
+        reader,
+    });
+    let daemon = Arc::new(Daemon {
+        config: config.clone(),
+        events: events.clone(),
+    });
+    let signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+            .map_err(Error::Signals)?;
+
+    crate::run::block_on(2, async move {
+        let _volume = crate::run::spawn(volume.run());
+        let _link = if config.node < peer_name {
+            crate::run::spawn(peer::connect_loop(setup))
+        } else {
+            crate::run::spawn(peer::listen_loop(setup))
+        };
+        let nbd_path = config.volume.nbd_socket.clone();
+        let _nbd = {
+            let server = nbd_server.clone();
+            crate::run::spawn(async move {
+                if let Err(e) = crate::run::nbd::listen(&nbd_path, server).await {
+                    log::error!("nbd: cannot serve on {}: {e}", nbd_path.display());
+                }
+            })
+        };
+        let control_path = config.control.socket.clone();
+        let _control = {
+            let daemon = daemon.clone();
+            let shared = shared.clone();
+            crate::run::spawn(async move {
+                if let Err(e) = control::listen(&control_path, daemon, shared).await {
+                    log::error!("control: cannot listen on {}: {e}", control_path.display());
+                }
+            })
+        };
+        let _roles = crate::run::spawn(follow_roles(
+            config.volume.nbd_device.clone(),
+            role_rx,
+            nbd_server,
+        ));
+        log::info!(
+            "hadb {} running as node {} of cluster {}",
+            env!("CARGO_PKG_VERSION"),
+            config.node,
+            config.cluster
+        );
+        use smol::stream::StreamExt;
+        let mut signals = signals;
+        if let Some(Ok(sig)) = signals.next().await {
+            log::info!("received {sig:?}: stopping");
+        }
+        let _ = std::fs::remove_file(&config.control.socket);
+        let _ = std::fs::remove_file(&config.volume.nbd_socket);
+    });
+    Ok(())
+}
+
+/// Attaches the kernel block device while primary, detaches it otherwise.
+async fn follow_roles(
+    device: Option<PathBuf>,
+    roles: smol::channel::Receiver<Role>,
+    server: Arc<Server>,
+) {
+    let mut attached: Option<KernelNbd> = None;
+    while let Ok(role) = roles.recv().await {
+        let Some(device) = &device else { continue };
+        match role {
+            Role::Primary if attached.is_none() => match attach(device, server.clone()).await {
+                Ok(k) => {
+                    log::info!("nbd: volume attached to the kernel as {}", device.display());
+                    attached = Some(k);
+                }
+                Err(e) => log::error!("nbd: cannot attach {}: {e}", device.display()),
+            },
+            Role::Secondary => {
+                if let Some(k) = attached.take() {
+                    match smol::unblock(move || k.detach()).await {
+                        Ok(()) => log::info!("nbd: {} detached", device.display()),
+                        Err(e) => log::error!("nbd: detaching {} failed: {e}", device.display()),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn attach(device: &Path, server: Arc<Server>) -> Result<KernelNbd, String> {
+    let (ours, kernels) = StdUnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let ours = smol::Async::new(ours).map_err(|e| e.to_string())?;
+    let ours = smol::net::unix::UnixStream::from(ours);
+    crate::run::spawn(server.clone().serve_kernel(ours)).detach();
+    let size = server.shared.data_size;
+    let device = device.to_owned();
+    smol::unblock(move || {
+        KernelNbd::attach(&device, kernels.into(), size, 4096, proto::VOLUME_FLAGS)
+            .map_err(|e| e.to_string())
+    })
+    .await
+}

@@ -1,0 +1,37 @@
+//! Drivers: the smol tasks and threads that connect the pure cores to
+//! sockets, disks and the kernel.
+
+pub mod control;
+pub mod daemon;
+pub mod nbd;
+pub mod peer;
+pub mod stats;
+pub mod store;
+pub mod volume;
+
+use std::future::Future;
+use std::sync::LazyLock;
+
+static EXECUTOR: LazyLock<smol::Executor<'static>> = LazyLock::new(smol::Executor::new);
+
+/// Spawns a task on hadb's executor (run by [`start_threads`]).
+pub fn spawn<F>(future: F) -> smol::Task<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    EXECUTOR.spawn(future)
+}
+
+/// Runs the executor on `n` threads, and the given future on this one.
+pub fn block_on<T>(n: usize, future: impl Future<Output = T>) -> T {
+    for i in 0..n {
+        let spawned = std::thread::Builder::new()
+            .name(format!("hadb-exec-{i}"))
+            .spawn(|| smol::block_on(EXECUTOR.run(smol::future::pending::<()>())));
+        if let Err(e) = spawned {
+            log::error!("cannot start executor thread: {e}");
+        }
+    }
+    smol::block_on(EXECUTOR.run(future))
+}

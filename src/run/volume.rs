@@ -1,0 +1,416 @@
+//! The volume's driver: one task owns the [`Replica`] state machine and
+//! carries out its actions; one thread does the disk I/O in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::json;
+use smol::channel::{Receiver, Sender};
+
+use crate::core::meta::{Superblock, flags};
+use crate::core::replica::{self, Action, DiskOp, DiskTag, Frame, Payload, Replica, ReqId, Role};
+use crate::core::wire;
+use crate::run::stats::Stats;
+use crate::run::store::{self, Store};
+
+/// Everything that reaches the volume task.
+pub enum Event {
+    /// An application write, zero or flush from an NBD connection.
+    Request {
+        req: replica::Request,
+        reply: Sender<(u64, Result<(), u32>)>,
+        cookie: u64,
+    },
+    Disk {
+        tag: DiskTag,
+        result: Result<Option<Payload>, u32>,
+    },
+    /// A new authenticated link to the peer; replaces any older one.
+    LinkUp(Link),
+    Frame {
+        link: u64,
+        header: wire::Header,
+        payload: Option<Payload>,
+    },
+    LinkLost {
+        link: u64,
+        reason: String,
+    },
+    Command {
+        command: Command,
+        reply: Sender<Result<serde_json::Value, String>>,
+    },
+}
+
+pub enum Command {
+    Status,
+    Primary { force: bool },
+    Secondary,
+    GoAlone,
+}
+
+/// A live replication link, owned by the volume task: dropping it stops
+/// its reader and writer.
+pub struct Link {
+    pub id: u64,
+    pub peer: String,
+    pub frames: Sender<Frame>,
+    pub tasks: Vec<smol::Task<()>>,
+    /// Dropped with the link; whoever made the link waits on it to know
+    /// when to make a new one.
+    pub alive: Sender<()>,
+}
+
+/// Things other tasks may read without asking the volume task.
+pub struct Shared {
+    /// Whether NBD writes are accepted (this node is primary).
+    pub writable: AtomicBool,
+    pub data_size: u64,
+    pub stats: Stats,
+}
+
+enum Job {
+    Op(DiskTag, DiskOp),
+    Persist(Superblock),
+}
+
+/// The disk thread: executes jobs strictly in order.
+fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: Sender<Event>) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Persist(sb) => {
+                if let Err(e) = store.write_superblock(sb) {
+                    log::error!("volume: {e}");
+                }
+            }
+            Job::Op(tag, op) => {
+                let result = match op {
+                    DiskOp::Write { offset, data, fua } => {
+                        store.write(offset, &data, fua).map(|()| None)
+                    }
+                    DiskOp::Zeroes {
+                        offset,
+                        length,
+                        punch,
+                        fua,
+                    } => store.zero(offset, length, punch, fua).map(|()| None),
+                    DiskOp::Flush => store.flush().map(|()| None),
+                    DiskOp::Read { offset, length } => {
+                        store.read(offset, length).map(|d| Some(Arc::new(d)))
+                    }
+                };
+                let result = result.map_err(|e| {
+                    log::error!("volume: disk I/O on {} failed: {e}", store.path().display());
+                    store::errno_of(&e)
+                });
+                if events.send_blocking(Event::Disk { tag, result }).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Where an NBD connection wants (cookie, result) of its requests.
+pub type Completions = Sender<(u64, Result<(), u32>)>;
+
+pub struct Volume {
+    replica: Replica,
+    superblock: Superblock,
+    jobs: std::sync::mpsc::Sender<Job>,
+    events: Receiver<Event>,
+    link: Option<Link>,
+    next_req: ReqId,
+    waiting: HashMap<ReqId, (Completions, u64)>,
+    shared: Arc<Shared>,
+    peer_name: String,
+    mode: crate::config::Mode,
+    started: Instant,
+    /// Tells the daemon to attach or detach the kernel device and to open
+    /// or close NBD service.
+    role_tx: Sender<Role>,
+    last_link_event: Option<String>,
+    /// An operator's promotion waiting for the peer's consent.
+    promote_waiter: Option<Sender<Result<serde_json::Value, String>>>,
+}
+
+impl Volume {
+    /// Opens the store and starts the disk thread. Returns the volume (to
+    /// be run) and the sender other tasks use to reach it.
+    pub fn open(
+        config: &crate::config::Config,
+        store: Store,
+        shared_stats: Stats,
+        role_tx: Sender<Role>,
+    ) -> Result<(Volume, Sender<Event>, Arc<Shared>), std::io::Error> {
+        let (tx, rx) = smol::channel::unbounded();
+        let sb = store.superblock.clone();
+        let (peer_name, _) = config.peer();
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let replica = Replica::new(replica::Setup {
+            mode: config.volume.mode,
+            data_size: store.layout.data_size,
+            volume_id: sb.volume_id,
+            current_gen: sb.current_gen,
+            bitmap_gen: sb.bitmap_gen,
+            consistent: sb.has(flags::CONSISTENT),
+            gen_seed: u64::from_le_bytes(seed),
+            me: config.node.clone(),
+            peer: peer_name.to_owned(),
+        });
+        let shared = Arc::new(Shared {
+            writable: AtomicBool::new(false),
+            data_size: store.layout.data_size,
+            stats: shared_stats,
+        });
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let events = tx.clone();
+        std::thread::Builder::new()
+            .name("hadb-disk".into())
+            .spawn(move || disk_thread(store, jobs_rx, events))?;
+        if sb.has(flags::PRIMARY) {
+            log::warn!(
+                "volume: the metadata says this node was primary when it stopped (a crash or power-off?); starting as secondary"
+            );
+        }
+        Ok((
+            Volume {
+                replica,
+                superblock: sb,
+                jobs: jobs_tx,
+                events: rx,
+                link: None,
+                next_req: 1,
+                waiting: HashMap::new(),
+                shared: shared.clone(),
+                peer_name: peer_name.to_owned(),
+                mode: config.volume.mode,
+                started: Instant::now(),
+                role_tx,
+                last_link_event: None,
+                promote_waiter: None,
+            },
+            tx,
+            shared,
+        ))
+    }
+
+    pub async fn run(mut self) {
+        while let Ok(event) = self.events.recv().await {
+            self.handle(event);
+            self.answer_promotion();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Request { req, reply, cookie } => {
+                let id = self.next_req;
+                self.next_req += 1;
+                self.waiting.insert(id, (reply, cookie));
+                let actions = self.replica.request(id, req);
+                self.apply(actions);
+            }
+            Event::Disk { tag, result } => {
+                let actions = self.replica.disk_done(tag, result);
+                self.apply(actions);
+            }
+            Event::LinkUp(link) => {
+                if self.link.is_some() {
+                    log::info!("volume: a new link to {} replaces the old one", link.peer);
+                    self.link = None;
+                    let actions = self.replica.link_lost();
+                    self.apply(actions);
+                }
+                log::info!("volume: replication link to {} is up", link.peer);
+                self.last_link_event =
+                    Some(format!("link up at +{}s", self.started.elapsed().as_secs()));
+                self.link = Some(link);
+                let actions = self.replica.link_up();
+                self.apply(actions);
+            }
+            Event::Frame {
+                link,
+                header,
+                payload,
+            } => {
+                if self.link.as_ref().is_some_and(|l| l.id == link) {
+                    let actions = self.replica.frame(header, payload);
+                    self.apply(actions);
+                }
+            }
+            Event::LinkLost { link, reason } => {
+                if self.link.as_ref().is_some_and(|l| l.id == link) {
+                    log::warn!(
+                        "volume: replication link to {} lost: {reason}",
+                        self.peer_name
+                    );
+                    self.last_link_event = Some(format!(
+                        "link lost at +{}s: {reason}",
+                        self.started.elapsed().as_secs()
+                    ));
+                    self.link = None;
+                    let actions = self.replica.link_lost();
+                    self.apply(actions);
+                }
+            }
+            Event::Command {
+                command: Command::Primary { force },
+                reply,
+            } => match self.command(Command::Primary { force }) {
+                Ok(_) if self.replica.role_request_pending() => self.promote_waiter = Some(reply),
+                answer => {
+                    let _ = reply.try_send(answer);
+                }
+            },
+            Event::Command { command, reply } => {
+                let answer = self.command(command);
+                let _ = reply.try_send(answer);
+            }
+        }
+    }
+
+    fn answer_promotion(&mut self) {
+        if self.promote_waiter.is_none() || self.replica.role_request_pending() {
+            return;
+        }
+        let reply = self.promote_waiter.take().expect("checked");
+        let answer = if self.replica.role() == Role::Primary {
+            Ok(json!({"role": self.replica.role()}))
+        } else {
+            Err("the peer refused: it is primary, or asked to be primary first, or the link dropped; see `hadb status`".to_string())
+        };
+        let _ = reply.try_send(answer);
+    }
+
+    fn command(&mut self, command: Command) -> Result<serde_json::Value, String> {
+        match command {
+            Command::Status => Ok(self.status()),
+            Command::Primary { force } => {
+                if force {
+                    log::warn!(
+                        "volume: operator forces promotion (--force): this copy becomes the one others follow"
+                    );
+                }
+                let actions = self.replica.promote(force).map_err(|e| e.to_string())?;
+                self.apply(actions);
+                Ok(json!({"role": self.replica.role()}))
+            }
+            Command::Secondary => {
+                // Stop taking writes first; what is in flight drains.
+                let actions = self.replica.demote().map_err(|e| e.to_string())?;
+                self.apply(actions);
+                Ok(json!({"role": self.replica.role()}))
+            }
+            Command::GoAlone => {
+                let actions = self.replica.go_alone();
+                self.apply(actions);
+                Ok(json!({"alone": self.replica.alone()}))
+            }
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Persist(m) => {
+                    let mut sb = self.superblock.clone();
+                    sb.current_gen = m.current_gen;
+                    sb.bitmap_gen = m.bitmap_gen;
+                    sb.volume_id = m.volume_id;
+                    sb.flags = (sb.flags & !(flags::CONSISTENT | flags::PRIMARY))
+                        | if m.consistent { flags::CONSISTENT } else { 0 }
+                        | if m.primary { flags::PRIMARY } else { 0 };
+                    if m.current_gen != self.superblock.current_gen
+                        && self.superblock.current_gen != 0
+                    {
+                        sb.history.rotate_right(1);
+                        sb.history[0] = self.superblock.current_gen;
+                    }
+                    sb.seq = self.superblock.seq;
+                    self.superblock = sb.clone();
+                    self.superblock.seq += 1;
+                    let _ = self.jobs.send(Job::Persist(sb));
+                }
+                Action::Disk { tag, op } => {
+                    let _ = self.jobs.send(Job::Op(tag, op));
+                }
+                Action::Send(frame) => {
+                    if let Some(link) = &self.link {
+                        let _ = link.frames.try_send(frame);
+                    }
+                }
+                Action::Complete { id, result } => {
+                    if let Some((reply, cookie)) = self.waiting.remove(&id) {
+                        let _ = reply.try_send((cookie, result));
+                    }
+                }
+                Action::DropLink(why) => {
+                    if let Some(link) = self.link.take() {
+                        log::warn!("volume: dropping the link to {}: {why}", link.peer);
+                        self.shared
+                            .stats
+                            .repl_protocol_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        let actions = self.replica.link_lost();
+                        self.apply(actions);
+                    }
+                }
+                Action::RoleChanged(role) => {
+                    self.shared
+                        .writable
+                        .store(role == Role::Primary, Ordering::SeqCst);
+                    let _ = self.role_tx.try_send(role);
+                }
+                Action::Log {
+                    warn: true,
+                    message,
+                } => log::warn!("volume: {message}"),
+                Action::Log {
+                    warn: false,
+                    message,
+                } => log::info!("volume: {message}"),
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let r = &self.replica;
+        let peer = r.peer_state().map(|p| {
+            json!({
+                "name": self.peer_name,
+                "role": if p.role == 1 { "primary" } else { "secondary" },
+                "disk": replica::disk_from_code(p.disk),
+            })
+        });
+        let (current_gen, bitmap_gen) = r.generations();
+        let resync = r.resync_progress().map(|(done, total, full)| {
+            json!({"done_blocks": done, "total_blocks": total, "full": full,
+                   "percent": if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 }})
+        });
+        json!({
+            "role": r.role(),
+            "disk": r.disk(),
+            "link": r.link(),
+            "mode": self.mode,
+            "peer": peer,
+            "peer_name": self.peer_name,
+            "peer_up_to_date": r.peer_up_to_date(),
+            "frozen": r.frozen(),
+            "alone": r.alone(),
+            "held_requests": r.held(),
+            "pending_requests": r.pending(),
+            "out_of_sync_bytes": r.out_of_sync_blocks().map(|b| b * replica::BLOCK),
+            "resync": resync,
+            "data_size": self.shared.data_size,
+            "current_gen": format!("{current_gen:016x}"),
+            "bitmap_gen": format!("{bitmap_gen:016x}"),
+            "last_link_event": self.last_link_event,
+            "counters": r.counters,
+            "bad_input": self.shared.stats.snapshot(),
+        })
+    }
+}
