@@ -413,7 +413,8 @@ async fn read_frames(
 
 /// The connecting side: keeps one link up, forever.
 pub async fn connect_loop(setup: LinkSetup) {
-    let mut quiet = false;
+    // The same failure every second is noise; a different one is news.
+    let mut last_error = String::new();
     loop {
         let attempt = async {
             let mut stream = TcpStream::connect(setup.peer_addr)
@@ -429,23 +430,23 @@ pub async fn connect_loop(setup: LinkSetup) {
         .await;
         match attempt {
             Ok((stream, (tx, rx))) => {
-                quiet = false;
+                last_error.clear();
                 let alive = start_link(stream, &setup, tx, rx).await;
                 let _ = alive.recv().await;
             }
             Err(e) => {
-                if let HandshakeError::Io(_) = e {
-                } else {
+                if !matches!(e, HandshakeError::Io(_)) {
                     count_handshake_error(&setup.shared.stats, &e);
                 }
-                if !quiet {
+                let text = e.to_string();
+                if text != last_error {
                     log::warn!(
-                        "replication: cannot connect to {} at {}: {e}; retrying every {}s",
+                        "replication: cannot connect to {} at {}: {text}; retrying every {}s",
                         setup.peer,
                         setup.peer_addr,
                         RETRY.as_secs()
                     );
-                    quiet = true;
+                    last_error = text;
                 }
             }
         }

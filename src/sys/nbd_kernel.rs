@@ -15,11 +15,12 @@
 //!   answers `EBUSY`. `NBD_DO_IT` may be called from another thread.
 //! - `NBD_DO_IT` returns when the connection ends: the server closed its end,
 //!   `NBD_DISCONNECT` (the kernel sends `NBD_CMD_DISC`, the server closes) or
-//!   `NBD_CLEAR_SOCK` (the kernel shuts the socket down). It also returns,
-//!   and shuts the connection down, when its thread is interrupted by a
-//!   signal: that is why the thread blocks every signal it can. A stop
-//!   signal (SIGSTOP, a debugger attaching) cannot be blocked and also ends
-//!   the connection.
+//!   `NBD_CLEAR_SOCK` (the kernel shuts the socket down). It also shuts the
+//!   connection down when its thread is interrupted by a signal: that is why
+//!   the thread blocks every signal it can. A stop signal (SIGSTOP, SIGTSTP
+//!   from a terminal, a debugger or strace attaching) cannot be blocked: it
+//!   ends the connection (seen on 6.1: the server reads EOF, and the
+//!   restarted `NBD_DO_IT` then fails with `EBUSY`).
 //! - The device's state outlives a crashed server while anything keeps the
 //!   device open (a mounted filesystem); a fresh attach first clears what a
 //!   dead process left behind.
@@ -472,31 +473,31 @@ impl KernelNbd {
     /// the requests in flight; the server then closes its end), wait for the
     /// `NBD_DO_IT` thread, `NBD_CLEAR_SOCK`. If the server does not close
     /// within a few seconds the socket is shut down from the kernel side.
+    ///
+    /// Also the way to clean up after the connection ended by itself
+    /// ([`KernelNbd::is_connected`] false); how it ended is not an error of
+    /// the detach.
     pub fn detach(mut self) -> Result<(), Error> {
         let device = self.device.clone();
+        let was_connected = self.is_connected();
         let disconnect = ioctl_none::<NBD_DISCONNECT>(self.fd.as_fd());
-        let mut result = match self.done.recv_timeout(DISCONNECT_GRACE) {
-            Ok(r) => Some(r),
+        let ended = match self.done.recv_timeout(DISCONNECT_GRACE) {
+            Ok(_) => true,
             Err(_) => {
                 // The server did not close: force the socket down.
                 let _ = ioctl_none::<NBD_CLEAR_SOCK>(self.fd.as_fd());
-                self.done.recv_timeout(DISCONNECT_GRACE).ok()
+                self.done.recv_timeout(DISCONNECT_GRACE).is_ok()
             }
         };
-        if result.is_none() {
+        if !ended {
             // Leave the thread parked; Drop must not wait for it again.
             self.thread = None;
             return Err(Error::DetachTimeout { device });
         }
         self.join();
         let clear = ioctl_none::<NBD_CLEAR_SOCK>(self.fd.as_fd());
-        disconnect.map_err(ioctl_error(&device, "NBD_DISCONNECT"))?;
-        if let Some(Err(errno)) = result.take() {
-            return Err(Error::Ioctl {
-                device,
-                request: "NBD_DO_IT",
-                errno,
-            });
+        if was_connected {
+            disconnect.map_err(ioctl_error(&device, "NBD_DISCONNECT"))?;
         }
         clear.map_err(ioctl_error(&device, "NBD_CLEAR_SOCK"))?;
         Ok(())

@@ -1,0 +1,285 @@
+//! A pair of real `hadb run` processes on loopback, with file-backed
+//! volumes in a `/tmp/hadb-*` directory that is removed (and the processes
+//! killed) when the pair is dropped, even if the test fails.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const NAMES: [&str; 2] = ["a", "b"];
+
+pub fn hadb_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hadb")
+}
+
+/// Fails the test loudly when a needed tool is missing.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: apt-get install {package} (see .ci/run)"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Pair {
+    pub dir: PathBuf,
+    pub procs: [Option<Child>; 2],
+    pub ports: [u16; 2],
+    pub size: u64,
+}
+
+impl Pair {
+    /// Writes configs, keys and metadata; starts nothing.
+    pub fn new(test: &str, mode: &str, size: u64) -> Pair {
+        let dir = PathBuf::from(format!("/tmp/hadb-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = [free_port(), free_port()];
+        let pair = Pair {
+            dir,
+            procs: [None, None],
+            ports,
+            size,
+        };
+        let key: Vec<u8> = (0..32).map(|i| (i * 7 + 3) as u8).collect();
+        for n in 0..2 {
+            pair.write_key(n, &key);
+            std::fs::write(pair.config(n), pair.config_text(n, mode)).unwrap();
+            let f = std::fs::File::create(pair.image(n)).unwrap();
+            f.set_len(size).unwrap();
+            let out = pair.hadb(n, &["volume", "create-md"]);
+            assert!(
+                out.status.success(),
+                "create-md: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        pair
+    }
+
+    pub fn write_key(&self, n: usize, key: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(format!("{}.key", NAMES[n]));
+        std::fs::write(&path, key).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    pub fn config_text(&self, n: usize, mode: &str) -> String {
+        let d = self.dir.display();
+        let me = NAMES[n];
+        format!(
+            r#"cluster = "test"
+node = "{me}"
+key_file = "{d}/{me}.key"
+
+[nodes.a]
+address = "127.0.0.1"
+port = {pa}
+
+[nodes.b]
+address = "127.0.0.1"
+port = {pb}
+
+[volume]
+device = "{d}/{me}.img"
+mode = "{mode}"
+ack_timeout = "1s"
+nbd_socket = "{d}/{me}.nbd"
+
+[control]
+socket = "{d}/{me}.ctl"
+"#,
+            pa = self.ports[0],
+            pb = self.ports[1]
+        )
+    }
+
+    pub fn config(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("{}.toml", NAMES[n]))
+    }
+    pub fn image(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("{}.img", NAMES[n]))
+    }
+    pub fn nbd_socket(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("{}.nbd", NAMES[n]))
+    }
+    pub fn uri(&self, n: usize) -> String {
+        format!("nbd+unix:///?socket={}", self.nbd_socket(n).display())
+    }
+    pub fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", NAMES[n]))).unwrap_or_default()
+    }
+
+    pub fn hadb(&self, n: usize, args: &[&str]) -> Output {
+        let config = self.config(n);
+        let mut full = vec!["--config", config.to_str().unwrap(), "--cmdline", "none"];
+        full.extend_from_slice(args);
+        Command::new(hadb_bin()).args(&full).output().unwrap()
+    }
+
+    pub fn start(&mut self, n: usize) {
+        let config = self.config(n);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", NAMES[n])))
+            .unwrap();
+        let child = Command::new(hadb_bin())
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--cmdline",
+                "none",
+                "run",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs[n] = Some(child);
+        self.wait(n, "control socket", |s| s.is_some());
+    }
+
+    pub fn kill(&mut self, n: usize) {
+        if let Some(mut c) = self.procs[n].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn status(&self, n: usize) -> Option<Value> {
+        let out = self.hadb(n, &["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Polls status until `pred` holds; panics with both logs after 20 s.
+    pub fn wait(
+        &self,
+        n: usize,
+        what: &str,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let start = Instant::now();
+        loop {
+            let s = self.status(n);
+            if pred(s.as_ref()) {
+                return s;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!(
+                    "node {} never reached `{what}`; last status {s:?}\n--- a.log\n{}\n--- b.log\n{}",
+                    NAMES[n],
+                    self.log(0),
+                    self.log(1)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn primary(&self, n: usize) {
+        let out = self.hadb(n, &["volume", "primary"]);
+        assert!(
+            out.status.success(),
+            "primary on {}: {}{}",
+            NAMES[n],
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Both nodes running, `a` primary, `b` an up-to-date secondary.
+    pub fn up(test: &str, mode: &str, size: u64) -> Pair {
+        let mut p = Pair::new(test, mode, size);
+        p.start(0);
+        p.start(1);
+        p.wait(0, "peer connected", |s| {
+            s.is_some_and(|s| !s["volume"]["peer"].is_null())
+        });
+        p.primary(0);
+        p.wait_in_sync(0);
+        p
+    }
+
+    pub fn wait_in_sync(&self, primary: usize) {
+        self.wait(primary, "peer up to date", |s| {
+            s.is_some_and(|s| s["volume"]["peer_up_to_date"] == Value::Bool(true))
+        });
+    }
+
+    pub fn data_size(&self) -> u64 {
+        self.status(0).or_else(|| self.status(1)).unwrap()["volume"]["data_size"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// The data area of a node's backing file.
+    pub fn data(&self, n: usize, data_size: u64) -> Vec<u8> {
+        let mut d = std::fs::read(self.image(n)).unwrap();
+        d.truncate(data_size as usize);
+        d
+    }
+
+    pub fn counter(&self, n: usize, group: &str, name: &str) -> u64 {
+        self.status(n).unwrap()["volume"][group][name]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.kill(0);
+        self.kill(1);
+        // Logs that matter were printed in the panic message already.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
