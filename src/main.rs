@@ -316,6 +316,15 @@ fn human_status(st: &Value) -> String {
             s(&r["total_blocks"])
         );
     }
+    if v["mode"] == json!("async")
+        && v["role"] == json!("primary")
+        && v["out_of_sync_bytes"].as_u64() != Some(0)
+    {
+        out += &format!(
+            "PEER BEHIND: {} bytes not on the peer (async: a failover now would lose them)\n",
+            s(&v["out_of_sync_bytes"])
+        );
+    }
     out += &format!(
         "out of sync: {} bytes   pending {}  held {}\n",
         s(&v["out_of_sync_bytes"]),

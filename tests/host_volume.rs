@@ -573,3 +573,40 @@ fn create_md_refuses_to_overwrite() {
     assert_eq!(md["device_size"].as_u64().unwrap(), SIZE);
     assert!(md["data_size"].as_u64().unwrap() < SIZE);
 }
+
+#[test]
+fn async_goes_on_without_the_peer_and_says_it_is_behind() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("async", "async", SIZE);
+    let size = p.data_size();
+    p.kill(1);
+    p.wait(0, "link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    // No go-alone needed: async writes complete locally.
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &p.uri(0),
+        "-c",
+        "write -P 0x33 2m 128k",
+        "-c",
+        "flush",
+    ]));
+    let s = p.status(0).unwrap();
+    assert_eq!(
+        s["volume"]["out_of_sync_bytes"].as_u64(),
+        Some(128 << 10),
+        "{s}"
+    );
+    assert_eq!(s["volume"]["frozen"], serde_json::Value::Bool(false));
+    let human = String::from_utf8_lossy(&p.hadb(0, &["status"]).stdout).into_owned();
+    assert!(human.contains("PEER BEHIND: 131072 bytes"), "{human}");
+    p.start(1);
+    p.wait_in_sync(0);
+    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    assert!(
+        p.data(0, size) == p.data(1, size),
+        "copies differ after the resync"
+    );
+}

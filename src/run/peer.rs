@@ -285,10 +285,17 @@ async fn start_link(
             let _ = events.send(Event::LinkLost { link: id, reason }).await;
         })
     };
+    // The reader must not report a frame before the volume has the link,
+    // or the volume drops it as coming from an unknown link: it waits for
+    // the go-ahead sent after LinkUp.
+    let (go_tx, go_rx) = smol::channel::bounded::<()>(1);
     let reader = {
         let events = setup.events.clone();
         let shared = setup.shared.clone();
         crate::run::spawn(async move {
+            if go_rx.recv().await.is_err() {
+                return;
+            }
             let reason = read_frames(stream, rx, id, &events, &shared).await;
             let _ = events.send(Event::LinkLost { link: id, reason }).await;
         })
@@ -301,6 +308,7 @@ async fn start_link(
         alive: alive_tx,
     };
     let _ = setup.events.send(Event::LinkUp(link)).await;
+    let _ = go_tx.send(()).await;
     alive_rx
 }
 
