@@ -4,6 +4,11 @@
 
 use hadb::{config, core, logging, run};
 
+/// Reuses large freed buffers (see sys::alloc): musl's malloc maps and
+/// unmaps each one.
+#[global_allocator]
+static ALLOCATOR: hadb::sys::alloc::CachingAlloc = hadb::sys::alloc::CachingAlloc::new();
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -3,10 +3,12 @@
 //! humans; keep them in step.
 //!
 //! Every frame carries a CRC32C of its payload (corruption on the path is
-//! named as such) and a truncated HMAC-SHA256 over a per-direction frame
+//! named as such) and a 16-byte keyed BLAKE3 MAC over a per-direction frame
 //! counter, the header and the payload, keyed with a session key derived
-//! from both nodes' nonces. A frame that is replayed, reordered, forged or
-//! cut short therefore fails the MAC, and the link is dropped without the
+//! from both nodes' nonces. (The handshake uses HMAC-SHA256; frames use
+//! BLAKE3 because it authenticates several GB/s per core where SHA-256
+//! managed two, and every replicated byte passes through it twice.)
+//! A frame that is replayed, reordered, forged or cut short therefore fails the MAC, and the link is dropped without the
 //! frame having any effect.
 
 use std::fmt;
@@ -239,26 +241,25 @@ pub fn decode_header(b: &[u8]) -> Result<Header, Error> {
 /// One direction of an authenticated session: seals outgoing frames or
 /// opens incoming ones, counting frames so a replay cannot pass.
 pub struct Sealer {
-    mac: HmacSha256,
+    key: [u8; 32],
     counter: u64,
 }
 
 impl Sealer {
     pub fn new(key: &[u8; 32]) -> Sealer {
         Sealer {
-            mac: HmacSha256::new_from_slice(key).expect("HMAC takes any key length"),
+            key: *key,
             counter: 0,
         }
     }
 
     fn tag(&self, header: &[u8], payload: &[u8]) -> [u8; MAC_LEN] {
-        let mut m = self.mac.clone();
+        let mut m = blake3::Hasher::new_keyed(&self.key);
         m.update(&self.counter.to_be_bytes());
         m.update(header);
         m.update(payload);
-        let full = m.finalize().into_bytes();
         let mut t = [0u8; MAC_LEN];
-        t.copy_from_slice(&full[..MAC_LEN]);
+        m.finalize_xof().fill(&mut t);
         t
     }
 

@@ -158,7 +158,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
             .map_err(Error::Signals)?;
 
-    crate::run::block_on(2, async move {
+    crate::run::block_on(0, async move {
         let _volume = crate::run::spawn(volume.run());
         let _link = if config.node < peer_name {
             crate::run::spawn(peer::connect_loop(setup))

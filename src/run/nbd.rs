@@ -28,10 +28,12 @@ pub struct Server {
     pub reader: Arc<File>,
 }
 
-struct Reply {
-    cookie: u64,
-    error: u32,
-    data: Option<Vec<u8>>,
+/// One reply for the connection's writer; the volume task sends these
+/// directly for the requests it completes.
+pub struct Reply {
+    pub cookie: u64,
+    pub error: u32,
+    pub data: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -238,22 +240,6 @@ impl Server {
     }
 
     async fn requests<R: AsyncRead + Unpin>(&self, input: &mut R, replies: &Sender<Reply>) -> Stop {
-        // Completions from the volume come back as (cookie, result).
-        let (done_tx, done_rx) = smol::channel::unbounded::<(u64, Result<(), u32>)>();
-        let forward = {
-            let replies = replies.clone();
-            crate::run::spawn(async move {
-                while let Ok((cookie, result)) = done_rx.recv().await {
-                    let _ = replies
-                        .send(Reply {
-                            cookie,
-                            error: result.err().unwrap_or(0),
-                            data: None,
-                        })
-                        .await;
-                }
-            })
-        };
         let stop = loop {
             let mut hdr = [0u8; nbd::REQUEST_LEN];
             if let Err(e) = input.read_exact(&mut hdr).await {
@@ -358,7 +344,7 @@ impl Server {
                 .events
                 .send(Event::Request {
                     req: volume_req,
-                    reply: done_tx.clone(),
+                    reply: replies.clone(),
                     cookie: req.cookie,
                 })
                 .await
@@ -367,10 +353,8 @@ impl Server {
                 break Stop::Protocol("the volume stopped".into());
             }
         };
-        drop(done_tx);
-        // The forwarder ends once every pending request has completed (each
-        // holds a clone of done_tx inside the volume task).
-        forward.await;
+        // The reply writer ends once every pending request has completed:
+        // the volume task holds a sender for each.
         stop
     }
 }

@@ -1,2 +1,3 @@
+pub mod alloc;
 pub mod memory;
 pub mod nbd_kernel;
