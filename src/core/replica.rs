@@ -115,12 +115,13 @@ pub enum DiskOp {
 pub enum DiskTag {
     /// An application request on the primary, by sequence.
     Local(Seq),
-    /// A frame from the peer being applied, by the peer's sequence.
-    FromPeer(Seq),
-    /// A resync read, by its first block.
-    ResyncRead(u64),
+    /// A frame from the peer being applied, by the peer's sequence and the
+    /// link session it came on.
+    FromPeer(Seq, u64),
+    /// A resync read, by its first block and the session that asked.
+    ResyncRead(u64, u64),
     /// Making the resync durable before acknowledging ResyncDone.
-    ResyncFlush(Seq),
+    ResyncFlush(Seq, u64),
 }
 
 /// A frame to send; the driver seals it.
@@ -323,11 +324,56 @@ pub struct GenView {
     pub bitmap_gen: u64,
     /// Whether this node holds a bitmap valid since `bitmap_gen`.
     pub has_bitmap: bool,
+    /// The node stopped while primary and has not resynchronised since.
+    pub crashed_primary: bool,
+    /// The node has blocks marked out of sync (or has lost its bitmap).
+    pub dirty: bool,
+    /// The node's copy is half-written by an unfinished resync.
+    pub inconsistent: bool,
+    /// Tie-break: this node's name sorts first.
+    pub first: bool,
 }
 
 /// Compares generations. Pure and symmetric: the two nodes reach mirror
 /// decisions from the same facts.
 pub fn decide(me: GenView, peer: GenView) -> SyncDecision {
+    use SyncDecision::*;
+    // A copy that stopped while primary may hold writes that never reached
+    // the other (in flight at the crash), and so may a copy with blocks
+    // marked out of sync: the other side cannot know which blocks those
+    // are, so such a copy is resynced in full (until bitmaps are
+    // exchanged), or is the source when only it holds them.
+    // A half-written copy is never a source.
+    if me.inconsistent != peer.inconsistent && me.current != 0 && peer.current != 0 {
+        return if me.inconsistent {
+            TargetFull
+        } else {
+            SourceFull
+        };
+    }
+    let me_odd = me.crashed_primary || me.dirty;
+    let peer_odd = peer.crashed_primary || peer.dirty;
+    match decide_generations(me, peer) {
+        InSync if me.crashed_primary || peer.crashed_primary || (me_odd && peer_odd) => {
+            // Both hold something the other lacks, or a crash hides what:
+            // one full copy, from a copy that was not a crashed primary,
+            // else by name.
+            let me_source = if me.crashed_primary != peer.crashed_primary {
+                peer.crashed_primary
+            } else {
+                me.first
+            };
+            if me_source { SourceFull } else { TargetFull }
+        }
+        InSync if me.dirty => SourceBitmap,
+        InSync if peer.dirty => TargetBitmap,
+        SourceBitmap if peer_odd => SourceFull,
+        TargetBitmap if me_odd => TargetFull,
+        d => d,
+    }
+}
+
+fn decide_generations(me: GenView, peer: GenView) -> SyncDecision {
     use SyncDecision::*;
     if me.current == peer.current {
         return if me.current == 0 { BothFresh } else { InSync };
@@ -367,6 +413,8 @@ pub struct Setup {
     pub current_gen: u64,
     pub bitmap_gen: u64,
     pub consistent: bool,
+    /// The metadata says the node stopped while primary.
+    pub crashed_primary: bool,
     /// Seeds new generation identifiers; the driver passes randomness.
     pub gen_seed: u64,
     /// Our name and the peer's, for tie-breaks.
@@ -382,6 +430,18 @@ pub struct Replica {
     bitmap_gen: u64,
     gen_state: u64,
     me_first: bool,
+    crashed_primary: bool,
+    /// Counts link sessions, so that answers to one are not taken for
+    /// answers to the next.
+    session: u64,
+    /// The first sequence number sent in this session: acks below it are
+    /// stale.
+    session_first_seq: Seq,
+    /// Blocks written to the peer since the last flush sent to it.
+    peer_volatile: BTreeSet<u64>,
+    /// Flushes sent to the peer and not yet acknowledged, with the blocks
+    /// they make durable.
+    peer_flushes: BTreeMap<Seq, BTreeSet<u64>>,
 
     role: Role,
     disk: DiskState,
@@ -438,6 +498,11 @@ impl Replica {
             bitmap_gen: s.bitmap_gen,
             gen_state: s.gen_seed | 1,
             me_first: s.me < s.peer,
+            crashed_primary: s.crashed_primary && s.current_gen != 0,
+            session: 0,
+            session_first_seq: 1,
+            peer_volatile: BTreeSet::new(),
+            peer_flushes: BTreeMap::new(),
             role: Role::Secondary,
             disk,
             link: LinkState::Connecting,
@@ -547,7 +612,35 @@ impl Replica {
             current_gen: self.current_gen,
             bitmap_gen: self.bitmap_gen,
             dirty_blocks: self.dirty.as_ref().map_or(u64::MAX, |d| d.len() as u64),
+            flags: if self.crashed_primary {
+                wire::STATE_CRASHED_PRIMARY
+            } else {
+                0
+            },
         }
+    }
+
+    fn gen_views(&self, peer: &NodeState) -> (GenView, GenView) {
+        (
+            GenView {
+                current: self.current_gen,
+                bitmap_gen: self.bitmap_gen,
+                has_bitmap: self.dirty.is_some(),
+                crashed_primary: self.crashed_primary,
+                dirty: self.dirty.as_ref().is_none_or(|d| !d.is_empty()),
+                inconsistent: self.disk == DiskState::Inconsistent,
+                first: self.me_first,
+            },
+            GenView {
+                current: peer.current_gen,
+                bitmap_gen: peer.bitmap_gen,
+                has_bitmap: peer.dirty_blocks != u64::MAX,
+                crashed_primary: peer.flags & wire::STATE_CRASHED_PRIMARY != 0,
+                dirty: peer.dirty_blocks != 0,
+                inconsistent: disk_from_code(peer.disk) == DiskState::Inconsistent,
+                first: !self.me_first,
+            },
+        )
     }
 
     fn state_frame(&self, kind: Kind) -> Action {
@@ -684,6 +777,17 @@ impl Replica {
             (false, _) => None,
         };
         if to_peer {
+            // The peer may hold these blocks only in a volatile cache until
+            // a flush: remember them, so a peer that goes away (and may have
+            // lost its cache) gets them again.
+            match (&req, blocks) {
+                (Request::Flush, _) => {
+                    let since = std::mem::take(&mut self.peer_volatile);
+                    self.peer_flushes.insert(seq, since);
+                }
+                (_, Some(r)) => self.peer_volatile.extend(r.0..r.1),
+                _ => {}
+            }
             let payload = match &req {
                 Request::Write { data, .. } => {
                     self.counters.replicated_bytes += data.len() as u64;
@@ -726,7 +830,15 @@ impl Replica {
                 }
                 self.try_complete(seq, &mut out);
             }
-            DiskTag::FromPeer(seq) => match result {
+            // Work asked for by an earlier link session: its answer would
+            // be taken for one of this session's (sequence numbers and
+            // blocks repeat), so it is dropped; the resync that follows a
+            // reconnect covers it.
+            DiskTag::FromPeer(_, session)
+            | DiskTag::ResyncRead(_, session)
+            | DiskTag::ResyncFlush(_, session)
+                if session != self.session => {}
+            DiskTag::FromPeer(seq, _) => match result {
                 Ok(_) => out.push(Action::Send(Frame {
                     header: wire::Header::new(Kind::Ack, seq, 0, 0),
                     payload: None,
@@ -739,12 +851,13 @@ impl Replica {
                     }));
                 }
             },
-            DiskTag::ResyncRead(first) => self.resync_read_done(first, result, &mut out),
-            DiskTag::ResyncFlush(seq) => {
+            DiskTag::ResyncRead(first, _) => self.resync_read_done(first, result, &mut out),
+            DiskTag::ResyncFlush(seq, _) => {
                 // The whole resync is durable here: adopt the source's
                 // generation, then tell it.
                 if result.is_ok() {
                     self.disk = DiskState::UpToDate;
+                    self.crashed_primary = false;
                     self.link = LinkState::Connected;
                     out.push(Action::Persist(self.meta()));
                     out.push(Action::Log {
@@ -785,6 +898,8 @@ impl Replica {
 
     /// The link is authenticated and up: say who we are.
     pub fn link_up(&mut self) -> Vec<Action> {
+        self.session += 1;
+        self.session_first_seq = self.next_seq;
         self.link = LinkState::Connected;
         self.peer = None;
         self.peer_ready = false;
@@ -792,6 +907,7 @@ impl Replica {
     }
 
     pub fn link_lost(&mut self) -> Vec<Action> {
+        self.session += 1;
         let mut out = Vec::new();
         let was = self.link;
         self.link = LinkState::Connecting;
@@ -818,6 +934,18 @@ impl Replica {
         if was == LinkState::SyncTarget {
             // Half-written: stays inconsistent until a resync finishes.
             self.disk = DiskState::Inconsistent;
+        }
+        // What the peer held only in its cache may be gone with it.
+        let volatile: Vec<u64> = std::mem::take(&mut self.peer_volatile)
+            .into_iter()
+            .chain(
+                std::mem::take(&mut self.peer_flushes)
+                    .into_values()
+                    .flatten(),
+            )
+            .collect();
+        if let Some(d) = &mut self.dirty {
+            d.extend(volatile);
         }
         // Everything the peer did not acknowledge may be missing there.
         let unacked: Vec<Seq> = self
@@ -910,7 +1038,7 @@ impl Replica {
                     _ => DiskOp::Flush,
                 };
                 out.push(Action::Disk {
-                    tag: DiskTag::FromPeer(h.seq),
+                    tag: DiskTag::FromPeer(h.seq, self.session),
                     op,
                 });
             }
@@ -921,7 +1049,7 @@ impl Replica {
                     self.bitmap_gen = 0;
                     self.dirty = Some(BTreeSet::new());
                     out.push(Action::Disk {
-                        tag: DiskTag::ResyncFlush(h.seq),
+                        tag: DiskTag::ResyncFlush(h.seq, self.session),
                         op: DiskOp::Flush,
                     });
                 }
@@ -964,6 +1092,11 @@ impl Replica {
     }
 
     fn ack(&mut self, seq: Seq, error: Option<u32>, out: &mut Vec<Action>) {
+        if seq < self.session_first_seq {
+            // For a frame of an earlier session; what it covered was marked
+            // out of sync when that session ended.
+            return;
+        }
         self.counters.peer_acks += 1;
         if let Some(e) = error {
             // The peer's disk failed; it is no longer a copy to wait for.
@@ -977,22 +1110,19 @@ impl Replica {
                 self.mark_dirty(blocks);
             }
         }
-        if let Some(rs) = &mut self.resync {
-            if rs.unacked.remove(&seq).is_some() {
-                self.resync_pump(out);
-                return;
-            }
-            if rs.done_sent && seq == 0 {
-                // unreachable: ResyncDone uses a real seq
-            }
+        if let Some(rs) = &mut self.resync
+            && rs.unacked.remove(&seq).is_some()
+        {
+            self.resync_pump(out);
+            return;
+        }
+        if error.is_none() {
+            // Durable on the peer now.
+            self.peer_flushes.remove(&seq);
         }
         if let Some(p) = self.pending.get_mut(&seq) {
             p.peer_done = Some(true);
             self.try_complete(seq, out);
-            return;
-        }
-        if self.resync.as_ref().is_some_and(|rs| rs.done_sent) {
-            self.resync_finished(out);
         }
     }
 
@@ -1024,16 +1154,7 @@ impl Replica {
             out.push(Action::DropLink("both primary".into()));
             return;
         }
-        let me = GenView {
-            current: self.current_gen,
-            bitmap_gen: self.bitmap_gen,
-            has_bitmap: self.dirty.is_some(),
-        };
-        let peer = GenView {
-            current: s.current_gen,
-            bitmap_gen: s.bitmap_gen,
-            has_bitmap: s.dirty_blocks != u64::MAX,
-        };
+        let (me, peer) = self.gen_views(&s);
         let d = decide(me, peer);
         out.push(Action::Log {
             warn: matches!(d, SyncDecision::SplitBrain | SyncDecision::Unrelated),
@@ -1041,13 +1162,9 @@ impl Replica {
         });
         match d {
             SyncDecision::InSync => {
-                if self.dirty.as_ref().is_some_and(|d| !d.is_empty()) {
-                    self.start_resync(false, out);
-                } else {
-                    self.link = LinkState::Connected;
-                    self.dirty = Some(BTreeSet::new());
-                    self.peer_is_current(out);
-                }
+                self.link = LinkState::Connected;
+                self.dirty = Some(BTreeSet::new());
+                self.peer_is_current(out);
             }
             SyncDecision::BothFresh => {
                 self.link = LinkState::Connected;
@@ -1148,7 +1265,7 @@ impl Replica {
             let offset = first * BLOCK;
             let length = (count * BLOCK).min(self.data_size - offset);
             out.push(Action::Disk {
-                tag: DiskTag::ResyncRead(first),
+                tag: DiskTag::ResyncRead(first, self.session),
                 op: DiskOp::Read { offset, length },
             });
         }
@@ -1227,6 +1344,7 @@ impl Replica {
             message: format!("resync finished: {} block(s) sent", rs.sent_blocks),
         });
         self.link = LinkState::Connected;
+        self.crashed_primary = false;
         self.peer_is_current(out);
     }
 
@@ -1275,6 +1393,15 @@ impl Replica {
             self.disk = DiskState::UpToDate;
             self.dirty = None;
         }
+        if self.crashed_primary {
+            // Whatever this copy wrote before its crash is now the data;
+            // the peer may lack any of it (a running resync from here is
+            // already a full one).
+            self.crashed_primary = false;
+            if self.resync.is_none() {
+                self.dirty = None;
+            }
+        }
         self.role = Role::Primary;
         out.push(Action::Persist(self.meta()));
         out.push(Action::Log {
@@ -1282,21 +1409,15 @@ impl Replica {
             message: "promoted to primary".into(),
         });
         out.push(Action::RoleChanged(Role::Primary));
-        if self.peer.is_some() {
+        if self.resync.is_some() {
+            // Already the resync source: it goes on, and writes from now on
+            // replicate alongside it.
+            out.push(self.state_frame(Kind::State));
+        } else if self.peer.is_some() {
             out.push(self.state_frame(Kind::State));
             let peer = self.peer.expect("connected");
-            let d = decide(
-                GenView {
-                    current: self.current_gen,
-                    bitmap_gen: self.bitmap_gen,
-                    has_bitmap: self.dirty.is_some(),
-                },
-                GenView {
-                    current: peer.current_gen,
-                    bitmap_gen: peer.bitmap_gen,
-                    has_bitmap: peer.dirty_blocks != u64::MAX,
-                },
-            );
+            let (me, peer) = self.gen_views(&peer);
+            let d = decide(me, peer);
             match d {
                 SyncDecision::InSync => self.peer_is_current(out),
                 SyncDecision::SourceFull | SyncDecision::SourceBitmap => {
@@ -1376,6 +1497,7 @@ mod tests {
             current_gen: generation,
             bitmap_gen: 0,
             consistent: generation != 0,
+            crashed_primary: false,
             gen_seed: 42,
             me: name.into(),
             peer: peer.into(),
@@ -1517,13 +1639,17 @@ mod tests {
         p.connect();
         assert_eq!(p.completed, vec![(1, Ok(()))]);
         assert_eq!(p.disks[0], p.disks[1]);
+        // A flush makes write 1 durable on the peer; otherwise a peer that
+        // goes away might have lost it from its cache, and it is resent.
+        let a = p.nodes[0].request(10, Request::Flush);
+        p.run(0, a);
         // Go alone: writes complete locally, then only they are resynced.
         p.disconnect();
         let a = p.nodes[0].go_alone();
         p.run(0, a);
         p.write(2, 8192, 2, 100);
         p.write(3, 40960, 3, 4096);
-        assert_eq!(p.completed.len(), 3);
+        assert_eq!(p.completed.len(), 4);
         assert_ne!(p.disks[0], p.disks[1]);
         let before = p.nodes[0].counters.resync_blocks_sent;
         p.connect();
@@ -1573,6 +1699,10 @@ mod tests {
     #[test]
     fn generation_rules() {
         let g = |current, bitmap_gen, has_bitmap| GenView {
+            crashed_primary: false,
+            dirty: false,
+            inconsistent: false,
+            first: true,
             current,
             bitmap_gen,
             has_bitmap,

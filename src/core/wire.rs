@@ -317,10 +317,16 @@ pub struct NodeState {
     /// Blocks this node knows the peer lacks (its dirty bitmap), or
     /// u64::MAX when it has no bitmap and a full resync would be needed.
     pub dirty_blocks: u64,
+    /// STATE_* bits.
+    pub flags: u8,
 }
 
+/// NodeState flag: the node stopped while primary and has not been
+/// resynchronised since (it may hold writes its peer never saw).
+pub const STATE_CRASHED_PRIMARY: u8 = 1 << 0;
+
 impl NodeState {
-    pub const LEN: usize = 1 + 1 + 8 + 16 + 8 + 8 + 8;
+    pub const LEN: usize = 1 + 1 + 8 + 16 + 8 + 8 + 8 + 1;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(Self::LEN);
@@ -331,6 +337,7 @@ impl NodeState {
         b.extend_from_slice(&self.current_gen.to_be_bytes());
         b.extend_from_slice(&self.bitmap_gen.to_be_bytes());
         b.extend_from_slice(&self.dirty_blocks.to_be_bytes());
+        b.push(self.flags);
         b
     }
 
@@ -352,6 +359,7 @@ impl NodeState {
             current_gen: u64::from_be_bytes(b[26..34].try_into().expect("8")),
             bitmap_gen: u64::from_be_bytes(b[34..42].try_into().expect("8")),
             dirty_blocks: u64::from_be_bytes(b[42..50].try_into().expect("8")),
+            flags: b[50],
         })
     }
 }
@@ -623,6 +631,7 @@ mod tests {
             current_gen: 77,
             bitmap_gen: 66,
             dirty_blocks: 3,
+            flags: STATE_CRASHED_PRIMARY,
         };
         assert_eq!(NodeState::decode(&s.encode()).unwrap(), s);
         assert!(NodeState::decode(&s.encode()[1..]).is_err());

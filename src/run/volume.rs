@@ -171,6 +171,7 @@ impl Volume {
             current_gen: sb.current_gen,
             bitmap_gen: sb.bitmap_gen,
             consistent: sb.has(flags::CONSISTENT),
+            crashed_primary: sb.has(flags::PRIMARY),
             gen_seed: u64::from_le_bytes(seed),
             me: config.node.clone(),
             peer: peer_name.to_owned(),
