@@ -123,7 +123,8 @@ fn fio_nbd_engine_verifies() {
     require("fio", "fio");
     let p = Pair::up("fio", "sync", SIZE);
     let size = p.data_size();
-    let out = run(Command::new("fio").args([
+    // fio leaves a verify state file in its working directory.
+    let out = run(Command::new("fio").current_dir(&p.dir).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", p.uri(0)),
