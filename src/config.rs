@@ -218,6 +218,9 @@ pub struct VolumeConfig {
     /// NBD server for userspace tools, on the primary.
     #[serde(default = "default_nbd_socket")]
     pub nbd_socket: PathBuf,
+    /// What to do when both copies changed since they parted.
+    #[serde(default = "default_after_split_brain")]
+    pub after_split_brain: crate::core::replica::AfterSplitBrain,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +261,9 @@ fn default_mode() -> Mode {
 }
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_after_split_brain() -> crate::core::replica::AfterSplitBrain {
+    crate::core::replica::AfterSplitBrain::Disconnect
 }
 fn default_nbd_socket() -> PathBuf {
     PathBuf::from("/run/hadb/volume.sock")

@@ -77,7 +77,14 @@ enum VolumeSub {
     Primary(PrimaryCmd),
     Secondary(SecondaryCmd),
     GoAlone(GoAloneCmd),
+    DiscardMyData(DiscardMyDataCmd),
 }
+
+/// end a split brain by throwing away this node's changes (at the next
+/// connect, a full resync from the peer replaces them)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "discard-my-data")]
+struct DiscardMyDataCmd {}
 
 /// write fresh metadata at the end of the backing device
 #[derive(FromArgs)]
@@ -254,6 +261,11 @@ fn volume_command(
             println!("{}", r["role"].as_str().unwrap_or("?"));
             Ok(())
         }
+        VolumeSub::DiscardMyData(_) => {
+            run::control::call(socket, json!({"command": "volume.discard-my-data"}))?;
+            println!("this node's copy will be replaced by the peer's at the next connect");
+            Ok(())
+        }
         VolumeSub::GoAlone(_) => {
             run::control::call(socket, json!({"command": "volume.go-alone"}))?;
             println!("going on without the peer");
@@ -341,6 +353,14 @@ fn human_status(st: &Value) -> String {
         s(&v["current_gen"]),
         s(&v["bitmap_gen"])
     );
+    if let Some(sb) = v["split_brain"].as_object() {
+        out += &format!(
+            "SPLIT BRAIN since generation {}: changed here {} bytes, on the peer {} bytes; `hadb volume discard-my-data` on the node whose changes are to go\n",
+            s(&sb["since_gen"]),
+            s(&sb["my_changed_bytes"]),
+            s(&sb["peer_changed_bytes"])
+        );
+    }
     if !v["last_link_event"].is_null() {
         out += &format!("last link event: {}\n", s(&v["last_link_event"]));
     }

@@ -611,3 +611,81 @@ fn async_goes_on_without_the_peer_and_says_it_is_behind() {
         "copies differ after the resync"
     );
 }
+
+#[test]
+fn split_brain_is_reported_and_resolved_by_discard_my_data() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("splitbrain", "sync", SIZE);
+    let size = p.data_size();
+    // The link goes; a goes on alone and writes.
+    p.kill(1);
+    p.wait(0, "link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &p.uri(0),
+        "-c",
+        "write -P 0xa1 0 64k",
+        "-c",
+        "flush",
+    ]));
+    assert!(p.hadb(0, &["volume", "secondary"]).status.success());
+    // b comes back without a and is made primary by hand: it writes too.
+    p.kill(0);
+    p.start(1);
+    p.primary(1);
+    assert!(p.hadb(1, &["volume", "go-alone"]).status.success());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &p.uri(1),
+        "-c",
+        "write -P 0xb2 1m 64k",
+        "-c",
+        "flush",
+    ]));
+    // Both come together: split brain, reported, never resolved silently.
+    p.start(0);
+    for n in [0, 1] {
+        p.wait(n, "split brain reported, standalone", |s| {
+            s.is_some_and(|s| {
+                !s["volume"]["split_brain"].is_null() && s["volume"]["link"] == "standalone"
+            })
+        });
+    }
+    let human = String::from_utf8_lossy(&p.hadb(0, &["status"]).stdout).into_owned();
+    assert!(human.contains("SPLIT BRAIN since generation"), "{human}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(
+        &p.data(0, size)[..4096],
+        &p.data(1, size)[..4096],
+        "something was resolved silently"
+    );
+    // A primary's copy cannot be discarded.
+    assert!(!p.hadb(1, &["volume", "discard-my-data"]).status.success());
+    // The operator throws a's changes away.
+    let out = p.hadb(0, &["volume", "discard-my-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.wait_in_sync(1);
+    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(1), "-c", "flush"]));
+    assert!(
+        p.data(0, size) == p.data(1, size),
+        "copies differ after the resolution"
+    );
+    assert_eq!(
+        &p.data(0, size)[1 << 20..(1 << 20) + 4096],
+        &[0xb2; 4096][..]
+    );
+    assert!(
+        p.log(0).contains("discarding this node's copy"),
+        "{}",
+        p.log(0)
+    );
+}

@@ -196,6 +196,7 @@ impl Sim {
             bitmap_gen: m.bitmap_gen,
             consistent: m.consistent,
             crashed_primary: m.primary,
+            after_split_brain: replica::AfterSplitBrain::Disconnect,
             gen_seed: seed,
             me: node.name.into(),
             peer: if n == 0 { "b".into() } else { "a".into() },

@@ -317,6 +317,55 @@ impl SyncDecision {
     }
 }
 
+/// What to do when both copies changed since they parted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSplitBrain {
+    /// Refuse to connect and wait for `hadb volume discard-my-data` on
+    /// one node.
+    Disconnect,
+    /// If one side wrote nothing since the split, discard it.
+    DiscardZeroChanges,
+    /// Discard the side that changed fewer blocks (ties: disconnect).
+    DiscardLeastChanges,
+}
+
+/// A split brain as status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SplitBrainReport {
+    /// The generation both copies had when they parted.
+    pub since_gen: u64,
+    /// Blocks changed here since then (None: unknown, hadb restarted).
+    pub my_changes: Option<u64>,
+    pub peer_changes: Option<u64>,
+}
+
+/// Which side a split brain is resolved against: Some(true) means this
+/// node's copy is discarded. Pure and symmetric: both nodes reach the same
+/// answer from the same facts.
+pub fn resolve_split_brain(me: GenView, peer: GenView, policy: AfterSplitBrain) -> Option<bool> {
+    if me.discard != peer.discard {
+        return Some(me.discard);
+    }
+    if me.discard {
+        // Both asked to discard: nothing to keep; wait for the operator.
+        return None;
+    }
+    let (Some(mine), Some(theirs)) = (me.changes, peer.changes) else {
+        return None;
+    };
+    match policy {
+        AfterSplitBrain::Disconnect => None,
+        AfterSplitBrain::DiscardZeroChanges => match (mine, theirs) {
+            (0, 0) => Some(!me.first),
+            (0, _) => Some(true),
+            (_, 0) => Some(false),
+            _ => None,
+        },
+        AfterSplitBrain::DiscardLeastChanges => (mine != theirs).then_some(mine < theirs),
+    }
+}
+
 /// What a node knows of itself for the connect decision.
 #[derive(Debug, Clone, Copy)]
 pub struct GenView {
@@ -330,6 +379,10 @@ pub struct GenView {
     pub dirty: bool,
     /// The node's copy is half-written by an unfinished resync.
     pub inconsistent: bool,
+    /// The operator said `hadb volume discard-my-data` on this node.
+    pub discard: bool,
+    /// Blocks changed since the peer left (None: unknown).
+    pub changes: Option<u64>,
     /// Tie-break: this node's name sorts first.
     pub first: bool,
 }
@@ -415,6 +468,7 @@ pub struct Setup {
     pub consistent: bool,
     /// The metadata says the node stopped while primary.
     pub crashed_primary: bool,
+    pub after_split_brain: AfterSplitBrain,
     /// Seeds new generation identifiers; the driver passes randomness.
     pub gen_seed: u64,
     /// Our name and the peer's, for tie-breaks.
@@ -437,6 +491,12 @@ pub struct Replica {
     /// The first sequence number sent in this session: acks below it are
     /// stale.
     session_first_seq: Seq,
+    /// The operator's word that this copy is to be thrown away at the next
+    /// split-brain or unrelated-data connect.
+    discard_my_data: bool,
+    after_split_brain: AfterSplitBrain,
+    split_brain: Option<SplitBrainReport>,
+    split_brain_logged: Option<SyncDecision>,
     /// Blocks written to the peer since the last flush sent to it.
     peer_volatile: BTreeSet<u64>,
     /// Flushes sent to the peer and not yet acknowledged, with the blocks
@@ -501,6 +561,10 @@ impl Replica {
             crashed_primary: s.crashed_primary && s.current_gen != 0,
             session: 0,
             session_first_seq: 1,
+            discard_my_data: false,
+            after_split_brain: s.after_split_brain,
+            split_brain: None,
+            split_brain_logged: None,
             peer_volatile: BTreeSet::new(),
             peer_flushes: BTreeMap::new(),
             role: Role::Secondary,
@@ -616,6 +680,10 @@ impl Replica {
                 wire::STATE_CRASHED_PRIMARY
             } else {
                 0
+            } | if self.discard_my_data {
+                wire::STATE_DISCARD_MY_DATA
+            } else {
+                0
             },
         }
     }
@@ -629,6 +697,8 @@ impl Replica {
                 crashed_primary: self.crashed_primary,
                 dirty: self.dirty.as_ref().is_none_or(|d| !d.is_empty()),
                 inconsistent: self.disk == DiskState::Inconsistent,
+                discard: self.discard_my_data,
+                changes: self.dirty.as_ref().map(|d| d.len() as u64),
                 first: self.me_first,
             },
             GenView {
@@ -638,6 +708,8 @@ impl Replica {
                 crashed_primary: peer.flags & wire::STATE_CRASHED_PRIMARY != 0,
                 dirty: peer.dirty_blocks != 0,
                 inconsistent: disk_from_code(peer.disk) == DiskState::Inconsistent,
+                discard: peer.flags & wire::STATE_DISCARD_MY_DATA != 0,
+                changes: (peer.dirty_blocks != u64::MAX).then_some(peer.dirty_blocks),
                 first: !self.me_first,
             },
         )
@@ -910,7 +982,11 @@ impl Replica {
         self.session += 1;
         let mut out = Vec::new();
         let was = self.link;
-        self.link = LinkState::Connecting;
+        // A refusal (split brain, unrelated data, sizes) stays visible while
+        // the transport keeps retrying underneath.
+        if was != LinkState::Standalone {
+            self.link = LinkState::Connecting;
+        }
         self.peer = None;
         self.peer_ready = false;
         self.role_request = None;
@@ -1181,8 +1257,67 @@ impl Replica {
                 out.push(Action::Persist(self.meta()));
             }
             SyncDecision::SplitBrain | SyncDecision::Unrelated => {
-                self.link = LinkState::Standalone;
-                out.push(Action::DropLink(d.rule().into()));
+                if d == SyncDecision::SplitBrain {
+                    self.split_brain = Some(SplitBrainReport {
+                        since_gen: self.bitmap_gen,
+                        my_changes: me.changes,
+                        peer_changes: peer.changes,
+                    });
+                }
+                let verdict = match d {
+                    SyncDecision::SplitBrain => {
+                        resolve_split_brain(me, peer, self.after_split_brain)
+                    }
+                    // Unrelated data is resolved only by the operator's word.
+                    _ => (me.discard != peer.discard).then_some(me.discard),
+                };
+                match verdict {
+                    Some(true) if self.role == Role::Primary => {
+                        out.push(Action::Log {
+                            warn: true,
+                            message: "split brain: this node's copy would be discarded, but it is primary; demote it first".into(),
+                        });
+                        self.link = LinkState::Standalone;
+                        out.push(Action::DropLink(d.rule().into()));
+                    }
+                    Some(true) => {
+                        out.push(Action::Log {
+                            warn: true,
+                            message: format!(
+                                "{}: discarding this node's copy ({}); receiving a full resync from the peer",
+                                d.rule(),
+                                if self.discard_my_data { "operator's discard-my-data" } else { "after_split_brain policy" }
+                            ),
+                        });
+                        self.link = LinkState::SyncTarget;
+                        self.disk = DiskState::Inconsistent;
+                        self.split_brain = None;
+                        self.discard_my_data = false;
+                        out.push(Action::Persist(self.meta()));
+                    }
+                    Some(false) => {
+                        out.push(Action::Log {
+                            warn: true,
+                            message: format!(
+                                "{}: the peer's copy is discarded; full resync to it",
+                                d.rule()
+                            ),
+                        });
+                        self.split_brain = None;
+                        self.start_resync(true, out);
+                    }
+                    None => {
+                        if self.split_brain_logged != Some(d) {
+                            out.push(Action::Log {
+                                warn: true,
+                                message: "not resolved by itself: run `hadb volume discard-my-data` on the node whose changes are to be thrown away".into(),
+                            });
+                            self.split_brain_logged = Some(d);
+                        }
+                        self.link = LinkState::Standalone;
+                        out.push(Action::DropLink(d.rule().into()));
+                    }
+                }
             }
         }
     }
@@ -1453,6 +1588,24 @@ impl Replica {
         Ok(out)
     }
 
+    /// The operator's word that this node's copy may be thrown away to end
+    /// a split brain (DRBD's `--discard-my-data`). Takes effect at the next
+    /// connect; refused on a primary.
+    pub fn discard_my_data(&mut self) -> Result<Vec<Action>, String> {
+        if self.role == Role::Primary {
+            return Err("this node is primary; its copy is the one in use. Demote it first (`hadb volume secondary`)".into());
+        }
+        self.discard_my_data = true;
+        Ok(vec![Action::Log {
+            warn: true,
+            message: "operator: this node's changes since the split will be discarded at the next connect".into(),
+        }])
+    }
+
+    pub fn split_brain(&self) -> Option<SplitBrainReport> {
+        self.split_brain
+    }
+
     /// The operator's word that the primary may go on without its peer.
     pub fn go_alone(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
@@ -1498,6 +1651,7 @@ mod tests {
             bitmap_gen: 0,
             consistent: generation != 0,
             crashed_primary: false,
+            after_split_brain: AfterSplitBrain::Disconnect,
             gen_seed: 42,
             me: name.into(),
             peer: peer.into(),
@@ -1697,11 +1851,103 @@ mod tests {
     }
 
     #[test]
+    fn split_brain_resolution() {
+        let v = |discard, changes, first| GenView {
+            current: 7,
+            bitmap_gen: 5,
+            has_bitmap: true,
+            crashed_primary: false,
+            dirty: true,
+            inconsistent: false,
+            discard,
+            changes,
+            first,
+        };
+        use AfterSplitBrain::*;
+        // The operator's word wins over any policy, on both sides alike.
+        assert_eq!(
+            resolve_split_brain(v(true, Some(1), true), v(false, Some(9), false), Disconnect),
+            Some(true)
+        );
+        assert_eq!(
+            resolve_split_brain(v(false, Some(9), false), v(true, Some(1), true), Disconnect),
+            Some(false)
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(true, None, true),
+                v(true, None, false),
+                DiscardLeastChanges
+            ),
+            None
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(0), true),
+                v(false, Some(3), false),
+                Disconnect
+            ),
+            None
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(0), true),
+                v(false, Some(3), false),
+                DiscardZeroChanges
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(2), true),
+                v(false, Some(3), false),
+                DiscardZeroChanges
+            ),
+            None
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(2), true),
+                v(false, Some(3), false),
+                DiscardLeastChanges
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(3), false),
+                v(false, Some(2), true),
+                DiscardLeastChanges
+            ),
+            Some(false)
+        );
+        assert_eq!(
+            resolve_split_brain(
+                v(false, Some(3), true),
+                v(false, Some(3), false),
+                DiscardLeastChanges
+            ),
+            None
+        );
+        // Unknown change counts (a restart lost the bitmap): no guessing.
+        assert_eq!(
+            resolve_split_brain(
+                v(false, None, true),
+                v(false, Some(3), false),
+                DiscardLeastChanges
+            ),
+            None
+        );
+    }
+
+    #[test]
     fn generation_rules() {
         let g = |current, bitmap_gen, has_bitmap| GenView {
             crashed_primary: false,
             dirty: false,
             inconsistent: false,
+            discard: false,
+            changes: Some(0),
             first: true,
             current,
             bitmap_gen,

@@ -324,6 +324,9 @@ pub struct NodeState {
 /// NodeState flag: the node stopped while primary and has not been
 /// resynchronised since (it may hold writes its peer never saw).
 pub const STATE_CRASHED_PRIMARY: u8 = 1 << 0;
+/// NodeState flag: the operator asked to discard this node's copy at the
+/// next split-brain connect.
+pub const STATE_DISCARD_MY_DATA: u8 = 1 << 1;
 
 impl NodeState {
     pub const LEN: usize = 1 + 1 + 8 + 16 + 8 + 8 + 8 + 1;

@@ -95,8 +95,9 @@ impl control::Handler for Daemon {
                 self.ask(Command::Secondary).await
             }
             "volume.go-alone" => self.ask(Command::GoAlone).await,
+            "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data"
             )),
         }
     }

@@ -53,6 +53,7 @@ pub enum Command {
     Primary { force: bool },
     Secondary,
     GoAlone,
+    DiscardMyData,
 }
 
 /// A live replication link, owned by the volume task: dropping it stops
@@ -172,6 +173,7 @@ impl Volume {
             bitmap_gen: sb.bitmap_gen,
             consistent: sb.has(flags::CONSISTENT),
             crashed_primary: sb.has(flags::PRIMARY),
+            after_split_brain: config.volume.after_split_brain,
             gen_seed: u64::from_le_bytes(seed),
             me: config.node.clone(),
             peer: peer_name.to_owned(),
@@ -324,6 +326,11 @@ impl Volume {
                 self.apply(actions);
                 Ok(json!({"role": self.replica.role()}))
             }
+            Command::DiscardMyData => {
+                let actions = self.replica.discard_my_data()?;
+                self.apply(actions);
+                Ok(json!({"discard_my_data": true}))
+            }
             Command::GoAlone => {
                 let actions = self.replica.go_alone();
                 self.apply(actions);
@@ -448,6 +455,11 @@ impl Volume {
             "current_gen": format!("{current_gen:016x}"),
             "bitmap_gen": format!("{bitmap_gen:016x}"),
             "last_link_event": self.last_link_event,
+            "split_brain": r.split_brain().map(|sb| json!({
+                "since_gen": format!("{:016x}", sb.since_gen),
+                "my_changed_bytes": sb.my_changes.map(|b| b * replica::BLOCK),
+                "peer_changed_bytes": sb.peer_changes.map(|b| b * replica::BLOCK),
+            })),
             "counters": r.counters,
             "bad_input": self.shared.stats.snapshot(),
         })
