@@ -78,6 +78,17 @@ enum VolumeSub {
     Secondary(SecondaryCmd),
     GoAlone(GoAloneCmd),
     DiscardMyData(DiscardMyDataCmd),
+    Verify(VerifyCmd),
+}
+
+/// compare both copies block by block while the volume is in use; blocks
+/// that differ are marked out of sync and resent
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+struct VerifyCmd {
+    /// wait until it finishes; exit 1 if any block differed
+    #[argh(switch)]
+    wait: bool,
 }
 
 /// end a split brain by throwing away this node's changes (at the next
@@ -261,6 +272,40 @@ fn volume_command(
             println!("{}", r["role"].as_str().unwrap_or("?"));
             Ok(())
         }
+        VolumeSub::Verify(v) => {
+            let before = run::control::call(socket, json!({"command": "status"}))?;
+            let before = before["volume"]["last_verify"].clone();
+            run::control::call(socket, json!({"command": "volume.verify"}))?;
+            if !v.wait {
+                println!("verify started; `hadb status` shows its progress");
+                return Ok(());
+            }
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let st = run::control::call(socket, json!({"command": "status"}))?;
+                let last = &st["volume"]["last_verify"];
+                if st["volume"]["verify"].is_null() && *last != before && !last.is_null() {
+                    if last["complete"] != json!(true) {
+                        return Err("the link to the peer dropped; the verify was abandoned (start it again)".into());
+                    }
+                    let differing = last["differing_blocks"].as_u64().unwrap_or(0);
+                    println!(
+                        "verify finished: {} blocks checked, {differing} differ{}",
+                        s(&last["checked_blocks"]),
+                        if differing > 0 {
+                            " (marked out of sync and resent)"
+                        } else {
+                            ""
+                        }
+                    );
+                    return if differing == 0 {
+                        Ok(())
+                    } else {
+                        Err("copies differed".into())
+                    };
+                }
+            }
+        }
         VolumeSub::DiscardMyData(_) => {
             run::control::call(socket, json!({"command": "volume.discard-my-data"}))?;
             println!("this node's copy will be replaced by the peer's at the next connect");
@@ -359,6 +404,21 @@ fn human_status(st: &Value) -> String {
             s(&sb["since_gen"]),
             s(&sb["my_changed_bytes"]),
             s(&sb["peer_changed_bytes"])
+        );
+    }
+    if let Some(vf) = v["verify"].as_object() {
+        out += &format!(
+            "verify: {:.1}% ({} of {} blocks), {} differ so far\n",
+            vf["percent"].as_f64().unwrap_or(0.0),
+            s(&vf["checked_blocks"]),
+            s(&vf["total_blocks"]),
+            s(&vf["differing_blocks"])
+        );
+    } else if let Some(lv) = v["last_verify"].as_object() {
+        out += &format!(
+            "last verify: {} blocks checked, {} differed\n",
+            s(&lv["checked_blocks"]),
+            s(&lv["differing_blocks"])
         );
     }
     if !v["last_link_event"].is_null() {

@@ -689,3 +689,72 @@ fn split_brain_is_reported_and_resolved_by_discard_my_data() {
         p.log(0)
     );
 }
+
+#[test]
+fn online_verify_finds_a_difference_and_the_resync_repairs_it() {
+    require("qemu-io", "qemu-utils");
+    let p = Pair::up("verify", "sync", SIZE);
+    let size = p.data_size();
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &p.uri(0),
+        "-c",
+        "write -P 0x3c 0 4m",
+        "-c",
+        "flush",
+    ]));
+    let out = p.hadb(0, &["volume", "verify", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 differ"));
+    // Behind hadb's back, three blocks of the secondary's copy change.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.image(1))
+            .unwrap();
+        for off in [8192u64, 1 << 20, 3 << 20] {
+            f.write_all_at(b"bit rot", off + 100).unwrap();
+        }
+    }
+    // The volume stays in use while it runs.
+    let mut writer = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &p.uri(0),
+            "-c",
+            "write -P 0x77 8m 2m",
+            "-c",
+            "flush",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = p.hadb(0, &["volume", "verify", "--wait"]);
+    assert!(!out.status.success(), "verify missed the difference");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 differ"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(writer.wait().unwrap().success());
+    p.wait_in_sync(0);
+    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    assert!(
+        p.data(0, size) == p.data(1, size),
+        "the resync after verify did not repair the copy"
+    );
+    let out = p.hadb(0, &["volume", "verify", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -122,6 +122,10 @@ pub enum DiskTag {
     ResyncRead(u64, u64),
     /// Making the resync durable before acknowledging ResyncDone.
     ResyncFlush(Seq, u64),
+    /// Online verify: the primary reading a chunk, by its first block.
+    VerifyRead(u64, u64),
+    /// Online verify: the secondary reading the chunk of request `seq`.
+    VerifyPeer(Seq, u64),
 }
 
 /// A frame to send; the driver seals it.
@@ -497,6 +501,13 @@ pub struct Replica {
     after_split_brain: AfterSplitBrain,
     split_brain: Option<SplitBrainReport>,
     split_brain_logged: Option<SyncDecision>,
+    verify: Option<VerifyState>,
+    /// Last verify's result: (blocks checked, blocks that differed).
+    verify_result: Option<(u64, u64)>,
+    /// Whether that verify covered the whole volume.
+    verify_complete: bool,
+    /// Secondary: verify requests waiting for the local read.
+    verify_asked: BTreeMap<Seq, (u64, u32, Payload)>,
     /// Blocks written to the peer since the last flush sent to it.
     peer_volatile: BTreeSet<u64>,
     /// Flushes sent to the peer and not yet acknowledged, with the blocks
@@ -527,6 +538,29 @@ pub struct Replica {
     role_request: Option<bool>,
 
     pub counters: Counters,
+}
+
+/// Online verify in progress (on the primary).
+#[derive(Debug, Default)]
+struct VerifyState {
+    cursor: u64,
+    /// Reads in flight: first block -> invalidated by a write.
+    reads: BTreeMap<u64, bool>,
+    /// Requests sent: seq -> first block.
+    asked: BTreeMap<Seq, u64>,
+    /// Chunks to compare again (a write raced with their read).
+    redo: Vec<u64>,
+    checked: u64,
+    differing: u64,
+}
+
+/// 8-byte digests of each 4 KiB block of `data`.
+pub fn block_digests(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(BLOCK as usize) * wire::DIGEST_LEN);
+    for chunk in data.chunks(BLOCK as usize) {
+        out.extend_from_slice(&blake3::hash(chunk).as_bytes()[..wire::DIGEST_LEN]);
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -565,6 +599,10 @@ impl Replica {
             after_split_brain: s.after_split_brain,
             split_brain: None,
             split_brain_logged: None,
+            verify: None,
+            verify_result: None,
+            verify_complete: false,
+            verify_asked: BTreeMap::new(),
             peer_volatile: BTreeSet::new(),
             peer_flushes: BTreeMap::new(),
             role: Role::Secondary,
@@ -789,6 +827,13 @@ impl Replica {
                 self.mark_dirty(r);
             }
         }
+        if let (Some(r), Some(v)) = (blocks, &mut self.verify) {
+            // A verify read of these blocks may predate this write, which
+            // the peer will apply before it reads: compare them again.
+            for (_, invalid) in v.reads.range_mut(r.0.saturating_sub(RESYNC_RUN)..r.1) {
+                *invalid = true;
+            }
+        }
         if let (Some(r), Some(rs)) = (blocks, &mut self.resync) {
             // A resync read of these blocks may have seen older data; its
             // frame would overwrite this write on the peer.
@@ -909,7 +954,11 @@ impl Replica {
             DiskTag::FromPeer(_, session)
             | DiskTag::ResyncRead(_, session)
             | DiskTag::ResyncFlush(_, session)
+            | DiskTag::VerifyRead(_, session)
+            | DiskTag::VerifyPeer(_, session)
                 if session != self.session => {}
+            DiskTag::VerifyRead(first, _) => self.verify_read_done(first, result, &mut out),
+            DiskTag::VerifyPeer(seq, _) => self.verify_peer_read_done(seq, result, &mut out),
             DiskTag::FromPeer(seq, _) => match result {
                 Ok(_) => out.push(Action::Send(Frame {
                     header: wire::Header::new(Kind::Ack, seq, 0, 0),
@@ -990,6 +1039,18 @@ impl Replica {
         self.peer = None;
         self.peer_ready = false;
         self.role_request = None;
+        if let Some(v) = self.verify.take() {
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "link lost: online verify abandoned after {} block(s) ({} differed); start it again",
+                    v.checked, v.differing
+                ),
+            });
+            self.verify_result = Some((v.checked, v.differing));
+            self.verify_complete = false;
+        }
+        self.verify_asked.clear();
         if let Some(rs) = self.resync.take() {
             out.push(Action::Log {
                 warn: true,
@@ -1158,6 +1219,27 @@ impl Replica {
                 payload: None,
             })),
             Kind::Pong => {}
+            Kind::VerifyRequest => {
+                let end = h.offset.checked_add(h.length as u64);
+                if self.role == Role::Primary
+                    || end.is_none_or(|e| e > self.data_size)
+                    || h.length > (RESYNC_RUN * BLOCK) as u32
+                {
+                    self.violation("verify request out of place or out of bounds", &mut out);
+                    return out;
+                }
+                let digests = payload.unwrap_or_default();
+                self.verify_asked
+                    .insert(h.seq, (h.offset, h.length, digests));
+                out.push(Action::Disk {
+                    tag: DiskTag::VerifyPeer(h.seq, self.session),
+                    op: DiskOp::Read {
+                        offset: h.offset,
+                        length: h.length as u64,
+                    },
+                });
+            }
+            Kind::VerifyReply => self.verify_reply(h, payload, &mut out),
         }
         out
     }
@@ -1602,6 +1684,176 @@ impl Replica {
         }])
     }
 
+    /// Starts online verify: every block of both copies compared by digest
+    /// while the volume is in use; differing blocks are marked out of sync
+    /// and resent when it ends.
+    pub fn verify_start(&mut self) -> Result<Vec<Action>, String> {
+        if self.role != Role::Primary {
+            return Err("verify runs on the primary".into());
+        }
+        if !self.peer_up_to_date() {
+            return Err("the peer is not connected and up to date; verify compares two copies in sync (wait for the resync)".into());
+        }
+        if self.verify.is_some() {
+            return Err("a verify is already running; see `hadb status`".into());
+        }
+        self.verify = Some(VerifyState::default());
+        let mut out = vec![Action::Log {
+            warn: false,
+            message: "online verify started".into(),
+        }];
+        self.verify_pump(&mut out);
+        Ok(out)
+    }
+
+    /// (blocks checked, blocks total, blocks differing) of a running verify.
+    pub fn verify_progress(&self) -> Option<(u64, u64, u64)> {
+        self.verify
+            .as_ref()
+            .map(|v| (v.checked, self.blocks_total(), v.differing))
+    }
+
+    /// (blocks checked, blocks differing, whether it covered everything)
+    /// of the last verify that ended.
+    pub fn verify_result(&self) -> Option<(u64, u64, bool)> {
+        self.verify_result
+            .map(|(c, d)| (c, d, self.verify_complete))
+    }
+
+    fn verify_pump(&mut self, out: &mut Vec<Action>) {
+        let total = self.blocks_total();
+        let Some(v) = &mut self.verify else { return };
+        while v.reads.len() + v.asked.len() < 4 {
+            let first = match v.redo.pop() {
+                Some(first) => first,
+                None if v.cursor < total => {
+                    let first = v.cursor;
+                    v.cursor += RESYNC_RUN.min(total - first);
+                    first
+                }
+                None => break,
+            };
+            let count = RESYNC_RUN.min(total - first);
+            v.reads.insert(first, false);
+            let offset = first * BLOCK;
+            let length = (count * BLOCK).min(self.data_size - offset);
+            out.push(Action::Disk {
+                tag: DiskTag::VerifyRead(first, self.session),
+                op: DiskOp::Read { offset, length },
+            });
+        }
+        if v.cursor >= total && v.redo.is_empty() && v.reads.is_empty() && v.asked.is_empty() {
+            let v = self.verify.take().expect("checked");
+            self.verify_result = Some((v.checked, v.differing));
+            self.verify_complete = true;
+            out.push(Action::Log {
+                warn: v.differing > 0,
+                message: format!(
+                    "online verify finished: {} block(s) checked, {} differ",
+                    v.checked, v.differing
+                ),
+            });
+            if v.differing > 0 && self.peer_ready && self.resync.is_none() {
+                self.start_resync(false, out);
+            }
+        }
+    }
+
+    fn verify_read_done(
+        &mut self,
+        first: u64,
+        result: Result<Option<Payload>, u32>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(v) = &mut self.verify else { return };
+        let Some(invalid) = v.reads.remove(&first) else {
+            return;
+        };
+        match result {
+            Ok(Some(data)) if !invalid && self.peer_ready => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                v.asked.insert(seq, first);
+                let digests = block_digests(&data);
+                out.push(Action::Send(Frame {
+                    header: wire::Header::new(
+                        Kind::VerifyRequest,
+                        seq,
+                        first * BLOCK,
+                        data.len() as u32,
+                    ),
+                    payload: Some(Arc::new(digests)),
+                }));
+            }
+            Ok(_) if invalid => v.redo.push(first),
+            _ => {}
+        }
+        self.verify_pump(out);
+    }
+
+    fn verify_peer_read_done(
+        &mut self,
+        seq: Seq,
+        result: Result<Option<Payload>, u32>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some((offset, length, theirs)) = self.verify_asked.remove(&seq) else {
+            return;
+        };
+        let mut mask = 0u64;
+        if let Ok(Some(data)) = result {
+            let mine = block_digests(&data);
+            for (i, (a, b)) in mine
+                .chunks(wire::DIGEST_LEN)
+                .zip(theirs.chunks(wire::DIGEST_LEN))
+                .enumerate()
+            {
+                if a != b {
+                    mask |= 1 << i;
+                }
+            }
+        } else {
+            mask = u64::MAX;
+        }
+        out.push(Action::Send(Frame {
+            header: wire::Header::new(Kind::VerifyReply, seq, offset, length),
+            payload: Some(Arc::new(mask.to_be_bytes().to_vec())),
+        }));
+    }
+
+    fn verify_reply(&mut self, h: wire::Header, payload: Option<Payload>, out: &mut Vec<Action>) {
+        let Some(v) = &mut self.verify else { return };
+        let Some(first) = v.asked.remove(&h.seq) else {
+            return;
+        };
+        let mask = payload
+            .as_deref()
+            .and_then(|p| p.get(..8))
+            .map_or(u64::MAX, |b| u64::from_be_bytes(b.try_into().expect("8")));
+        let count = (h.length as u64).div_ceil(BLOCK);
+        v.checked += count;
+        let mut differing = Vec::new();
+        for i in 0..count {
+            if mask & (1 << i) != 0 {
+                differing.push(first + i);
+            }
+        }
+        v.differing += differing.len() as u64;
+        if !differing.is_empty() {
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "verify: {} block(s) differ from block {first}; marked out of sync",
+                    differing.len()
+                ),
+            });
+            if let Some(d) = &mut self.dirty {
+                d.extend(differing);
+            }
+        }
+        self.verify_pump(out);
+    }
+
     pub fn split_brain(&self) -> Option<SplitBrainReport> {
         self.split_brain
     }
@@ -1847,6 +2099,32 @@ mod tests {
                 id: 1,
                 result: Err(crate::core::nbd::EPERM)
             }]
+        );
+    }
+
+    #[test]
+    fn verify_finds_and_repairs_a_difference() {
+        let mut p = Pair::new(0);
+        p.connect();
+        let a = p.nodes[0].promote(false).unwrap();
+        p.run(0, a);
+        p.write(1, 0, 7, 64 * 4096);
+        // Behind hadb's back: two blocks of the secondary change.
+        p.disks[1][5 * 4096 + 17] ^= 0xff;
+        p.disks[1][40 * 4096] ^= 0x01;
+        let a = p.nodes[0].verify_start().unwrap();
+        p.run(0, a);
+        assert_eq!(p.nodes[0].verify_result(), Some((64, 2, true)));
+        assert_eq!(
+            p.disks[0], p.disks[1],
+            "the resync after verify repairs them"
+        );
+        let a = p.nodes[0].verify_start().unwrap();
+        p.run(0, a);
+        assert_eq!(p.nodes[0].verify_result(), Some((64, 0, true)));
+        assert!(
+            p.nodes[1].verify_start().is_err(),
+            "verify runs on the primary"
         );
     }
 

@@ -114,7 +114,19 @@ pub enum Kind {
     /// Keepalive; `seq` echoed in Pong.
     Ping = 11,
     Pong = 12,
+    /// Online verify, primary to secondary: for the `length` bytes at
+    /// `offset`, the payload holds an 8-byte digest per 4 KiB block of the
+    /// primary's copy.
+    VerifyRequest = 13,
+    /// Answer to VerifyRequest (same `seq`, `offset`, `length`): payload
+    /// is a 64-bit mask of the blocks whose digests differ.
+    VerifyReply = 14,
 }
+
+/// Block size of online verify's digests.
+pub const VERIFY_BLOCK: u32 = 4096;
+/// Bytes of one block digest.
+pub const DIGEST_LEN: usize = 8;
 
 impl Kind {
     fn from_u8(k: u8) -> Result<Kind, Error> {
@@ -131,6 +143,8 @@ impl Kind {
             10 => Kind::RoleReply,
             11 => Kind::Ping,
             12 => Kind::Pong,
+            13 => Kind::VerifyRequest,
+            14 => Kind::VerifyReply,
             other => return Err(Error::UnknownKind(other)),
         })
     }
@@ -149,6 +163,8 @@ impl Kind {
             Kind::RoleReply => "role-reply",
             Kind::Ping => "ping",
             Kind::Pong => "pong",
+            Kind::VerifyRequest => "verify-request",
+            Kind::VerifyReply => "verify-reply",
         }
     }
 }
@@ -204,6 +220,8 @@ fn payload_len_of(kind: Kind, length: u32) -> u32 {
     match kind {
         Kind::Data | Kind::ResyncData => length,
         Kind::State | Kind::ResyncDone => NodeState::LEN as u32,
+        Kind::VerifyRequest => length.div_ceil(VERIFY_BLOCK) * DIGEST_LEN as u32,
+        Kind::VerifyReply => 8,
         _ => 0,
     }
 }

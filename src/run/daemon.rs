@@ -96,8 +96,9 @@ impl control::Handler for Daemon {
             }
             "volume.go-alone" => self.ask(Command::GoAlone).await,
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
+            "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify"
             )),
         }
     }

@@ -54,6 +54,7 @@ pub enum Command {
     Secondary,
     GoAlone,
     DiscardMyData,
+    Verify,
 }
 
 /// A live replication link, owned by the volume task: dropping it stops
@@ -326,6 +327,11 @@ impl Volume {
                 self.apply(actions);
                 Ok(json!({"role": self.replica.role()}))
             }
+            Command::Verify => {
+                let actions = self.replica.verify_start()?;
+                self.apply(actions);
+                Ok(json!({"verify": "started"}))
+            }
             Command::DiscardMyData => {
                 let actions = self.replica.discard_my_data()?;
                 self.apply(actions);
@@ -455,6 +461,13 @@ impl Volume {
             "current_gen": format!("{current_gen:016x}"),
             "bitmap_gen": format!("{bitmap_gen:016x}"),
             "last_link_event": self.last_link_event,
+            "verify": r.verify_progress().map(|(checked, total, differing)| json!({
+                "checked_blocks": checked, "total_blocks": total, "differing_blocks": differing,
+                "percent": if total == 0 { 100.0 } else { checked as f64 * 100.0 / total as f64 },
+            })),
+            "last_verify": r.verify_result().map(|(checked, differing, complete)| json!({
+                "checked_blocks": checked, "differing_blocks": differing, "complete": complete,
+            })),
             "split_brain": r.split_brain().map(|sb| json!({
                 "since_gen": format!("{:016x}", sb.since_gen),
                 "my_changed_bytes": sb.my_changes.map(|b| b * replica::BLOCK),
