@@ -1,0 +1,171 @@
+//! Host scenarios of the volume recovering by itself: a secondary killed
+//! during writes, a primary killed during writes, damaged metadata. Real
+//! daemons, real NBD clients, `kill -9`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Pair, require, run};
+
+const SIZE: u64 = 64 << 20;
+
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(&mut c);
+}
+
+#[test]
+fn killed_secondary_rejoins_and_only_changed_blocks_move() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("killsec", "sync", SIZE);
+    let size = p.data_size();
+    // Writes under way when the secondary dies.
+    let mut writer = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &p.uri(0),
+            "-c",
+            "write -P 0x10 0 8m",
+            "-c",
+            "flush",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    p.kill(1);
+    p.wait(0, "link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
+    assert!(writer.wait().unwrap().success());
+    // Keep writing while it is away: 1 MiB in 4 places.
+    for at in ["16m", "24m", "32m", "40m"] {
+        qemu_io(&p.uri(0), &[&format!("write -P 0x20 {at} 256k"), "flush"]);
+    }
+    let sent_before = p.counter(0, "counters", "resync_blocks_sent");
+    p.start(1);
+    p.wait_in_sync(0);
+    let sent = p.counter(0, "counters", "resync_blocks_sent") - sent_before;
+    // What changed while it was away (1 MiB = 256 blocks) plus, at most,
+    // the 8 MiB that were in flight or unflushed on it when it died.
+    assert!(
+        sent >= 256,
+        "resynced {sent} blocks, less than what changed"
+    );
+    assert!(
+        sent <= (256 + 2048) * 11 / 10,
+        "resynced {sent} blocks: more than changed + in flight"
+    );
+    assert!(
+        sent < (size / 4096) / 2,
+        "resynced {sent} blocks: that is a full resync"
+    );
+    qemu_io(&p.uri(0), &["flush"]);
+    assert!(
+        p.data(0, size) == p.data(1, size),
+        "copies differ after the resync"
+    );
+    let out = p.hadb(0, &["volume", "verify", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn killed_primary_fails_over_and_rejoins_as_secondary() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("killpri", "sync", SIZE);
+    let size = p.data_size();
+    // Acknowledged after a flush: must survive.
+    qemu_io(&p.uri(0), &["write -P 0x5e 0 2m", "flush"]);
+    // In flight when the primary dies: may or may not survive.
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw", &p.uri(0), "-c", "write -P 0x6f 4m 8m"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    p.kill(0);
+    let _ = writer.wait();
+    p.wait(1, "link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    // The operator (the manager, later) promotes the survivor.
+    p.primary(1);
+    assert!(p.hadb(1, &["volume", "go-alone"]).status.success());
+    qemu_io(
+        &p.uri(1),
+        &["read -P 0x5e 0 2m", "write -P 0x7a 20m 1m", "flush"],
+    );
+    // The old primary comes back as secondary and is resynchronised.
+    p.start(0);
+    let s = p.status(0).unwrap();
+    assert_eq!(s["volume"]["role"], "secondary");
+    p.wait_in_sync(1);
+    qemu_io(&p.uri(1), &["flush"]);
+    assert!(
+        p.data(0, size) == p.data(1, size),
+        "copies differ after the old primary rejoined"
+    );
+    assert_eq!(&p.data(0, size)[..4096], &[0x5e; 4096][..]);
+    let out = p.hadb(1, &["volume", "verify", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn damaged_metadata_is_refused_and_nothing_is_written() {
+    let p = Pair::new("badmd", "sync", SIZE);
+    let md = p.hadb(0, &["volume", "show-md", "--json"]);
+    let md: serde_json::Value = serde_json::from_slice(&md.stdout).unwrap();
+    let device = md["device_size"].as_u64().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.image(0))
+            .unwrap();
+        for slot in [device - 8192, device - 4096] {
+            f.write_all_at(&[0x42; 64], slot + 40).unwrap();
+        }
+    }
+    let before = std::fs::read(p.image(0)).unwrap();
+    let out = Command::new(common::hadb_bin())
+        .args([
+            "--config",
+            p.config(0).to_str().unwrap(),
+            "--cmdline",
+            "none",
+            "run",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "hadb ran on damaged metadata");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metadata") && err.contains("create-md --force"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(p.image(0)).unwrap() == before,
+        "something was written"
+    );
+    let out = p.hadb(0, &["volume", "show-md"]);
+    assert!(!out.status.success());
+}
