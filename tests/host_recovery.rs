@@ -169,3 +169,83 @@ fn damaged_metadata_is_refused_and_nothing_is_written() {
     let out = p.hadb(0, &["volume", "show-md"]);
     assert!(!out.status.success());
 }
+
+fn signal(p: &Pair, n: usize, sig: &str) {
+    let pid = p.procs[n].as_ref().unwrap().id().to_string();
+    run(Command::new("kill").args([sig, &pid]));
+}
+
+#[test]
+fn semisync_goes_alone_only_with_proof_and_comes_back_by_itself() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("semisync", "semisync", SIZE);
+    let size = p.data_size();
+    qemu_io(&p.uri(0), &["write -P 0x01 0 1m", "flush"]);
+    let s = p.status(0).unwrap();
+    assert_eq!(s["volume"]["semisync"]["status"], "ON", "{s}");
+    assert!(s["volume"]["semisync"]["yes_tx"].as_u64().unwrap() > 0);
+
+    // A peer that hangs (link up, no acknowledgements): the write waits
+    // past ack_timeout (1s here), because the peer has not said it is
+    // outdated: semisync never goes on without that proof.
+    signal(&p, 1, "-STOP");
+    let mut writer = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &p.uri(0),
+            "-c",
+            "write -P 0x02 2m 64k",
+            "-c",
+            "flush",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "semisync went on without proof"
+    );
+    // The peer wakes: it answers the outdate request, the primary goes on
+    // alone, and once the peer has caught up semisync is ON again.
+    signal(&p, 1, "-CONT");
+    assert!(writer.wait().unwrap().success());
+    p.wait(0, "semisync back on", |s| {
+        s.is_some_and(|s| {
+            s["volume"]["semisync"]["status"] == "ON"
+                && s["volume"]["peer_up_to_date"] == serde_json::Value::Bool(true)
+                && s["volume"]["semisync"]["no_times"].as_u64().unwrap_or(0) >= 1
+        })
+    });
+    assert!(p.log(1).contains("marked outdated"), "{}", p.log(1));
+    qemu_io(&p.uri(0), &["flush"]);
+    assert!(p.data(0, size) == p.data(1, size));
+
+    // A peer that is gone: no proof can come over the link, so I/O is
+    // held until the operator (or, later, the heartbeat or a fence) says.
+    p.kill(1);
+    p.wait(0, "link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    let mut writer = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &p.uri(0),
+            "-c",
+            "write -P 0x03 4m 64k",
+            "-c",
+            "flush",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "semisync went on without proof"
+    );
+    assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
+    assert!(writer.wait().unwrap().success());
+}

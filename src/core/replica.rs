@@ -143,6 +143,8 @@ pub struct MetaUpdate {
     pub volume_id: [u8; 16],
     pub consistent: bool,
     pub primary: bool,
+    /// The copy is known older than the peer's (semisync outdated it).
+    pub outdated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +209,8 @@ fn block_range(offset: u64, length: u64) -> (u64, u64) {
 #[derive(Debug)]
 struct Pending {
     id: ReqId,
+    /// When it was issued (driver clock, µs).
+    issued_us: u64,
     blocks: Option<(u64, u64)>,
     local_done: bool,
     /// None: the peer is not needed (async, alone).
@@ -263,6 +267,20 @@ impl std::fmt::Display for DemoteError {
             ),
         }
     }
+}
+
+/// Semisync's counters, as MySQL's Rpl_semi_sync_master_* variables give
+/// them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SemisyncCounters {
+    /// Writes completed after the peer acknowledged them (yes_tx).
+    pub waited: u64,
+    /// Writes completed without waiting for the peer (no_tx).
+    pub not_waited: u64,
+    /// Times the volume went on without the peer (no_times).
+    pub went_alone: u64,
+    /// Sum of the waits, for the average (tx_avg_wait_time).
+    pub wait_us_total: u64,
 }
 
 /// Counters an operator reads in status.
@@ -470,6 +488,10 @@ pub struct Setup {
     pub current_gen: u64,
     pub bitmap_gen: u64,
     pub consistent: bool,
+    /// The metadata says the copy was outdated (semisync went on without it).
+    pub outdated: bool,
+    /// How long semisync waits for the peer before it may go on alone.
+    pub ack_timeout_us: u64,
     /// The metadata says the node stopped while primary.
     pub crashed_primary: bool,
     pub after_split_brain: AfterSplitBrain,
@@ -508,6 +530,12 @@ pub struct Replica {
     verify_complete: bool,
     /// Secondary: verify requests waiting for the local read.
     verify_asked: BTreeMap<Seq, (u64, u32, Payload)>,
+    /// Microseconds on the driver's monotonic clock (set_now).
+    now_us: u64,
+    ack_timeout_us: u64,
+    /// Semisync asked the connected peer to outdate itself.
+    outdate_asked: bool,
+    pub semisync: SemisyncCounters,
     /// Blocks written to the peer since the last flush sent to it.
     peer_volatile: BTreeSet<u64>,
     /// Flushes sent to the peer and not yet acknowledged, with the blocks
@@ -579,10 +607,10 @@ struct ResyncState {
 
 impl Replica {
     pub fn new(s: Setup) -> Replica {
-        let disk = if s.consistent {
-            DiskState::UpToDate
-        } else {
-            DiskState::Inconsistent
+        let disk = match (s.consistent, s.outdated) {
+            (true, false) => DiskState::UpToDate,
+            (true, true) => DiskState::Outdated,
+            (false, _) => DiskState::Inconsistent,
         };
         Replica {
             mode: s.mode,
@@ -603,6 +631,10 @@ impl Replica {
             verify_result: None,
             verify_complete: false,
             verify_asked: BTreeMap::new(),
+            now_us: 0,
+            ack_timeout_us: s.ack_timeout_us,
+            outdate_asked: false,
+            semisync: SemisyncCounters::default(),
             peer_volatile: BTreeSet::new(),
             peer_flushes: BTreeMap::new(),
             role: Role::Secondary,
@@ -702,6 +734,7 @@ impl Replica {
             volume_id: self.volume_id,
             consistent: self.disk == DiskState::UpToDate || self.disk == DiskState::Outdated,
             primary: self.role == Role::Primary,
+            outdated: self.disk == DiskState::Outdated,
         }
     }
 
@@ -922,6 +955,7 @@ impl Replica {
             seq,
             Pending {
                 id,
+                issued_us: self.now_us,
                 blocks,
                 local_done: false,
                 peer_done,
@@ -1009,6 +1043,15 @@ impl Replica {
             return;
         }
         let p = self.pending.remove(&seq).expect("present");
+        if self.mode == Mode::Semisync && p.blocks.is_some() {
+            match p.peer_done {
+                Some(true) => {
+                    self.semisync.waited += 1;
+                    self.semisync.wait_us_total += self.now_us.saturating_sub(p.issued_us);
+                }
+                _ => self.semisync.not_waited += 1,
+            }
+        }
         out.push(Action::Complete {
             id: p.id,
             result: p.error.map_or(Ok(()), Err),
@@ -1240,6 +1283,40 @@ impl Replica {
                 });
             }
             Kind::VerifyReply => self.verify_reply(h, payload, &mut out),
+            Kind::OutdateRequest => {
+                if self.role == Role::Primary {
+                    self.violation("the peer asked the primary to outdate itself", &mut out);
+                    return out;
+                }
+                if self.disk == DiskState::UpToDate {
+                    self.disk = DiskState::Outdated;
+                    out.push(Action::Log {
+                        warn: true,
+                        message: "the primary went on without this node (semisync): local copy marked outdated".into(),
+                    });
+                }
+                // Persisted before the answer: the Ack is the promise.
+                out.push(Action::Persist(self.meta()));
+                out.push(Action::Send(Frame {
+                    header: wire::Header::new(Kind::OutdateAck, 0, 0, 0),
+                    payload: None,
+                }));
+            }
+            Kind::OutdateAck => {
+                if self.role == Role::Primary
+                    && self.mode == Mode::Semisync
+                    && !self.alone
+                    && self.outdate_asked
+                {
+                    // The peer is outdated on disk: stop waiting for it, and
+                    // drop the slow link; it comes back as a resync target.
+                    self.go_alone_because(
+                        "semisync: the peer acknowledged that its copy is outdated",
+                        &mut out,
+                    );
+                    out.push(Action::DropLink("semisync: peer too slow, outdated".into()));
+                }
+            }
         }
         out
     }
@@ -1320,6 +1397,12 @@ impl Replica {
         });
         match d {
             SyncDecision::InSync => {
+                if self.disk == DiskState::Outdated {
+                    // Outdated, but nothing was written without us since:
+                    // the copy is current after all.
+                    self.disk = DiskState::UpToDate;
+                    out.push(Action::Persist(self.meta()));
+                }
                 self.link = LinkState::Connected;
                 self.dirty = Some(BTreeSet::new());
                 self.peer_is_current(out);
@@ -1408,6 +1491,10 @@ impl Replica {
     /// release what waited for it.
     fn peer_is_current(&mut self, out: &mut Vec<Action>) {
         self.peer_ready = true;
+        // Caught up: back to waiting for the peer (semisync's return to
+        // ON; the end of go-alone).
+        self.alone = false;
+        self.outdate_asked = false;
         if self.bitmap_gen != 0 {
             self.bitmap_gen = 0;
             out.push(Action::Persist(self.meta()));
@@ -1858,6 +1945,88 @@ impl Replica {
         self.split_brain
     }
 
+    /// The driver's monotonic clock, in microseconds; set before each event
+    /// so waits can be measured without the core reading a clock.
+    pub fn set_now(&mut self, now_us: u64) {
+        self.now_us = now_us;
+    }
+
+    /// Whether semisync is waiting for the peer right now (MySQL's
+    /// Rpl_semi_sync_master_status: ON).
+    pub fn semisync_on(&self) -> bool {
+        self.mode == Mode::Semisync && self.role == Role::Primary && !self.alone
+    }
+
+    /// Called periodically. In semisync, a write the peer has not
+    /// acknowledged within `ack_timeout` makes the primary ask the peer,
+    /// over the link, to mark itself outdated; once it has (OutdateAck),
+    /// the primary goes on without it. With the link down it waits for
+    /// [`Replica::peer_proven_outdated`] (the heartbeat's word or a
+    /// confirmed fence).
+    pub fn tick(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.mode != Mode::Semisync || self.role != Role::Primary || self.alone {
+            return out;
+        }
+        let oldest = self
+            .pending
+            .values()
+            .filter(|p| p.peer_done == Some(false))
+            .map(|p| p.issued_us)
+            .min();
+        let late = oldest.is_some_and(|t| self.now_us.saturating_sub(t) >= self.ack_timeout_us);
+        if late && self.peer.is_some() && !self.outdate_asked {
+            self.outdate_asked = true;
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "semisync: the peer has not acknowledged a write for {} ms; asking it to mark its copy outdated",
+                    self.ack_timeout_us / 1000
+                ),
+            });
+            out.push(Action::Send(Frame {
+                header: wire::Header::new(Kind::OutdateRequest, 0, 0, 0),
+                payload: None,
+            }));
+        }
+        out
+    }
+
+    /// The proof semisync needs to go on without a peer it cannot reach:
+    /// the peer said (over the heartbeat) that its copy is outdated, or it
+    /// was fenced and the fence confirmed. The manager calls this; nothing
+    /// else may.
+    pub fn peer_proven_outdated(&mut self, why: &str) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.mode != Mode::Semisync
+            || self.role != Role::Primary
+            || self.alone
+            || self.peer_ready
+        {
+            return out;
+        }
+        self.go_alone_because(&format!("semisync: {why}"), &mut out);
+        out
+    }
+
+    fn go_alone_because(&mut self, why: &str, out: &mut Vec<Action>) {
+        self.alone = true;
+        self.semisync.went_alone += u64::from(self.mode == Mode::Semisync);
+        out.push(Action::Log {
+            warn: true,
+            message: format!(
+                "going on without the peer ({why}): writes are on this node only until it is back"
+            ),
+        });
+        for seq in std::mem::take(&mut self.awaiting_resync) {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.peer_done = None;
+            }
+            self.try_complete(seq, out);
+        }
+        self.release_held(out);
+    }
+
     /// The operator's word that the primary may go on without its peer.
     pub fn go_alone(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
@@ -1902,6 +2071,8 @@ mod tests {
             current_gen: generation,
             bitmap_gen: 0,
             consistent: generation != 0,
+            outdated: false,
+            ack_timeout_us: 1_000_000,
             crashed_primary: false,
             after_split_brain: AfterSplitBrain::Disconnect,
             gen_seed: 42,

@@ -121,6 +121,12 @@ pub enum Kind {
     /// Answer to VerifyRequest (same `seq`, `offset`, `length`): payload
     /// is a 64-bit mask of the blocks whose digests differ.
     VerifyReply = 14,
+    /// Semisync, primary to secondary: the peer did not acknowledge in
+    /// time; mark your copy outdated (durably) and answer OutdateAck.
+    OutdateRequest = 15,
+    /// Secondary to primary: my copy is outdated on disk; I will not be
+    /// promoted until resynchronised.
+    OutdateAck = 16,
 }
 
 /// Block size of online verify's digests.
@@ -145,6 +151,8 @@ impl Kind {
             12 => Kind::Pong,
             13 => Kind::VerifyRequest,
             14 => Kind::VerifyReply,
+            15 => Kind::OutdateRequest,
+            16 => Kind::OutdateAck,
             other => return Err(Error::UnknownKind(other)),
         })
     }
@@ -165,6 +173,8 @@ impl Kind {
             Kind::Pong => "pong",
             Kind::VerifyRequest => "verify-request",
             Kind::VerifyReply => "verify-reply",
+            Kind::OutdateRequest => "outdate-request",
+            Kind::OutdateAck => "outdate-ack",
         }
     }
 }

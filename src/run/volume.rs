@@ -173,6 +173,8 @@ impl Volume {
             current_gen: sb.current_gen,
             bitmap_gen: sb.bitmap_gen,
             consistent: sb.has(flags::CONSISTENT),
+            outdated: sb.has(flags::OUTDATED),
+            ack_timeout_us: config.volume.ack_timeout.0.as_micros() as u64,
             crashed_primary: sb.has(flags::PRIMARY),
             after_split_brain: config.volume.after_split_brain,
             gen_seed: u64::from_le_bytes(seed),
@@ -219,8 +221,27 @@ impl Volume {
     }
 
     pub async fn run(mut self) {
-        while let Ok(event) = self.events.recv().await {
-            self.handle(event);
+        use smol::future::FutureExt;
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let event = async { self.events.recv().await.ok() }
+                .or(async {
+                    smol::Timer::at(next_tick).await;
+                    None
+                })
+                .await;
+            self.replica
+                .set_now(self.started.elapsed().as_micros() as u64);
+            match event {
+                Some(event) => self.handle(event),
+                None if self.events.is_closed() => return,
+                None => {}
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + TICK;
+                let actions = self.replica.tick();
+                self.apply(actions);
+            }
             self.answer_promotion();
         }
     }
@@ -360,9 +381,10 @@ impl Volume {
                     sb.current_gen = m.current_gen;
                     sb.bitmap_gen = m.bitmap_gen;
                     sb.volume_id = m.volume_id;
-                    sb.flags = (sb.flags & !(flags::CONSISTENT | flags::PRIMARY))
+                    sb.flags = (sb.flags & !(flags::CONSISTENT | flags::PRIMARY | flags::OUTDATED))
                         | if m.consistent { flags::CONSISTENT } else { 0 }
-                        | if m.primary { flags::PRIMARY } else { 0 };
+                        | if m.primary { flags::PRIMARY } else { 0 }
+                        | if m.outdated { flags::OUTDATED } else { 0 };
                     if m.current_gen != self.superblock.current_gen
                         && self.superblock.current_gen != 0
                     {
@@ -474,10 +496,20 @@ impl Volume {
                 "peer_changed_bytes": sb.peer_changes.map(|b| b * replica::BLOCK),
             })),
             "counters": r.counters,
+            "semisync": (self.mode == crate::config::Mode::Semisync).then(|| json!({
+                "status": if r.semisync_on() { "ON" } else { "OFF" },
+                "yes_tx": r.semisync.waited,
+                "no_tx": r.semisync.not_waited,
+                "no_times": r.semisync.went_alone,
+                "avg_wait_us": r.semisync.wait_us_total.checked_div(r.semisync.waited).unwrap_or(0),
+            })),
             "bad_input": self.shared.stats.snapshot(),
         })
     }
 }
+
+/// How often the state machine's timers (semisync's ack timeout) run.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Largest write or read done inline on the event loop.
 const INLINE_MAX: u64 = 128 * 1024;
