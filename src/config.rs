@@ -189,6 +189,51 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// Bytes per second written the way operators write them: `100M`, `1G`,
+/// `512K`, `0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRate(pub u64);
+
+impl ByteRate {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+            Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+            Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+            _ => (t, 1),
+        };
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(ByteRate)
+            .ok_or_else(|| format!("`{text}` is not a rate; write bytes per second like \"100M\", \"512K\" or \"0\" (no limit)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ByteRate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ByteRate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        let text = if v != 0 && v.is_multiple_of(1 << 30) {
+            format!("{}G", v >> 30)
+        } else if v != 0 && v.is_multiple_of(1 << 20) {
+            format!("{}M", v >> 20)
+        } else if v != 0 && v.is_multiple_of(1 << 10) {
+            format!("{}K", v >> 10)
+        } else {
+            v.to_string()
+        };
+        s.serialize_str(&text)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
@@ -218,6 +263,10 @@ pub struct VolumeConfig {
     /// NBD server for userspace tools, on the primary.
     #[serde(default = "default_nbd_socket")]
     pub nbd_socket: PathBuf,
+    /// Most bytes per second a resync may send ("0": no fixed limit; the
+    /// resync still yields to application writes).
+    #[serde(default = "default_resync_rate")]
+    pub resync_rate: ByteRate,
     /// What to do when both copies changed since they parted.
     #[serde(default = "default_after_split_brain")]
     pub after_split_brain: crate::core::replica::AfterSplitBrain,
@@ -261,6 +310,9 @@ fn default_mode() -> Mode {
 }
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_resync_rate() -> ByteRate {
+    ByteRate(0)
 }
 fn default_after_split_brain() -> crate::core::replica::AfterSplitBrain {
     crate::core::replica::AfterSplitBrain::Disconnect
@@ -783,6 +835,21 @@ socket = "/run/hadb/control.sock"
         let text = format!("{SEED}\n[nodes.hadb03]\naddress = \"10.10.10.6\"\n");
         let err = p(&text, None).unwrap_err().to_string();
         assert!(err.contains("expected exactly two nodes"), "{err}");
+    }
+
+    #[test]
+    fn byte_rates() {
+        assert_eq!(ByteRate::parse("100M").unwrap().0, 100 << 20);
+        assert_eq!(ByteRate::parse("0").unwrap().0, 0);
+        assert_eq!(ByteRate::parse("512k").unwrap().0, 512 << 10);
+        assert!(ByteRate::parse("fast").is_err());
+        assert!(ByteRate::parse("M").is_err());
+        let c = p(
+            &SEED.replace("mode = \"sync\"", "mode = \"sync\"\nresync_rate = \"40M\""),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.volume.resync_rate.0, 40 << 20);
     }
 
     #[test]

@@ -372,10 +372,17 @@ fn human_status(st: &Value) -> String {
     }
     if let Some(r) = v["resync"].as_object() {
         out += &format!(
-            "resync: {:.1}% ({} of {} blocks)\n",
+            "resync{}: {:.1}% ({} of {} blocks), {:.1} MiB/s, {} s left\n",
+            if r["full"] == json!(true) {
+                " (full)"
+            } else {
+                ""
+            },
             r["percent"].as_f64().unwrap_or(0.0),
             s(&r["done_blocks"]),
-            s(&r["total_blocks"])
+            s(&r["total_blocks"]),
+            r["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1048576.0,
+            s(&r["seconds_left"])
         );
     }
     if v["mode"] == json!("async")

@@ -249,3 +249,47 @@ fn semisync_goes_alone_only_with_proof_and_comes_back_by_itself() {
     assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
     assert!(writer.wait().unwrap().success());
 }
+
+#[test]
+fn resync_keeps_to_its_rate_and_says_how_long_is_left() {
+    let mut p = Pair::new("resyncrate", "sync", SIZE);
+    for n in [0, 1] {
+        let text = p.config_text(n, "sync").replace(
+            "ack_timeout = \"1s\"",
+            "ack_timeout = \"1s\"\nresync_rate = \"16M\"",
+        );
+        std::fs::write(p.config(n), text).unwrap();
+    }
+    p.start(0);
+    p.start(1);
+    p.wait(0, "peer connected", |s| {
+        s.is_some_and(|s| !s["volume"]["peer"].is_null())
+    });
+    let started = std::time::Instant::now();
+    p.primary(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = p.status(0).unwrap();
+    let r = &s["volume"]["resync"];
+    assert!(
+        !r.is_null(),
+        "a 64 MiB full resync at 16 MiB/s should still run: {s}"
+    );
+    let rate = r["rate_bytes_per_s"].as_u64().unwrap();
+    assert!(
+        rate <= 20 << 20,
+        "resync at {rate} B/s, over its 16 MiB/s limit"
+    );
+    assert!(r["seconds_left"].as_u64().is_some(), "{r}");
+    let human = String::from_utf8_lossy(&p.hadb(0, &["status"]).stdout).into_owned();
+    assert!(
+        human.contains("resync (full):") && human.contains("s left"),
+        "{human}"
+    );
+    p.wait_in_sync(0);
+    // 64 MiB at 16 MiB/s takes about 4 s; less than 3 means no limit.
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "resync finished in {:?}",
+        started.elapsed()
+    );
+}

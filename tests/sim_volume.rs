@@ -198,6 +198,7 @@ impl Sim {
             consistent: m.consistent,
             outdated: m.outdated,
             ack_timeout_us: 1_000_000,
+            resync_rate: 0,
             crashed_primary: m.primary,
             after_split_brain: replica::AfterSplitBrain::Disconnect,
             gen_seed: seed,

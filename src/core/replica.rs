@@ -28,6 +28,8 @@ pub const BLOCK: u64 = 4096;
 const RESYNC_RUN: u64 = 64;
 /// Resync reads in flight at once.
 const RESYNC_WINDOW: usize = 16;
+/// Resync reads in flight while application writes wait.
+const RESYNC_WINDOW_BUSY: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -492,6 +494,8 @@ pub struct Setup {
     pub outdated: bool,
     /// How long semisync waits for the peer before it may go on alone.
     pub ack_timeout_us: u64,
+    /// Most resync bytes per second; 0: no limit but the busy window.
+    pub resync_rate: u64,
     /// The metadata says the node stopped while primary.
     pub crashed_primary: bool,
     pub after_split_brain: AfterSplitBrain,
@@ -533,6 +537,7 @@ pub struct Replica {
     /// Microseconds on the driver's monotonic clock (set_now).
     now_us: u64,
     ack_timeout_us: u64,
+    resync_rate: u64,
     /// Semisync asked the connected peer to outdate itself.
     outdate_asked: bool,
     pub semisync: SemisyncCounters,
@@ -603,6 +608,10 @@ struct ResyncState {
     done_sent: bool,
     total_blocks: u64,
     sent_blocks: u64,
+    started_us: u64,
+    /// Bytes the rate limit still allows now (token bucket).
+    budget: u64,
+    last_refill_us: u64,
 }
 
 impl Replica {
@@ -633,6 +642,7 @@ impl Replica {
             verify_asked: BTreeMap::new(),
             now_us: 0,
             ack_timeout_us: s.ack_timeout_us,
+            resync_rate: s.resync_rate,
             outdate_asked: false,
             semisync: SemisyncCounters::default(),
             peer_volatile: BTreeSet::new(),
@@ -692,11 +702,24 @@ impl Replica {
     pub fn out_of_sync_blocks(&self) -> Option<u64> {
         self.dirty.as_ref().map(|d| d.len() as u64)
     }
-    /// (blocks sent, blocks to send, whether the whole volume is resent)
-    pub fn resync_progress(&self) -> Option<(u64, u64, bool)> {
-        self.resync
-            .as_ref()
-            .map(|r| (r.sent_blocks, r.total_blocks, r.full))
+    /// (blocks sent, blocks to send, whether the whole volume is resent,
+    /// bytes per second so far)
+    pub fn resync_progress(&self) -> Option<(u64, u64, bool, u64)> {
+        self.resync.as_ref().map(|r| {
+            let secs = self.now_us.saturating_sub(r.started_us) as f64 / 1e6;
+            let rate = if secs > 0.0 {
+                (r.sent_blocks * BLOCK) as f64 / secs
+            } else {
+                0.0
+            };
+            (r.sent_blocks, r.total_blocks, r.full, rate as u64)
+        })
+    }
+
+    /// What the rate limit lets through at once: a tenth of a second's worth,
+    /// at least one resync read.
+    fn resync_burst(&self) -> u64 {
+        (self.resync_rate / 10).max(RESYNC_RUN * BLOCK)
     }
     /// Whether the peer is connected and holds every completed write.
     pub fn peer_up_to_date(&self) -> bool {
@@ -1540,6 +1563,9 @@ impl Replica {
         self.resync = Some(ResyncState {
             full,
             total_blocks: total,
+            started_us: self.now_us,
+            last_refill_us: self.now_us,
+            budget: self.resync_burst(),
             ..Default::default()
         });
         self.resync_pump(out);
@@ -1549,7 +1575,19 @@ impl Replica {
     fn resync_pump(&mut self, out: &mut Vec<Action>) {
         let Some(rs) = &mut self.resync else { return };
         let Some(dirty) = &mut self.dirty else { return };
-        while rs.reads.len() + rs.unacked.len() < RESYNC_WINDOW {
+        // Application writes first: while any wait, the resync keeps only a
+        // couple of reads in flight (the fill-target idea: a little resync
+        // traffic in the pipe, never a wall of it).
+        let app_waiting = !self.pending.is_empty();
+        let window = if app_waiting {
+            RESYNC_WINDOW_BUSY
+        } else {
+            RESYNC_WINDOW
+        };
+        let limited = self.resync_rate > 0;
+        while rs.reads.len() + rs.unacked.len() < window
+            && (!limited || rs.budget >= RESYNC_RUN * BLOCK)
+        {
             let Some(&first) = dirty
                 .range(rs.cursor..)
                 .next()
@@ -1565,6 +1603,9 @@ impl Replica {
                 dirty.remove(&b);
             }
             rs.cursor = first + count;
+            if limited {
+                rs.budget -= count * BLOCK;
+            }
             rs.reads.insert(first, (count, false));
             let offset = first * BLOCK;
             let length = (count * BLOCK).min(self.data_size - offset);
@@ -1965,6 +2006,15 @@ impl Replica {
     /// confirmed fence).
     pub fn tick(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
+        let burst = self.resync_burst();
+        if let Some(rs) = &mut self.resync
+            && self.resync_rate > 0
+        {
+            let dt = self.now_us.saturating_sub(rs.last_refill_us);
+            rs.last_refill_us = self.now_us;
+            rs.budget = (rs.budget + self.resync_rate * dt / 1_000_000).min(burst);
+            self.resync_pump(&mut out);
+        }
         if self.mode != Mode::Semisync || self.role != Role::Primary || self.alone {
             return out;
         }
@@ -2073,6 +2123,7 @@ mod tests {
             consistent: generation != 0,
             outdated: false,
             ack_timeout_us: 1_000_000,
+            resync_rate: 0,
             crashed_primary: false,
             after_split_brain: AfterSplitBrain::Disconnect,
             gen_seed: 42,
@@ -2271,6 +2322,56 @@ mod tests {
                 result: Err(crate::core::nbd::EPERM)
             }]
         );
+    }
+
+    #[test]
+    fn resync_rate_limit_paces_reads() {
+        let reads = |out: &[Action]| {
+            out.iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Disk {
+                            op: DiskOp::Read { .. },
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        let mut s = setup("a", "b", 0);
+        s.data_size = 4 << 20;
+        s.resync_rate = 1 << 20;
+        let mut r = Replica::new(s);
+        r.set_now(0);
+        r.promote(true).unwrap();
+        r.link_up();
+        let fresh_peer = NodeState {
+            role: 0,
+            disk: 2,
+            data_size: 4 << 20,
+            volume_id: [1; 16],
+            current_gen: 0,
+            bitmap_gen: 0,
+            dirty_blocks: 0,
+            flags: 0,
+        };
+        let out = r.frame(
+            wire::Header::new(Kind::State, 0, 0, 0),
+            Some(Arc::new(fresh_peer.encode())),
+        );
+        // 1 MiB/s allows a tenth of a second's worth at once: one 256 KiB read.
+        assert_eq!(reads(&out), 1, "{out:?}");
+        r.set_now(50_000);
+        assert_eq!(reads(&r.tick()), 0, "too early for more");
+        r.set_now(400_000);
+        assert_eq!(
+            reads(&r.tick()),
+            1,
+            "the bucket never holds more than a burst"
+        );
+        let (_, total, full, _) = r.resync_progress().unwrap();
+        assert_eq!((total, full), (1024, true));
     }
 
     #[test]

@@ -175,6 +175,7 @@ impl Volume {
             consistent: sb.has(flags::CONSISTENT),
             outdated: sb.has(flags::OUTDATED),
             ack_timeout_us: config.volume.ack_timeout.0.as_micros() as u64,
+            resync_rate: config.volume.resync_rate.0,
             crashed_primary: sb.has(flags::PRIMARY),
             after_split_brain: config.volume.after_split_brain,
             gen_seed: u64::from_le_bytes(seed),
@@ -461,9 +462,12 @@ impl Volume {
             })
         });
         let (current_gen, bitmap_gen) = r.generations();
-        let resync = r.resync_progress().map(|(done, total, full)| {
+        let resync = r.resync_progress().map(|(done, total, full, rate)| {
+            let left = total.saturating_sub(done) * replica::BLOCK;
             json!({"done_blocks": done, "total_blocks": total, "full": full,
-                   "percent": if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 }})
+                   "percent": if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 },
+                   "rate_bytes_per_s": rate,
+                   "seconds_left": (rate > 0).then(|| left / rate)})
         });
         json!({
             "role": r.role(),
