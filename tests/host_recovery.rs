@@ -293,3 +293,78 @@ fn resync_keeps_to_its_rate_and_says_how_long_is_left() {
         started.elapsed()
     );
 }
+
+/// A small tmpfs mounted for one test; unmounted even if the test fails.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(name: &str, size: &str) -> SmallFs {
+        let dir = std::path::PathBuf::from(format!("/tmp/hadb-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "hadb-tmpfs",
+            dir.to_str().unwrap(),
+        ]));
+        SmallFs(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_failing_secondary_disk_is_reported_and_the_primary_goes_on() {
+    require("qemu-io", "qemu-utils");
+    let fs = SmallFs::mount("enospc", "24M");
+    let mut p = Pair::new("faildisk", "sync", SIZE);
+    // b's 64 MiB backing file lives on a 24 MiB tmpfs: sparse until the
+    // initial resync fills it, then ENOSPC.
+    let image = fs.0.join("b.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let text = p.config_text(1, "sync").replace(
+        &format!("device = \"{}\"", p.image(1).display()),
+        &format!("device = \"{}\"", image.display()),
+    );
+    std::fs::write(p.config(1), text).unwrap();
+    let out = p.hadb(1, &["volume", "create-md"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.start(0);
+    p.start(1);
+    p.wait(0, "peer connected", |s| {
+        s.is_some_and(|s| !s["volume"]["peer"].is_null())
+    });
+    p.primary(0);
+    p.wait(1, "disk failed", |s| {
+        s.is_some_and(|s| s["volume"]["disk"] == "failed")
+    });
+    p.wait(0, "peer's disk reported failed", |s| {
+        s.is_some_and(|s| s["volume"]["peer"]["disk"] == "failed")
+    });
+    // The failed copy can never be promoted: the primary goes on alone.
+    qemu_io(
+        &p.uri(0),
+        &["write -P 0x44 0 1m", "flush", "read -P 0x44 0 1m"],
+    );
+    let s = p.status(0).unwrap();
+    assert_eq!(s["volume"]["alone"], serde_json::Value::Bool(true), "{s}");
+    assert!(p.log(1).contains("local disk failed"), "{}", p.log(1));
+    let out = p.hadb(1, &["volume", "primary"]);
+    assert!(!out.status.success(), "a failed copy was promoted");
+    drop(p);
+    drop(fs);
+}

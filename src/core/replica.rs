@@ -1027,6 +1027,16 @@ impl Replica {
                         header: wire::Header::new(Kind::Nack, seq, e as u64, 0),
                         payload: None,
                     }));
+                    if self.disk != DiskState::Failed {
+                        // A copy that cannot be written is no copy: say so,
+                        // so the primary stops counting on it.
+                        self.disk = DiskState::Failed;
+                        out.push(Action::Log {
+                            warn: true,
+                            message: format!("local disk failed (errno {e}) while applying the primary's writes: this copy is failed until repaired"),
+                        });
+                        out.push(self.state_frame(Kind::State));
+                    }
                 }
             },
             DiskTag::ResyncRead(first, _) => self.resync_read_done(first, result, &mut out),
@@ -1357,7 +1367,10 @@ impl Replica {
         }
         self.counters.peer_acks += 1;
         if let Some(e) = error {
-            // The peer's disk failed; it is no longer a copy to wait for.
+            // The peer could not write it. The write still waits: the
+            // peer's next frame says its disk failed (the proof that lets
+            // the primary go on), or the link drops and it is held as for
+            // any lost peer.
             out.push(Action::Log {
                 warn: true,
                 message: format!(
@@ -1367,6 +1380,13 @@ impl Replica {
             if let Some(blocks) = self.pending.get(&seq).and_then(|p| p.blocks) {
                 self.mark_dirty(blocks);
             }
+            if let Some(rs) = &mut self.resync
+                && let Some((first, count)) = rs.unacked.remove(&seq)
+                && let Some(d) = &mut self.dirty
+            {
+                d.extend(first..first + count);
+            }
+            return;
         }
         if let Some(rs) = &mut self.resync
             && rs.unacked.remove(&seq).is_some()
@@ -1387,6 +1407,10 @@ impl Replica {
     fn peer_state_changed(&mut self, s: NodeState, out: &mut Vec<Action>) {
         let first = self.peer.is_none();
         self.peer = Some(s);
+        if disk_from_code(s.disk) == DiskState::Failed && self.role == Role::Primary {
+            self.peer_disk_failed(out);
+            return;
+        }
         if !first {
             return;
         }
@@ -1984,6 +2008,47 @@ impl Replica {
 
     pub fn split_brain(&self) -> Option<SplitBrainReport> {
         self.split_brain
+    }
+
+    /// The peer says its disk failed: it can never be promoted with this
+    /// data, which is the proof that lets even `sync` go on without it.
+    /// Replication stops until it reconnects with a working disk; what is
+    /// written meanwhile is marked out of sync.
+    fn peer_disk_failed(&mut self, out: &mut Vec<Action>) {
+        if let Some(rs) = self.resync.take() {
+            let lost: Vec<(u64, u64)> = rs
+                .reads
+                .iter()
+                .map(|(f, (c, _))| (*f, *c))
+                .chain(rs.unacked.values().copied())
+                .collect();
+            for (first, count) in lost {
+                self.mark_dirty((first, first + count));
+            }
+        }
+        self.verify = None;
+        self.link = LinkState::Connected;
+        self.peer_ready = false;
+        if !self.alone {
+            self.go_alone_because("the peer's disk failed; it cannot be promoted", out);
+        }
+        // Writes sent and not yet acknowledged will never be: they stay
+        // out of sync and complete locally.
+        let waiting: Vec<Seq> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.peer_done == Some(false))
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in waiting {
+            if let Some(r) = self.pending[&seq].blocks {
+                self.mark_dirty(r);
+            }
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.peer_done = None;
+            }
+            self.try_complete(seq, out);
+        }
     }
 
     /// The driver's monotonic clock, in microseconds; set before each event
