@@ -428,6 +428,9 @@ fn human_status(st: &Value) -> String {
             s(&lv["differing_blocks"])
         );
     }
+    if !v["last_connect_rule"].is_null() {
+        out += &format!("last connect: {}\n", s(&v["last_connect_rule"]));
+    }
     if !v["last_link_event"].is_null() {
         out += &format!("last link event: {}\n", s(&v["last_link_event"]));
     }

@@ -658,6 +658,8 @@ fn split_brain_is_reported_and_resolved_by_discard_my_data() {
     }
     let human = String::from_utf8_lossy(&p.hadb(0, &["status"]).stdout).into_owned();
     assert!(human.contains("SPLIT BRAIN since generation"), "{human}");
+    // Status quotes the rule the connect was decided by.
+    assert!(human.contains("last connect: both copies changed since they parted"), "{human}");
     std::thread::sleep(Duration::from_secs(2));
     assert_ne!(
         &p.data(0, size)[..4096],

@@ -534,6 +534,8 @@ pub struct Replica {
     verify_complete: bool,
     /// Secondary: verify requests waiting for the local read.
     verify_asked: BTreeMap<Seq, (u64, u32, Payload)>,
+    /// The rule the last connect decided by, for status.
+    last_rule: Option<&'static str>,
     /// Microseconds on the driver's monotonic clock (set_now).
     now_us: u64,
     ack_timeout_us: u64,
@@ -640,6 +642,7 @@ impl Replica {
             verify_result: None,
             verify_complete: false,
             verify_asked: BTreeMap::new(),
+            last_rule: None,
             now_us: 0,
             ack_timeout_us: s.ack_timeout_us,
             resync_rate: s.resync_rate,
@@ -1438,6 +1441,7 @@ impl Replica {
         }
         let (me, peer) = self.gen_views(&s);
         let d = decide(me, peer);
+        self.last_rule = Some(d.rule());
         out.push(Action::Log {
             warn: matches!(d, SyncDecision::SplitBrain | SyncDecision::Unrelated),
             message: format!("connected to peer: {}", d.rule()),
@@ -2004,6 +2008,11 @@ impl Replica {
             }
         }
         self.verify_pump(out);
+    }
+
+    /// The generation rule the last connect was decided by.
+    pub fn last_rule(&self) -> Option<&'static str> {
+        self.last_rule
     }
 
     pub fn split_brain(&self) -> Option<SplitBrainReport> {

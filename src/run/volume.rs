@@ -487,6 +487,7 @@ impl Volume {
             "current_gen": format!("{current_gen:016x}"),
             "bitmap_gen": format!("{bitmap_gen:016x}"),
             "last_link_event": self.last_link_event,
+            "last_connect_rule": r.last_rule(),
             "verify": r.verify_progress().map(|(checked, total, differing)| json!({
                 "checked_blocks": checked, "total_blocks": total, "differing_blocks": differing,
                 "percent": if total == 0 { 100.0 } else { checked as f64 * 100.0 / total as f64 },
