@@ -6,21 +6,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Pair, require, run};
+use common::{Pair, qemu_io, qemu_io_spawn, require, run};
 
 const SIZE: u64 = 64 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", uri]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(&mut c);
-}
 
 #[test]
 fn killed_secondary_rejoins_and_only_changed_blocks_move() {
@@ -28,24 +19,10 @@ fn killed_secondary_rejoins_and_only_changed_blocks_move() {
     let mut p = Pair::up("killsec", "sync", SIZE);
     let size = p.data_size();
     // Writes under way when the secondary dies.
-    let mut writer = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &p.uri(0),
-            "-c",
-            "write -P 0x10 0 8m",
-            "-c",
-            "flush",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x10 0 8m", "flush"]);
     std::thread::sleep(Duration::from_millis(50));
     p.kill(1);
-    p.wait(0, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
+    p.wait_link_lost(0);
     assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
     assert!(writer.wait().unwrap().success());
     // Keep writing while it is away: 1 MiB in 4 places.
@@ -91,18 +68,11 @@ fn killed_primary_fails_over_and_rejoins_as_secondary() {
     // Acknowledged after a flush: must survive.
     qemu_io(&p.uri(0), &["write -P 0x5e 0 2m", "flush"]);
     // In flight when the primary dies: may or may not survive.
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "raw", &p.uri(0), "-c", "write -P 0x6f 4m 8m"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x6f 4m 8m"]);
     std::thread::sleep(Duration::from_millis(30));
     p.kill(0);
     let _ = writer.wait();
-    p.wait(1, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
+    p.wait_link_lost(1);
     // The operator (the manager, later) promotes the survivor.
     p.primary(1);
     assert!(p.hadb(1, &["volume", "go-alone"]).status.success());
@@ -189,19 +159,7 @@ fn semisync_goes_alone_only_with_proof_and_comes_back_by_itself() {
     // past ack_timeout (1s here), because the peer has not said it is
     // outdated: semisync never goes on without that proof.
     signal(&p, 1, "-STOP");
-    let mut writer = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &p.uri(0),
-            "-c",
-            "write -P 0x02 2m 64k",
-            "-c",
-            "flush",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x02 2m 64k", "flush"]);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(
         writer.try_wait().unwrap().is_none(),
@@ -225,22 +183,8 @@ fn semisync_goes_alone_only_with_proof_and_comes_back_by_itself() {
     // A peer that is gone: no proof can come over the link, so I/O is
     // held until the operator (or, later, the heartbeat or a fence) says.
     p.kill(1);
-    p.wait(0, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
-    let mut writer = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &p.uri(0),
-            "-c",
-            "write -P 0x03 4m 64k",
-            "-c",
-            "flush",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    p.wait_link_lost(0);
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x03 4m 64k", "flush"]);
     std::thread::sleep(Duration::from_millis(2000));
     assert!(
         writer.try_wait().unwrap().is_none(),

@@ -9,10 +9,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Pair, require, run};
+use common::{Pair, qemu_io, qemu_io_spawn, require, run};
 use hadb::core::nbd;
 use hadb::core::wire::{self, Hello, Kind, Sealer, Transcript};
 
@@ -84,31 +84,21 @@ fn qemu_io_fua_flush_zeroes_discard() {
     require("qemu-io", "qemu-utils");
     let p = Pair::up("qemuio", "sync", SIZE);
     let size = p.data_size();
-    let out = run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    let out = qemu_io(
         &p.uri(0),
-        "-c",
-        "write -P 0xab 0 192k",
-        "-c",
-        "write -P 0xcd -f 4096 4096",
-        "-c",
-        "flush",
-        "-c",
-        "write -z 64k 64k",
-        "-c",
-        "discard 128k 64k",
-        "-c",
-        "read -P 0xab 0 4096",
-        "-c",
-        "read -P 0xcd 4096 4096",
-        "-c",
-        "read -P 0xab 8192 56k",
-        "-c",
-        "read -P 0 64k 128k",
-        "-c",
-        "flush",
-    ]));
+        &[
+            "write -P 0xab 0 192k",
+            "write -P 0xcd -f 4096 4096",
+            "flush",
+            "write -z 64k 64k",
+            "discard 128k 64k",
+            "read -P 0xab 0 4096",
+            "read -P 0xcd 4096 4096",
+            "read -P 0xab 8192 56k",
+            "read -P 0 64k 128k",
+            "flush",
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Pattern verification failed"), "{text}");
     let a = p.data(0, size);
@@ -140,7 +130,7 @@ fn fio_nbd_engine_verifies() {
     let text = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
     assert_eq!(report["jobs"][0]["error"], 0, "{report}");
-    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    qemu_io(&p.uri(0), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
         "copies differ after fio and a flush"
@@ -320,15 +310,7 @@ fn garbage_on_the_replication_port_is_refused() {
         })
     });
     // The real link is untouched: replication still works.
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(0),
-        "-c",
-        "write -P 0x17 0 4096",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(0), &["write -P 0x17 0 4096", "flush"]);
     assert_eq!(&p.data(1, 4096)[..], &[0x17; 4096][..]);
 }
 
@@ -448,23 +430,8 @@ fn sync_write_waits_for_the_peer_and_go_alone_releases_it() {
     let mut p = Pair::up("goalone", "sync", SIZE);
     let size = p.data_size();
     p.kill(1);
-    p.wait(0, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
-    let mut writer = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &p.uri(0),
-            "-c",
-            "write -P 0x5a 1m 64k",
-            "-c",
-            "flush",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    p.wait_link_lost(0);
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x5a 1m 64k", "flush"]);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         writer.try_wait().unwrap().is_none(),
@@ -485,7 +452,7 @@ fn sync_write_waits_for_the_peer_and_go_alone_releases_it() {
         (16..=18).contains(&sent),
         "resynced {sent} blocks for a 64 KiB change"
     );
-    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    qemu_io(&p.uri(0), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
         "copies differ after the resync"
@@ -497,15 +464,7 @@ fn switch_primary_between_nodes() {
     require("qemu-io", "qemu-utils");
     let p = Pair::up("switch", "sync", SIZE);
     let size = p.data_size();
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(0),
-        "-c",
-        "write -P 0x11 0 1m",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(0), &["write -P 0x11 0 1m", "flush"]);
     // Only one primary: b cannot be promoted while a is.
     let out = p.hadb(1, &["volume", "primary"]);
     assert!(!out.status.success());
@@ -518,17 +477,10 @@ fn switch_primary_between_nodes() {
     );
     p.primary(1);
     p.wait_in_sync(1);
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    qemu_io(
         &p.uri(1),
-        "-c",
-        "read -P 0x11 0 1m",
-        "-c",
-        "write -P 0x22 1m 1m",
-        "-c",
-        "flush",
-    ]));
+        &["read -P 0x11 0 1m", "write -P 0x22 1m 1m", "flush"],
+    );
     assert!(
         Command::new("nbdinfo")
             .arg(p.uri(0))
@@ -581,19 +533,9 @@ fn async_goes_on_without_the_peer_and_says_it_is_behind() {
     let mut p = Pair::up("async", "async", SIZE);
     let size = p.data_size();
     p.kill(1);
-    p.wait(0, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
+    p.wait_link_lost(0);
     // No go-alone needed: async writes complete locally.
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(0),
-        "-c",
-        "write -P 0x33 2m 128k",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(0), &["write -P 0x33 2m 128k", "flush"]);
     let s = p.status(0).unwrap();
     assert_eq!(
         s["volume"]["out_of_sync_bytes"].as_u64(),
@@ -605,7 +547,7 @@ fn async_goes_on_without_the_peer_and_says_it_is_behind() {
     assert!(human.contains("PEER BEHIND: 131072 bytes"), "{human}");
     p.start(1);
     p.wait_in_sync(0);
-    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    qemu_io(&p.uri(0), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
         "copies differ after the resync"
@@ -619,34 +561,16 @@ fn split_brain_is_reported_and_resolved_by_discard_my_data() {
     let size = p.data_size();
     // The link goes; a goes on alone and writes.
     p.kill(1);
-    p.wait(0, "link lost", |s| {
-        s.is_some_and(|s| s["volume"]["peer"].is_null())
-    });
+    p.wait_link_lost(0);
     assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(0),
-        "-c",
-        "write -P 0xa1 0 64k",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(0), &["write -P 0xa1 0 64k", "flush"]);
     assert!(p.hadb(0, &["volume", "secondary"]).status.success());
     // b comes back without a and is made primary by hand: it writes too.
     p.kill(0);
     p.start(1);
     p.primary(1);
     assert!(p.hadb(1, &["volume", "go-alone"]).status.success());
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(1),
-        "-c",
-        "write -P 0xb2 1m 64k",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(1), &["write -P 0xb2 1m 64k", "flush"]);
     // Both come together: split brain, reported, never resolved silently.
     p.start(0);
     for n in [0, 1] {
@@ -659,7 +583,10 @@ fn split_brain_is_reported_and_resolved_by_discard_my_data() {
     let human = String::from_utf8_lossy(&p.hadb(0, &["status"]).stdout).into_owned();
     assert!(human.contains("SPLIT BRAIN since generation"), "{human}");
     // Status quotes the rule the connect was decided by.
-    assert!(human.contains("last connect: both copies changed since they parted"), "{human}");
+    assert!(
+        human.contains("last connect: both copies changed since they parted"),
+        "{human}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_ne!(
         &p.data(0, size)[..4096],
@@ -676,7 +603,7 @@ fn split_brain_is_reported_and_resolved_by_discard_my_data() {
         String::from_utf8_lossy(&out.stderr)
     );
     p.wait_in_sync(1);
-    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(1), "-c", "flush"]));
+    qemu_io(&p.uri(1), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
         "copies differ after the resolution"
@@ -697,15 +624,7 @@ fn online_verify_finds_a_difference_and_the_resync_repairs_it() {
     require("qemu-io", "qemu-utils");
     let p = Pair::up("verify", "sync", SIZE);
     let size = p.data_size();
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &p.uri(0),
-        "-c",
-        "write -P 0x3c 0 4m",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&p.uri(0), &["write -P 0x3c 0 4m", "flush"]);
     let out = p.hadb(0, &["volume", "verify", "--wait"]);
     assert!(
         out.status.success(),
@@ -726,19 +645,7 @@ fn online_verify_finds_a_difference_and_the_resync_repairs_it() {
         }
     }
     // The volume stays in use while it runs.
-    let mut writer = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &p.uri(0),
-            "-c",
-            "write -P 0x77 8m 2m",
-            "-c",
-            "flush",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x77 8m 2m", "flush"]);
     let out = p.hadb(0, &["volume", "verify", "--wait"]);
     assert!(!out.status.success(), "verify missed the difference");
     assert!(
@@ -748,7 +655,7 @@ fn online_verify_finds_a_difference_and_the_resync_repairs_it() {
     );
     assert!(writer.wait().unwrap().success());
     p.wait_in_sync(0);
-    run(Command::new("qemu-io").args(["-f", "raw", &p.uri(0), "-c", "flush"]));
+    qemu_io(&p.uri(0), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
         "the resync after verify did not repair the copy"

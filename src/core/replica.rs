@@ -2488,80 +2488,80 @@ mod tests {
             first,
         };
         use AfterSplitBrain::*;
-        // The operator's word wins over any policy, on both sides alike.
-        assert_eq!(
-            resolve_split_brain(v(true, Some(1), true), v(false, Some(9), false), Disconnect),
-            Some(true)
-        );
-        assert_eq!(
-            resolve_split_brain(v(false, Some(9), false), v(true, Some(1), true), Disconnect),
-            Some(false)
-        );
-        assert_eq!(
-            resolve_split_brain(
+        // (mine, theirs, policy, expected): Some(true) = my copy goes.
+        let cases = [
+            // The operator's word wins over any policy, on both sides alike.
+            (
+                v(true, Some(1), true),
+                v(false, Some(9), false),
+                Disconnect,
+                Some(true),
+            ),
+            (
+                v(false, Some(9), false),
+                v(true, Some(1), true),
+                Disconnect,
+                Some(false),
+            ),
+            (
                 v(true, None, true),
                 v(true, None, false),
-                DiscardLeastChanges
+                DiscardLeastChanges,
+                None,
             ),
-            None
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(0), true),
                 v(false, Some(3), false),
-                Disconnect
+                Disconnect,
+                None,
             ),
-            None
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(0), true),
                 v(false, Some(3), false),
-                DiscardZeroChanges
+                DiscardZeroChanges,
+                Some(true),
             ),
-            Some(true)
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(2), true),
                 v(false, Some(3), false),
-                DiscardZeroChanges
+                DiscardZeroChanges,
+                None,
             ),
-            None
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(2), true),
                 v(false, Some(3), false),
-                DiscardLeastChanges
+                DiscardLeastChanges,
+                Some(true),
             ),
-            Some(true)
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(3), false),
                 v(false, Some(2), true),
-                DiscardLeastChanges
+                DiscardLeastChanges,
+                Some(false),
             ),
-            Some(false)
-        );
-        assert_eq!(
-            resolve_split_brain(
+            (
                 v(false, Some(3), true),
                 v(false, Some(3), false),
-                DiscardLeastChanges
+                DiscardLeastChanges,
+                None,
             ),
-            None
-        );
-        // Unknown change counts (a restart lost the bitmap): no guessing.
-        assert_eq!(
-            resolve_split_brain(
+            // Unknown change counts (a restart lost the bitmap): no guessing.
+            (
                 v(false, None, true),
                 v(false, Some(3), false),
-                DiscardLeastChanges
+                DiscardLeastChanges,
+                None,
             ),
-            None
-        );
+        ];
+        for (i, (me, peer, policy, want)) in cases.into_iter().enumerate() {
+            assert_eq!(resolve_split_brain(me, peer, policy), want, "case {i}");
+            // Symmetry: the peer reaches the mirror verdict.
+            assert_eq!(
+                resolve_split_brain(peer, me, policy),
+                want.map(|x| !x),
+                "case {i} from the peer"
+            );
+        }
     }
 
     #[test]

@@ -228,6 +228,12 @@ socket = "{d}/{me}.ctl"
         p
     }
 
+    pub fn wait_link_lost(&self, n: usize) {
+        self.wait(n, "link lost", |s| {
+            s.is_some_and(|s| s["volume"]["peer"].is_null())
+        });
+    }
+
     pub fn wait_in_sync(&self, primary: usize) {
         self.wait(primary, "peer up to date", |s| {
             s.is_some_and(|s| s["volume"]["peer_up_to_date"] == Value::Bool(true))
@@ -274,6 +280,29 @@ pub fn run(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs qemu-io commands against an NBD URI and fails the test if any fails.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(&mut c)
+}
+
+/// The same in the background, for writes that are to be held.
+pub fn qemu_io_spawn(uri: &str, cmds: &[&str]) -> Child {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
