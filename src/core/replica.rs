@@ -2577,34 +2577,59 @@ mod tests {
             bitmap_gen,
             has_bitmap,
         };
-        assert_eq!(decide(g(5, 0, true), g(5, 0, true)), SyncDecision::InSync);
-        assert_eq!(
-            decide(g(0, 0, true), g(0, 0, true)),
-            SyncDecision::BothFresh
-        );
-        assert_eq!(
-            decide(g(7, 5, true), g(5, 0, true)),
-            SyncDecision::SourceBitmap
-        );
-        assert_eq!(
-            decide(g(7, 5, false), g(5, 0, true)),
-            SyncDecision::SourceFull
-        );
-        assert_eq!(
-            decide(g(5, 0, true), g(7, 5, true)),
-            SyncDecision::TargetBitmap
-        );
-        assert_eq!(
-            decide(g(7, 5, true), g(8, 5, true)),
-            SyncDecision::SplitBrain
-        );
-        assert_eq!(
-            decide(g(7, 1, true), g(8, 2, true)),
-            SyncDecision::Unrelated
-        );
-        assert_eq!(
-            decide(g(7, 0, true), g(0, 0, true)),
-            SyncDecision::SourceFull
-        );
+        use SyncDecision::*;
+        let crashed = |mut v: GenView| {
+            v.crashed_primary = true;
+            v
+        };
+        let dirty = |mut v: GenView| {
+            v.dirty = true;
+            v
+        };
+        let inconsistent = |mut v: GenView| {
+            v.inconsistent = true;
+            v
+        };
+        let cases = [
+            (g(5, 0, true), g(5, 0, true), InSync),
+            (g(0, 0, true), g(0, 0, true), BothFresh),
+            (g(7, 5, true), g(5, 0, true), SourceBitmap),
+            (g(7, 5, false), g(5, 0, true), SourceFull),
+            (g(7, 5, true), g(8, 5, true), SplitBrain),
+            (g(7, 1, true), g(8, 2, true), Unrelated),
+            (g(7, 0, true), g(0, 0, true), SourceFull),
+            // A copy that stopped while primary is resent in full.
+            (g(5, 0, true), crashed(g(5, 0, true)), SourceFull),
+            (g(7, 5, true), crashed(g(5, 0, true)), SourceFull),
+            // Marked blocks move from the side that has them.
+            (dirty(g(5, 0, true)), g(5, 0, true), SourceBitmap),
+            (g(7, 5, true), dirty(g(5, 0, true)), SourceFull),
+            // A half-written copy is never a source.
+            (inconsistent(g(7, 5, true)), g(5, 0, true), TargetFull),
+        ];
+        let mirror = |d: SyncDecision| match d {
+            SourceBitmap => TargetBitmap,
+            SourceFull => TargetFull,
+            TargetBitmap => SourceBitmap,
+            TargetFull => SourceFull,
+            other => other,
+        };
+        for (i, (me, peer, want)) in cases.into_iter().enumerate() {
+            let peer = GenView {
+                first: false,
+                ..peer
+            };
+            assert_eq!(decide(me, peer), want, "case {i}");
+            let me_from_peer = GenView { first: false, ..me };
+            let peer_as_me = GenView {
+                first: true,
+                ..peer
+            };
+            assert_eq!(
+                decide(peer_as_me, me_from_peer),
+                mirror(want),
+                "case {i} from the peer"
+            );
+        }
     }
 }
