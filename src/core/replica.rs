@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::config::Mode;
+use crate::core::bitmap::Bitmap;
 use crate::core::wire::{self, Kind, NodeState};
 
 pub type Payload = Arc<Vec<u8>>;
@@ -566,7 +567,7 @@ pub struct Replica {
     held: VecDeque<(ReqId, Request)>,
 
     /// Blocks the peer lacks; None: unknown (a full resync is due).
-    dirty: Option<BTreeSet<u64>>,
+    dirty: Option<Bitmap>,
     resync: Option<ResyncState>,
     /// Target side: frames applied but not yet acknowledged are acked in
     /// order by the disk completions; nothing to track but the final flush.
@@ -663,7 +664,7 @@ impl Replica {
             // After a start we do not know what the peer lacks, unless the
             // generations later say we are in sync.
             dirty: if s.bitmap_gen == 0 {
-                Some(BTreeSet::new())
+                Some(Bitmap::default())
             } else {
                 None
             },
@@ -703,7 +704,7 @@ impl Replica {
     }
     /// Blocks the peer lacks, None when unknown (full resync due).
     pub fn out_of_sync_blocks(&self) -> Option<u64> {
-        self.dirty.as_ref().map(|d| d.len() as u64)
+        self.dirty.as_ref().map(|d| d.len())
     }
     /// (blocks sent, blocks to send, whether the whole volume is resent,
     /// bytes per second so far)
@@ -772,7 +773,7 @@ impl Replica {
             volume_id: self.volume_id,
             current_gen: self.current_gen,
             bitmap_gen: self.bitmap_gen,
-            dirty_blocks: self.dirty.as_ref().map_or(u64::MAX, |d| d.len() as u64),
+            dirty_blocks: self.dirty.as_ref().map_or(u64::MAX, |d| d.len()),
             flags: if self.crashed_primary {
                 wire::STATE_CRASHED_PRIMARY
             } else {
@@ -795,7 +796,7 @@ impl Replica {
                 dirty: self.dirty.as_ref().is_none_or(|d| !d.is_empty()),
                 inconsistent: self.disk == DiskState::Inconsistent,
                 discard: self.discard_my_data,
-                changes: self.dirty.as_ref().map(|d| d.len() as u64),
+                changes: self.dirty.as_ref().map(|d| d.len()),
                 first: self.me_first,
             },
             GenView {
@@ -1263,7 +1264,7 @@ impl Replica {
                     self.volume_id = s.volume_id;
                     self.current_gen = s.current_gen;
                     self.bitmap_gen = 0;
-                    self.dirty = Some(BTreeSet::new());
+                    self.dirty = Some(Bitmap::default());
                     out.push(Action::Disk {
                         tag: DiskTag::ResyncFlush(h.seq, self.session),
                         op: DiskOp::Flush,
@@ -1455,7 +1456,7 @@ impl Replica {
                     out.push(Action::Persist(self.meta()));
                 }
                 self.link = LinkState::Connected;
-                self.dirty = Some(BTreeSet::new());
+                self.dirty = Some(Bitmap::default());
                 self.peer_is_current(out);
             }
             SyncDecision::BothFresh => {
@@ -1577,7 +1578,7 @@ impl Replica {
         if full || self.dirty.is_none() {
             self.dirty = Some((0..blocks).collect());
         }
-        let total = self.dirty.as_ref().map_or(0, |d| d.len() as u64);
+        let total = self.dirty.as_ref().map_or(0, |d| d.len());
         self.counters.resyncs_started += 1;
         self.link = LinkState::SyncSource;
         // The peer applies application writes in order with the resync, so
@@ -1616,11 +1617,7 @@ impl Replica {
         while rs.reads.len() + rs.unacked.len() < window
             && (!limited || rs.budget >= RESYNC_RUN * BLOCK)
         {
-            let Some(&first) = dirty
-                .range(rs.cursor..)
-                .next()
-                .or_else(|| dirty.iter().next())
-            else {
+            let Some(first) = dirty.first_from(rs.cursor) else {
                 break;
             };
             let mut count = 1;
