@@ -2,7 +2,9 @@
 //! machines, a simulated network (FIFO per direction, random delays, links
 //! that drop and come back), simulated disks whose volatile cache loses any
 //! subset of unflushed writes on a crash, crashes and restarts at any step,
-//! and an operator who promotes only what hadb's rules allow.
+//! and an operator who promotes only what hadb's rules allow. Even seeds
+//! run `sync`, odd seeds `semisync` with a short ack timeout and simulated
+//! time, so the outdate-then-go-alone path runs in every odd seed.
 //!
 //! Checked after every promotion: every write acknowledged after a flush is
 //! on the new primary (promise 1). Checked after the faults stop: the pair
@@ -33,6 +35,8 @@ use hadb::core::replica::{
 const BLOCK: usize = 4096;
 const BLOCKS: usize = 32;
 const DATA: usize = BLOCK * BLOCKS;
+/// Short, so semisync's timeout fires often in a run.
+const ACK_TIMEOUT_US: u64 = 200_000;
 
 struct Rng(u64);
 
@@ -136,6 +140,10 @@ struct Sim {
     /// (the other went alone while it was away), until a resync completes.
     outdated: [bool; 2],
     trace: Vec<String>,
+    /// Even seeds run `sync`, odd ones `semisync`.
+    mode: Mode,
+    /// Simulated time, µs.
+    now_us: u64,
     verbose: bool,
 }
 
@@ -169,6 +177,12 @@ impl Sim {
             outdated: [false, false],
             trace: Vec::new(),
             verbose,
+            mode: if seed % 2 == 0 {
+                Mode::Sync
+            } else {
+                Mode::Semisync
+            },
+            now_us: 0,
         };
         sim.start(0);
         sim.start(1);
@@ -190,14 +204,14 @@ impl Sim {
         let node = &mut self.nodes[n];
         let m = node.meta;
         node.replica = Some(Replica::new(replica::Setup {
-            mode: Mode::Sync,
+            mode: self.mode,
             data_size: DATA as u64,
             volume_id: m.volume_id,
             current_gen: m.current_gen,
             bitmap_gen: m.bitmap_gen,
             consistent: m.consistent,
             outdated: m.outdated,
-            ack_timeout_us: 1_000_000,
+            ack_timeout_us: ACK_TIMEOUT_US,
             resync_rate: 0,
             crashed_primary: m.primary,
             after_split_brain: replica::AfterSplitBrain::Disconnect,
@@ -514,6 +528,21 @@ impl Sim {
     }
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
+        // Time passes; now and then a node's timers run.
+        self.now_us += self.rng.below(20_000);
+        for n in 0..2 {
+            let now = self.now_us;
+            if let Some(r) = self.nodes[n].replica.as_mut() {
+                r.set_now(now);
+            }
+        }
+        if self.rng.chance(100) {
+            let n = self.rng.below(2) as usize;
+            if self.alive(n) {
+                let a = self.r(n).tick();
+                self.apply(n, a);
+            }
+        }
         let x = self.rng.below(1000);
         match x {
             0..=249 => {
