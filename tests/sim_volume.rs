@@ -177,7 +177,7 @@ impl Sim {
             outdated: [false, false],
             trace: Vec::new(),
             verbose,
-            mode: if seed % 2 == 0 {
+            mode: if seed.is_multiple_of(2) {
                 Mode::Sync
             } else {
                 Mode::Semisync
