@@ -617,6 +617,17 @@ struct ResyncState {
     last_refill_us: u64,
 }
 
+impl ResyncState {
+    /// Runs read or sent and not yet acknowledged: (first block, count).
+    fn in_flight(&self) -> Vec<(u64, u64)> {
+        self.reads
+            .iter()
+            .map(|(f, (c, _))| (*f, *c))
+            .chain(self.unacked.values().copied())
+            .collect()
+    }
+}
+
 impl Replica {
     pub fn new(s: Setup) -> Replica {
         let disk = match (s.consistent, s.outdated) {
@@ -1138,13 +1149,7 @@ impl Replica {
             });
             // What was read or sent but not acknowledged is still missing
             // on the peer.
-            let lost: Vec<(u64, u64)> = rs
-                .reads
-                .iter()
-                .map(|(f, (c, _))| (*f, *c))
-                .chain(rs.unacked.values().copied())
-                .collect();
-            for (first, count) in lost {
+            for (first, count) in rs.in_flight() {
                 self.mark_dirty((first, first + count));
             }
         }
@@ -2022,13 +2027,7 @@ impl Replica {
     /// written meanwhile is marked out of sync.
     fn peer_disk_failed(&mut self, out: &mut Vec<Action>) {
         if let Some(rs) = self.resync.take() {
-            let lost: Vec<(u64, u64)> = rs
-                .reads
-                .iter()
-                .map(|(f, (c, _))| (*f, *c))
-                .chain(rs.unacked.values().copied())
-                .collect();
-            for (first, count) in lost {
+            for (first, count) in rs.in_flight() {
                 self.mark_dirty((first, first + count));
             }
         }
@@ -2130,9 +2129,17 @@ impl Replica {
         out
     }
 
+    /// Goes on without the peer on a proof (counted as semisync's
+    /// `no_times`).
     fn go_alone_because(&mut self, why: &str, out: &mut Vec<Action>) {
-        self.alone = true;
         self.semisync.went_alone += u64::from(self.mode == Mode::Semisync);
+        self.stop_waiting_for_peer(why, out);
+    }
+
+    /// Releases everything that waits for the peer; writes from here on
+    /// are local and marked out of sync.
+    fn stop_waiting_for_peer(&mut self, why: &str, out: &mut Vec<Action>) {
+        self.alone = true;
         out.push(Action::Log {
             warn: true,
             message: format!(
@@ -2154,15 +2161,7 @@ impl Replica {
         if self.role != Role::Primary || self.peer_ready {
             return out;
         }
-        self.alone = true;
-        out.push(Action::Log { warn: true, message: "going on without the peer (operator's go-alone): writes are on this node only until it is back".into() });
-        for seq in std::mem::take(&mut self.awaiting_resync) {
-            if let Some(p) = self.pending.get_mut(&seq) {
-                p.peer_done = None;
-            }
-            self.try_complete(seq, &mut out);
-        }
-        self.release_held(&mut out);
+        self.stop_waiting_for_peer("operator's go-alone", &mut out);
         out
     }
 

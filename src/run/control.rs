@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::json;
 use smol::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use smol::net::unix::{UnixListener, UnixStream};
+use smol::net::unix::UnixStream;
 
 use crate::run::stats::Stats;
 
@@ -39,12 +39,7 @@ pub async fn listen<H: Handler>(
     handler: std::sync::Arc<H>,
     stats: std::sync::Arc<crate::run::volume::Shared>,
 ) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = crate::run::bind_private_socket(path)?;
     let me = rustix::process::geteuid();
     loop {
         let (stream, _) = listener.accept().await?;

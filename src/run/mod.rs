@@ -12,6 +12,20 @@ pub mod volume;
 use std::future::Future;
 use std::sync::LazyLock;
 
+/// Binds a unix socket only its owner (root) may use, replacing a stale
+/// one left by an earlier run.
+pub fn bind_private_socket(
+    path: &std::path::Path,
+) -> std::io::Result<smol::net::unix::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = smol::net::unix::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(listener)
+}
+
 static EXECUTOR: LazyLock<smol::Executor<'static>> = LazyLock::new(smol::Executor::new);
 
 /// Spawns a task on hadb's executor (run by [`start_threads`]).

@@ -382,13 +382,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(output: W, replies: smol::channel:
 
 /// Accepts userspace clients on the unix socket.
 pub async fn listen(path: &Path, server: Arc<Server>) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = smol::net::unix::UnixListener::bind(path)?;
     // Anyone who can reach the socket can write the volume: root only.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = crate::run::bind_private_socket(path)?;
     log::info!("nbd: serving the volume on {}", path.display());
     loop {
         let (stream, _) = listener.accept().await?;
