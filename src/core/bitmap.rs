@@ -74,6 +74,58 @@ impl Bitmap {
     }
 }
 
+impl Bitmap {
+    /// The on-disk form of one page: `PAGE_BLOCKS` bits, little-endian
+    /// words, bit `i` of the page standing for block `page * PAGE_BLOCKS + i`.
+    pub fn page(&self, page: u64) -> Vec<u8> {
+        let words = PAGE_BYTES / 8;
+        let first = page as usize * words;
+        let mut out = vec![0u8; PAGE_BYTES];
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            if let Some(w) = self.words.get(first + i) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Adds the bits of an on-disk page (as [`Bitmap::page`] writes it),
+    /// ignoring any beyond `limit` blocks.
+    pub fn merge_page(&mut self, page: u64, bytes: &[u8], limit: u64) {
+        let base = page * PAGE_BLOCKS;
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let mut w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            while w != 0 {
+                let bit = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                let block = base + i as u64 * 64 + bit;
+                if block < limit {
+                    self.insert(block);
+                }
+            }
+        }
+    }
+
+    /// The marked blocks as runs (first, count), in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        while let Some(b) = self.next_at_or_after(at) {
+            match out.last_mut() {
+                Some((first, count)) if *first + *count == b => *count += 1,
+                _ => out.push((b, 1)),
+            }
+            at = b + 1;
+        }
+        out
+    }
+}
+
+/// Bytes of one on-disk bitmap page.
+pub const PAGE_BYTES: usize = 4096;
+/// Blocks one page stands for.
+pub const PAGE_BLOCKS: u64 = PAGE_BYTES as u64 * 8;
+
 impl Extend<u64> for Bitmap {
     fn extend<I: IntoIterator<Item = u64>>(&mut self, blocks: I) {
         for b in blocks {
@@ -112,5 +164,31 @@ mod tests {
         let full: Bitmap = (0..1000).collect();
         assert_eq!(full.len(), 1000);
         assert_eq!(full.first_from(999), Some(999));
+    }
+
+    #[test]
+    fn pages_and_runs_roundtrip() {
+        let mut b = Bitmap::default();
+        b.extend([
+            0,
+            1,
+            2,
+            63,
+            64,
+            PAGE_BLOCKS - 1,
+            PAGE_BLOCKS,
+            PAGE_BLOCKS + 5,
+        ]);
+        assert_eq!(
+            b.runs(),
+            vec![(0, 3), (63, 2), (PAGE_BLOCKS - 1, 2), (PAGE_BLOCKS + 5, 1)]
+        );
+        let mut back = Bitmap::default();
+        back.merge_page(0, &b.page(0), u64::MAX);
+        back.merge_page(1, &b.page(1), PAGE_BLOCKS + 3);
+        let mut want = b.clone();
+        want.remove(&(PAGE_BLOCKS + 5));
+        assert_eq!(back.runs(), want.runs(), "bits past the limit are ignored");
+        assert!(Bitmap::default().page(3).iter().all(|&x| x == 0));
     }
 }

@@ -1,6 +1,7 @@
 //! The pure cores: wire formats and state machines with no sockets, clocks
 //! or processes, so tests and the simulation can drive them directly.
 
+pub mod al;
 pub mod bitmap;
 pub mod meta;
 pub mod nbd;
