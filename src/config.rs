@@ -270,6 +270,11 @@ pub struct VolumeConfig {
     /// What to do when both copies changed since they parted.
     #[serde(default = "default_after_split_brain")]
     pub after_split_brain: crate::core::replica::AfterSplitBrain,
+    /// Extents (4 MiB each) the activity log keeps: after an unclean stop
+    /// at most this much data is resynced for it; fewer means more log
+    /// writes while the application moves around the volume.
+    #[serde(default = "default_al_extents")]
+    pub al_extents: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +318,9 @@ fn default_ack_timeout() -> HumanDuration {
 }
 fn default_resync_rate() -> ByteRate {
     ByteRate(0)
+}
+fn default_al_extents() -> u32 {
+    1237
 }
 fn default_after_split_brain() -> crate::core::replica::AfterSplitBrain {
     crate::core::replica::AfterSplitBrain::Disconnect
@@ -563,6 +571,13 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             "volume.ack_timeout",
             "expected at least 100ms; shorter timeouts make the volume go alone on ordinary jitter"
                 .into(),
+        );
+    }
+    let al_max = crate::core::al::MAX_EXTENTS as u32;
+    if !(7..=al_max).contains(&config.volume.al_extents) {
+        bad(
+            "volume.al_extents",
+            format!("expected 7 to {al_max} extents of 4 MiB"),
         );
     }
     for (key, path) in [

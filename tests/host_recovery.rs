@@ -33,15 +33,23 @@ fn killed_secondary_rejoins_and_only_changed_blocks_move() {
     p.start(1);
     p.wait_in_sync(0);
     let sent = p.counter(0, "counters", "resync_blocks_sent") - sent_before;
-    // What changed while it was away (1 MiB = 256 blocks) plus, at most,
-    // the 8 MiB that were in flight or unflushed on it when it died.
+    // kill -9 is an unclean stop: the secondary marks the extents of its
+    // activity log (the regions it was writing when it died) and sends
+    // them with its bitmap; the primary resyncs those and what changed
+    // while it was away (1 MiB = 256 blocks), nothing more.
+    let s = p.status(1).unwrap();
+    let al = &s["volume"]["activity_log"];
+    assert_eq!(al["last_stop"], "unclean", "{al}");
+    let marked = al["extents_marked_at_start"].as_u64().unwrap();
+    let extent_blocks = al["extent_bytes"].as_u64().unwrap() / 4096;
+    assert!(marked >= 1, "the writes in flight left no log: {al}");
     assert!(
         sent >= 256,
         "resynced {sent} blocks, less than what changed"
     );
     assert!(
-        sent <= (256 + 2048) * 11 / 10,
-        "resynced {sent} blocks: more than changed + in flight"
+        sent <= 256 * 11 / 10 + marked * extent_blocks,
+        "resynced {sent} blocks: more than 1.1 x changed + {marked} log extent(s)"
     );
     assert!(
         sent < (size / 4096) / 2,
@@ -80,11 +88,31 @@ fn killed_primary_fails_over_and_rejoins_as_secondary() {
         &p.uri(1),
         &["read -P 0x5e 0 2m", "write -P 0x7a 20m 1m", "flush"],
     );
-    // The old primary comes back as secondary and is resynchronised.
+    // The old primary comes back as secondary and is resynchronised: what
+    // changed on the new primary (1 MiB) and the regions of the old
+    // primary's activity log, not the whole volume.
+    let sent_before = p.counter(1, "counters", "resync_blocks_sent");
     p.start(0);
     let s = p.status(0).unwrap();
     assert_eq!(s["volume"]["role"], "secondary");
+    let al = &s["volume"]["activity_log"];
+    assert_eq!(al["last_stop"], "unclean", "{al}");
+    let marked = al["extents_marked_at_start"].as_u64().unwrap();
+    let extent_blocks = al["extent_bytes"].as_u64().unwrap() / 4096;
     p.wait_in_sync(1);
+    let sent = p.counter(1, "counters", "resync_blocks_sent") - sent_before;
+    assert!(
+        sent >= 256,
+        "resynced {sent} blocks, less than what changed"
+    );
+    assert!(
+        sent <= 256 * 11 / 10 + marked * extent_blocks,
+        "resynced {sent} blocks: more than 1.1 x changed + {marked} log extent(s)"
+    );
+    assert!(
+        sent < (size / 4096) / 2,
+        "resynced {sent} blocks: a full resync"
+    );
     qemu_io(&p.uri(1), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
@@ -96,6 +124,54 @@ fn killed_primary_fails_over_and_rejoins_as_secondary() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn clean_stops_leave_nothing_to_resync_but_changes() {
+    require("qemu-io", "qemu-utils");
+    let mut p = Pair::up("cleanstop", "sync", SIZE);
+    qemu_io(&p.uri(0), &["write -P 0x11 0 8m", "flush"]);
+    // The secondary stops cleanly (SIGTERM, as systemd does): it writes
+    // its bitmap and empties its activity log on the way out.
+    assert!(
+        p.stop(1),
+        "the secondary did not stop cleanly:\n{}",
+        p.log(1)
+    );
+    assert!(p.log(1).contains("stopped cleanly"), "{}", p.log(1));
+    p.wait_link_lost(0);
+    assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
+    qemu_io(&p.uri(0), &["write -P 0x22 16m 1m", "flush"]);
+    let sent_before = p.counter(0, "counters", "resync_blocks_sent");
+    p.start(1);
+    let s = p.status(1).unwrap();
+    assert_eq!(s["volume"]["activity_log"]["last_stop"], "clean", "{s}");
+    p.wait_in_sync(0);
+    let sent = p.counter(0, "counters", "resync_blocks_sent") - sent_before;
+    assert_eq!(sent, 256, "exactly the 1 MiB changed while it was away");
+
+    // The primary stops cleanly too: not a crashed primary at the next
+    // start, and with both copies the same, nothing moves.
+    let sent_before = p.counter(1, "counters", "resync_blocks_sent");
+    assert!(p.stop(0), "the primary did not stop cleanly:\n{}", p.log(0));
+    p.start(0);
+    let s = p.status(0).unwrap();
+    assert_eq!(s["volume"]["activity_log"]["last_stop"], "clean", "{s}");
+    p.wait(0, "connected", |s| {
+        s.is_some_and(|s| s["volume"]["link"] == "connected")
+    });
+    let s = p.status(0).unwrap();
+    assert_eq!(
+        s["volume"]["last_connect_rule"], "same generation: in sync",
+        "{s}"
+    );
+    assert_eq!(p.counter(1, "counters", "resync_blocks_sent"), sent_before);
+    assert_eq!(p.counter(0, "counters", "resync_blocks_sent"), 0);
+    assert!(
+        !p.log(0).contains("was primary when it stopped"),
+        "{}",
+        p.log(0)
     );
 }
 

@@ -1,7 +1,9 @@
 //! Deterministic simulation of the volume protocol: two real `Replica` state
 //! machines, a simulated network (FIFO per direction, random delays, links
 //! that drop and come back), simulated disks whose volatile cache loses any
-//! subset of unflushed writes on a crash, crashes and restarts at any step,
+//! subset of unflushed writes on a crash, crashes and clean stops and
+//! restarts at any step, the on-disk bitmap and activity log written in
+//! disk order (small extents, so the log evicts all the time),
 //! and an operator who promotes only what hadb's rules allow. Even seeds
 //! run `sync`, odd seeds `semisync` with a short ack timeout and simulated
 //! time, so the outdate-then-go-alone path runs in every odd seed.
@@ -88,12 +90,34 @@ impl Disk {
     }
 }
 
+/// Work for a simulated disk, in order.
+enum Op {
+    Io(DiskTag, DiskOp),
+    /// Bitmap pages: written durably (after a flush of what came before).
+    Bitmap(Vec<(u64, Vec<u8>)>),
+    /// An activity-log transaction: a flush, then the log durably.
+    Log(Vec<u64>),
+}
+
+/// Blocks per activity-log extent, and extents kept: small, so writes
+/// move extents in and out of the log all the time.
+const AL_EXTENT_BLOCKS: u64 = 4;
+const AL_EXTENTS: usize = 3;
+
 struct Node {
     name: &'static str,
     replica: Option<Replica>,
     disk: Disk,
     meta: MetaUpdate,
-    diskq: VecDeque<(DiskTag, DiskOp)>,
+    /// The on-disk bitmap (one page covers the whole simulated volume).
+    bitmap: Vec<u8>,
+    activity_log: Vec<u64>,
+    /// Set while running; cleared only by a clean stop.
+    active: bool,
+    /// Log transactions queued and not yet on disk; frames wait for them.
+    log_pending: usize,
+    held_frames: Vec<Frame>,
+    diskq: VecDeque<Op>,
     /// Application requests waiting on this node: id -> write (None: flush).
     app: HashMap<u64, Option<(usize, u64)>>,
 }
@@ -164,6 +188,11 @@ impl Sim {
                 primary: false,
                 outdated: false,
             },
+            bitmap: vec![0; hadb::core::bitmap::PAGE_BYTES],
+            activity_log: Vec::new(),
+            active: false,
+            log_pending: 0,
+            held_frames: Vec::new(),
             diskq: VecDeque::new(),
             app: HashMap::new(),
         };
@@ -203,6 +232,9 @@ impl Sim {
         let seed = self.rng.next();
         let node = &mut self.nodes[n];
         let m = node.meta;
+        let mut out_of_sync = hadb::core::bitmap::Bitmap::default();
+        out_of_sync.merge_page(0, &node.bitmap, BLOCKS as u64);
+        let unclean = std::mem::replace(&mut node.active, true);
         node.replica = Some(Replica::new(replica::Setup {
             mode: self.mode,
             data_size: DATA as u64,
@@ -218,8 +250,18 @@ impl Sim {
             gen_seed: seed,
             me: node.name.into(),
             peer: if n == 0 { "b".into() } else { "a".into() },
+            out_of_sync,
+            activity_log: node.activity_log.clone(),
+            unclean,
+            al_extents: AL_EXTENTS,
+            al_extent_blocks: AL_EXTENT_BLOCKS,
         }));
-        self.log(format!("start {} meta {:?}", self.nodes[n].name, m));
+        self.log(format!(
+            "start {} meta {:?} unclean {unclean} log {:?}",
+            self.nodes[n].name, m, self.nodes[n].activity_log
+        ));
+        let a = self.r(n).started();
+        self.apply(n, a);
     }
 
     fn alive(&self, n: usize) -> bool {
@@ -243,7 +285,17 @@ impl Sim {
         for a in actions {
             match a {
                 Action::Persist(m) => self.nodes[n].meta = m,
-                Action::Disk { tag, op } => self.nodes[n].diskq.push_back((tag, op)),
+                Action::Disk { tag, op } => self.nodes[n].diskq.push_back(Op::Io(tag, op)),
+                Action::PersistBitmap(pages) => self.nodes[n].diskq.push_back(Op::Bitmap(pages)),
+                Action::PersistActivityLog(x) => {
+                    self.nodes[n].log_pending += 1;
+                    self.nodes[n].diskq.push_back(Op::Log(x));
+                }
+                Action::Send(f) if self.nodes[n].log_pending > 0 => {
+                    if self.link_up {
+                        self.nodes[n].held_frames.push(f);
+                    }
+                }
                 Action::Send(f) => {
                     if self.link_up {
                         self.wire[n].push_back(f);
@@ -296,6 +348,9 @@ impl Sim {
         }
         self.link_up = false;
         self.wire = [VecDeque::new(), VecDeque::new()];
+        for node in &mut self.nodes {
+            node.held_frames.clear();
+        }
         for n in 0..2 {
             if self.alive(n) {
                 let a = self.r(n).link_lost();
@@ -326,6 +381,7 @@ impl Sim {
         let node = &mut self.nodes[n];
         node.replica = None;
         node.diskq.clear();
+        node.log_pending = 0;
         self.oracle.completed.retain(|(_, on)| *on != n);
         for covered in self.oracle.flush_covers.values_mut() {
             covered.retain(|(_, on)| *on != n);
@@ -342,9 +398,58 @@ impl Sim {
         self.nodes[n].disk = disk;
     }
 
-    fn disk_step(&mut self, n: usize) {
-        let Some((tag, op)) = self.nodes[n].diskq.pop_front() else {
+    /// A clean stop, as the driver does it: the link goes, the disk queue
+    /// drains, then the bitmap and log are written.
+    fn stop(&mut self, n: usize) {
+        if !self.alive(n) {
             return;
+        }
+        self.log(format!("STOP {}", self.nodes[n].name));
+        self.drop_link();
+        while !self.nodes[n].diskq.is_empty() {
+            self.disk_step(n);
+        }
+        let (a, clean) = self.r(n).stop();
+        self.apply(n, a);
+        while !self.nodes[n].diskq.is_empty() {
+            self.disk_step(n);
+        }
+        let node = &mut self.nodes[n];
+        node.replica = None;
+        node.active = !clean;
+        // Requests still open get an error; what completed was flushed by
+        // the log transaction.
+        node.app.clear();
+    }
+
+    fn disk_step(&mut self, n: usize) {
+        let Some(op) = self.nodes[n].diskq.pop_front() else {
+            return;
+        };
+        let (tag, op) = match op {
+            Op::Io(tag, op) => (tag, op),
+            Op::Bitmap(pages) => {
+                let node = &mut self.nodes[n];
+                node.disk.flush();
+                for (p, img) in pages {
+                    assert_eq!(p, 0, "the simulated volume has one bitmap page");
+                    node.bitmap = img;
+                }
+                return;
+            }
+            Op::Log(extents) => {
+                let node = &mut self.nodes[n];
+                node.disk.flush();
+                node.activity_log = extents;
+                node.log_pending -= 1;
+                if node.log_pending == 0 {
+                    let frames = std::mem::take(&mut node.held_frames);
+                    if self.link_up {
+                        self.wire[n].extend(frames);
+                    }
+                }
+                return;
+            }
         };
         if self.verbose
             && let DiskOp::Write { offset, data, .. } = &op
@@ -592,6 +697,12 @@ impl Sim {
                     self.crash(n);
                 }
             }
+            945..=947 if faults => {
+                let n = self.rng.below(2) as usize;
+                if self.rng.chance(300) {
+                    self.stop(n);
+                }
+            }
             _ => {}
         }
         // The operator clears "outdated" once the primary sees its peer caught up.
@@ -638,7 +749,17 @@ impl Sim {
                     let diff: Vec<usize> = (0..BLOCKS)
                         .filter(|&i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
                         .collect();
-                    return Err(format!("converged but copies differ in blocks {diff:?}"));
+                    let values: Vec<String> = diff
+                        .iter()
+                        .map(|&i| {
+                            let at = |v: &Vec<u8>| block_tag(&v[i * BLOCK..(i + 1) * BLOCK]);
+                            format!("{i}: a {:?} b {:?}", at(&a), at(&b))
+                        })
+                        .collect();
+                    return Err(format!(
+                        "converged but copies differ in blocks {diff:?} ({})",
+                        values.join(", ")
+                    ));
                 }
                 let s = 1 - p;
                 if self.r(s).disk() != DiskState::UpToDate {

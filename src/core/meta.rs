@@ -11,8 +11,9 @@
 //! that does *not* hold the newest copy, with a higher sequence number, and
 //! flushes; a crash in the middle of a write therefore leaves the other slot
 //! intact, and a reader takes the valid slot with the higher sequence. The
-//! bitmap and activity-log regions are reserved now and filled by the
-//! recovery code (generations, resync).
+//! bitmap region holds one bit per 4 KiB block that may differ from the
+//! peer's copy (`core::bitmap`); the activity-log region holds two
+//! transaction slots (`core::al`).
 
 use std::fmt;
 
@@ -37,6 +38,10 @@ pub mod flags {
     pub const PRIMARY: u32 = 1 << 1;
     /// The node was told, or found, that its peer has newer data.
     pub const OUTDATED: u32 = 1 << 2;
+    /// hadb has the volume open; cleared by a clean stop. Seen at start it
+    /// means the last stop was not clean (a crash, a power-off, kill -9):
+    /// the activity log's regions may differ from the peer's copy.
+    pub const ACTIVE: u32 = 1 << 3;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::config::Mode;
-use crate::core::bitmap::Bitmap;
+use crate::core::al::{ActivityLog, Admit};
+use crate::core::bitmap::{self, Bitmap};
 use crate::core::wire::{self, Kind, NodeState};
 
 pub type Payload = Arc<Vec<u8>>;
@@ -29,6 +30,8 @@ pub const BLOCK: u64 = 4096;
 const RESYNC_RUN: u64 = 64;
 /// Resync reads in flight at once.
 const RESYNC_WINDOW: usize = 16;
+/// Runs of a bitmap one frame carries (16 bytes each).
+const BITMAP_FRAME_RUNS: usize = 65536;
 /// Resync reads in flight while application writes wait.
 const RESYNC_WINDOW_BUSY: usize = 2;
 
@@ -67,6 +70,17 @@ pub enum LinkState {
     SyncSource,
     /// Connected, receiving the blocks this node lacks.
     SyncTarget,
+}
+
+impl std::fmt::Display for DiskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskState::UpToDate => "up_to_date",
+            DiskState::Outdated => "outdated",
+            DiskState::Inconsistent => "inconsistent",
+            DiskState::Failed => "failed",
+        })
+    }
 }
 
 fn role_code(r: Role) -> u8 {
@@ -154,6 +168,16 @@ pub struct MetaUpdate {
 pub enum Action {
     /// Persist (and flush) the metadata now, before the actions after it.
     Persist(MetaUpdate),
+    /// Write these pages of the on-disk bitmap, (page, 4 KiB image),
+    /// durably, after everything before and before everything after.
+    PersistBitmap(Vec<(u64, Vec<u8>)>),
+    /// Flush the disk, then write this activity-log transaction (the
+    /// extents it holds) durably, before everything after it, frames
+    /// included: a frame sent after it goes out only once it is on disk
+    /// (and is dropped with the link if the link goes first). Otherwise
+    /// the peer could apply a write that a crash keeps out of both the
+    /// local disk and the local log.
+    PersistActivityLog(Vec<u64>),
     Disk {
         tag: DiskTag,
         op: DiskOp,
@@ -203,6 +227,14 @@ impl Request {
     }
 }
 
+/// The bitmap pages that hold any of the marked blocks.
+fn pages_of(d: &Bitmap) -> BTreeSet<u64> {
+    d.runs()
+        .iter()
+        .flat_map(|&(f, c)| f / bitmap::PAGE_BLOCKS..=(f + c - 1) / bitmap::PAGE_BLOCKS)
+        .collect()
+}
+
 fn block_range(offset: u64, length: u64) -> (u64, u64) {
     let first = offset / BLOCK;
     let end = (offset + length.max(1)).div_ceil(BLOCK);
@@ -228,6 +260,7 @@ pub enum PromoteError {
     NotUpToDate(DiskState),
     FreshVolume,
     RequestPending,
+    LinkStarting,
 }
 
 impl std::fmt::Display for PromoteError {
@@ -249,6 +282,10 @@ impl std::fmt::Display for PromoteError {
             PromoteError::RequestPending => write!(
                 f,
                 "a role request to the peer is already under way; try again in a moment"
+            ),
+            PromoteError::LinkStarting => write!(
+                f,
+                "the link to the peer is coming up and its state has not arrived; try again in a moment"
             ),
         }
     }
@@ -300,6 +337,10 @@ pub struct Counters {
     pub resyncs_started: u64,
     pub write_errors: u64,
     pub protocol_errors: u64,
+    /// Activity-log transactions written (an extent entered the log).
+    pub al_transactions: u64,
+    /// Bitmap pages written.
+    pub bitmap_page_writes: u64,
 }
 
 /// The outcome of comparing generations at connect time.
@@ -323,11 +364,11 @@ impl SyncDecision {
             SyncDecision::InSync => "same generation: in sync",
             SyncDecision::BothFresh => "both copies fresh: waiting for a first primary",
             SyncDecision::SourceBitmap => {
-                "peer is at the generation my bitmap starts from: resync changed blocks to it"
+                "the peer's copy is older or blocks are marked out of sync: resync the blocks either bitmap marks to it"
             }
             SyncDecision::SourceFull => "peer is fresh or my bitmap is gone: full resync to it",
             SyncDecision::TargetBitmap => {
-                "I am at the generation the peer's bitmap starts from: receive changed blocks"
+                "my copy is older or blocks are marked out of sync: receive the blocks either bitmap marks"
             }
             SyncDecision::TargetFull => {
                 "I am fresh or the peer's bitmap is gone: receive a full resync"
@@ -410,43 +451,65 @@ pub struct GenView {
     pub changes: Option<u64>,
     /// Tie-break: this node's name sorts first.
     pub first: bool,
+    /// The node is primary now.
+    pub primary: bool,
+    /// The node's copy is outdated (it agreed the other went on without it).
+    pub outdated: bool,
 }
 
 /// Compares generations. Pure and symmetric: the two nodes reach mirror
 /// decisions from the same facts.
 pub fn decide(me: GenView, peer: GenView) -> SyncDecision {
     use SyncDecision::*;
-    // A copy that stopped while primary may hold writes that never reached
-    // the other (in flight at the crash), and so may a copy with blocks
-    // marked out of sync: the other side cannot know which blocks those
-    // are, so such a copy is resynced in full (until bitmaps are
-    // exchanged), or is the source when only it holds them.
-    // A half-written copy is never a source.
+    let bitmaps = me.has_bitmap && peer.has_bitmap;
+    let gens = decide_generations(me, peer);
+    // A half-written copy is never a source. It resumes from the bitmaps
+    // when the other copy's bitmap covers it (same generation, or the
+    // other's bitmap starts at it); otherwise it is rewritten in full.
     if me.inconsistent != peer.inconsistent && me.current != 0 && peer.current != 0 {
         return if me.inconsistent {
-            TargetFull
+            if bitmaps && matches!(gens, InSync | TargetBitmap) {
+                TargetBitmap
+            } else {
+                TargetFull
+            }
+        } else if bitmaps && matches!(gens, InSync | SourceBitmap) {
+            SourceBitmap
         } else {
             SourceFull
         };
     }
+    // Blocks marked on either side (changes the peer missed, the activity
+    // log of an unclean stop) may differ: the two bitmaps are exchanged
+    // and their union is resynced.
     let me_odd = me.crashed_primary || me.dirty;
     let peer_odd = peer.crashed_primary || peer.dirty;
-    match decide_generations(me, peer) {
-        InSync if me.crashed_primary || peer.crashed_primary || (me_odd && peer_odd) => {
-            // Both hold something the other lacks, or a crash hides what:
-            // one full copy, from a copy that was not a crashed primary,
-            // else by name.
-            let me_source = if me.crashed_primary != peer.crashed_primary {
+    match gens {
+        InSync if me_odd || peer_odd => {
+            // The primary's copy is the application's; else not a copy
+            // that agreed it is outdated; else not the copy that crashed
+            // while primary (what only it holds was never
+            // acknowledged); else the one with marks; else by name.
+            let me_source = if me.primary != peer.primary {
+                me.primary
+            } else if me.outdated != peer.outdated {
+                peer.outdated
+            } else if me.crashed_primary != peer.crashed_primary {
                 peer.crashed_primary
+            } else if me.dirty != peer.dirty {
+                me.dirty
             } else {
                 me.first
             };
-            if me_source { SourceFull } else { TargetFull }
+            match (me_source, bitmaps) {
+                (true, true) => SourceBitmap,
+                (true, false) => SourceFull,
+                (false, true) => TargetBitmap,
+                (false, false) => TargetFull,
+            }
         }
-        InSync if me.dirty => SourceBitmap,
-        InSync if peer.dirty => TargetBitmap,
-        SourceBitmap if peer_odd => SourceFull,
-        TargetBitmap if me_odd => TargetFull,
+        SourceBitmap if !bitmaps => SourceFull,
+        TargetBitmap if !bitmaps => TargetFull,
         d => d,
     }
 }
@@ -505,6 +568,26 @@ pub struct Setup {
     /// Our name and the peer's, for tie-breaks.
     pub me: String,
     pub peer: String,
+    /// The on-disk bitmap as found at start.
+    pub out_of_sync: Bitmap,
+    /// The activity log as found at start.
+    pub activity_log: Vec<u64>,
+    /// The last stop was not clean (a crash, a power-off, kill -9): the
+    /// regions in the activity log may differ from the peer's copy.
+    pub unclean: bool,
+    /// Extents the activity log keeps, and blocks per extent.
+    pub al_extents: usize,
+    pub al_extent_blocks: u64,
+}
+
+/// A write's hold on the activity log, on the node that issued it: kept
+/// until the write is on the local disk and the peer has it or it is
+/// marked out of sync.
+#[derive(Debug, Clone, Copy)]
+struct AlHold {
+    blocks: (u64, u64),
+    local_done: bool,
+    peer_done: bool,
 }
 
 pub struct Replica {
@@ -566,8 +649,28 @@ pub struct Replica {
     awaiting_resync: BTreeSet<Seq>,
     held: VecDeque<(ReqId, Request)>,
 
-    /// Blocks the peer lacks; None: unknown (a full resync is due).
+    /// Blocks that may differ from the peer's copy; None: unknown (a full
+    /// resync is due). On disk as a superset (see `write_pages`).
     dirty: Option<Bitmap>,
+    /// Bitmap pages whose on-disk image may hold bits: rewritten at the
+    /// points where bits are cleared for good.
+    disk_pages: BTreeSet<u64>,
+    al: ActivityLog,
+    /// Primary: holds of issued writes, by sequence.
+    al_writes: BTreeMap<Seq, AlHold>,
+    /// Secondary: holds of the primary's writes being applied, by (the
+    /// primary's sequence, link session).
+    al_applied: BTreeMap<(Seq, u64), (u64, u64)>,
+    /// The last stop was unclean; `started` persists what that implies.
+    unclean: bool,
+    /// A resync source waiting for the target's bitmap.
+    awaiting_bitmap: bool,
+    /// A write waits in `held` because the activity log is full.
+    al_full: bool,
+    /// Resync target: the primary outdated this copy during the resync.
+    outdated_at_resync_end: bool,
+    /// After an unclean stop: the activity-log extents found at start.
+    marked_at_start: Option<usize>,
     resync: Option<ResyncState>,
     /// Target side: frames applied but not yet acknowledged are acked in
     /// order by the disk completions; nothing to track but the final flush.
@@ -630,6 +733,27 @@ impl ResyncState {
 
 impl Replica {
     pub fn new(s: Setup) -> Replica {
+        let blocks = s.data_size.div_ceil(BLOCK);
+        let mut dirty: Bitmap = s
+            .out_of_sync
+            .runs()
+            .into_iter()
+            .flat_map(|(f, c)| f..(f + c).min(blocks))
+            .collect();
+        let disk_pages = pages_of(&dirty);
+        if s.unclean {
+            // Whatever was being written at the stop may be on one copy
+            // and not the other.
+            let e = s.al_extent_blocks.max(1);
+            for x in &s.activity_log {
+                dirty.extend(x * e..((x + 1) * e).min(blocks));
+            }
+            if !s.consistent && s.current_gen != 0 {
+                // Resync writes are not logged: a half-written copy that
+                // lost its cache may lack anything.
+                dirty = (0..blocks).collect();
+            }
+        }
         let disk = match (s.consistent, s.outdated) {
             (true, false) => DiskState::UpToDate,
             (true, true) => DiskState::Outdated,
@@ -643,7 +767,7 @@ impl Replica {
             bitmap_gen: s.bitmap_gen,
             gen_state: s.gen_seed | 1,
             me_first: s.me < s.peer,
-            crashed_primary: s.crashed_primary && s.current_gen != 0,
+            crashed_primary: s.crashed_primary && s.unclean && s.current_gen != 0,
             session: 0,
             session_first_seq: 1,
             discard_my_data: false,
@@ -672,13 +796,16 @@ impl Replica {
             pending: BTreeMap::new(),
             awaiting_resync: BTreeSet::new(),
             held: VecDeque::new(),
-            // After a start we do not know what the peer lacks, unless the
-            // generations later say we are in sync.
-            dirty: if s.bitmap_gen == 0 {
-                Some(Bitmap::default())
-            } else {
-                None
-            },
+            dirty: Some(dirty),
+            disk_pages,
+            al: ActivityLog::new(s.al_extent_blocks, s.al_extents, &s.activity_log),
+            al_writes: BTreeMap::new(),
+            al_applied: BTreeMap::new(),
+            unclean: s.unclean,
+            awaiting_bitmap: false,
+            al_full: false,
+            outdated_at_resync_end: false,
+            marked_at_start: s.unclean.then_some(s.activity_log.len()),
             resync: None,
             role_request: None,
             counters: Counters::default(),
@@ -687,6 +814,16 @@ impl Replica {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+    /// (extents in the activity log now, extents it keeps, blocks per
+    /// extent, extents marked out of sync at start after an unclean stop)
+    pub fn activity_log(&self) -> (usize, usize, u64, Option<usize>) {
+        (
+            self.al.snapshot().len(),
+            self.al.capacity(),
+            self.al.extent_blocks(),
+            self.marked_at_start,
+        )
     }
     pub fn disk(&self) -> DiskState {
         self.disk
@@ -809,6 +946,8 @@ impl Replica {
                 discard: self.discard_my_data,
                 changes: self.dirty.as_ref().map(|d| d.len()),
                 first: self.me_first,
+                primary: self.role == Role::Primary,
+                outdated: self.disk == DiskState::Outdated,
             },
             GenView {
                 current: peer.current_gen,
@@ -820,6 +959,8 @@ impl Replica {
                 discard: peer.flags & wire::STATE_DISCARD_MY_DATA != 0,
                 changes: (peer.dirty_blocks != u64::MAX).then_some(peer.dirty_blocks),
                 first: !self.me_first,
+                primary: peer.role == 1,
+                outdated: disk_from_code(peer.disk) == DiskState::Outdated,
             },
         )
     }
@@ -835,6 +976,163 @@ impl Replica {
         if let Some(d) = &mut self.dirty {
             d.extend(range.0..range.1);
         }
+    }
+
+    /// Every block may differ from the peer's: a full resync, and the
+    /// bitmap on disk says so too, so a crash cannot shrink it.
+    fn mark_all_dirty(&mut self, out: &mut Vec<Action>) {
+        self.dirty = Some((0..self.blocks_total()).collect());
+        self.sync_bitmap(out);
+    }
+
+    /// The on-disk image of a bitmap page: the marked blocks, plus resync
+    /// runs in flight (cleared in memory, not yet safe on the peer). With
+    /// no bitmap at all, every bit.
+    fn page_image(&self, page: u64) -> Vec<u8> {
+        let Some(d) = &self.dirty else {
+            return vec![0xff; bitmap::PAGE_BYTES];
+        };
+        let mut img = d.page(page);
+        if let Some(rs) = &self.resync {
+            let (lo, hi) = (page * bitmap::PAGE_BLOCKS, (page + 1) * bitmap::PAGE_BLOCKS);
+            for (f, c) in rs.in_flight() {
+                for b in f.max(lo)..(f + c).min(hi) {
+                    let i = (b - lo) as usize;
+                    img[i / 8] |= 1 << (i % 8);
+                }
+            }
+        }
+        img
+    }
+
+    /// Writes bitmap pages whose image differs in substance from what the
+    /// disk may hold: a page with bits, or one the disk may hold bits in.
+    fn write_pages(&mut self, pages: impl IntoIterator<Item = u64>, out: &mut Vec<Action>) {
+        let mut writes = Vec::new();
+        for p in pages {
+            let img = self.page_image(p);
+            if img.iter().all(|&b| b == 0) {
+                if !self.disk_pages.remove(&p) {
+                    continue;
+                }
+            } else {
+                self.disk_pages.insert(p);
+            }
+            writes.push((p, img));
+        }
+        if !writes.is_empty() {
+            self.counters.bitmap_page_writes += writes.len() as u64;
+            out.push(Action::PersistBitmap(writes));
+        }
+    }
+
+    /// Brings the whole on-disk bitmap up to the one in memory.
+    fn sync_bitmap(&mut self, out: &mut Vec<Action>) {
+        let mut pages = self.disk_pages.clone();
+        match &self.dirty {
+            Some(d) => pages.extend(pages_of(d)),
+            None => pages.extend(0..self.blocks_total().div_ceil(bitmap::PAGE_BLOCKS)),
+        }
+        if let Some(rs) = &self.resync {
+            for (f, c) in rs.in_flight() {
+                pages.extend(f / bitmap::PAGE_BLOCKS..=(f + c.max(1) - 1) / bitmap::PAGE_BLOCKS);
+            }
+        }
+        self.write_pages(pages, out);
+    }
+
+    /// Takes the activity log's hold for a write about to be issued; when
+    /// extents enter the log, the bitmap of those leaving it and then the
+    /// transaction go to disk first. False: the log is full, wait.
+    fn al_begin(&mut self, blocks: (u64, u64), out: &mut Vec<Action>) -> bool {
+        match self.al.begin(blocks) {
+            Admit::Ready => true,
+            Admit::Transaction { evicted } => {
+                let pb = bitmap::PAGE_BLOCKS;
+                let pages: BTreeSet<u64> = evicted
+                    .iter()
+                    .flat_map(|&e| {
+                        let (f, end) = self.al.blocks_of(e);
+                        f / pb..=(end - 1) / pb
+                    })
+                    .collect();
+                self.write_pages(pages, out);
+                self.counters.al_transactions += 1;
+                out.push(Action::PersistActivityLog(self.al.snapshot()));
+                true
+            }
+            Admit::Full => false,
+        }
+    }
+
+    /// A write of ours reached the local disk (`local`) or is on the peer
+    /// or marked out of sync (`peer`): once both, its hold is released.
+    fn al_progress(&mut self, seq: Seq, local: bool, peer: bool, out: &mut Vec<Action>) {
+        let Some(h) = self.al_writes.get_mut(&seq) else {
+            return;
+        };
+        h.local_done |= local;
+        h.peer_done |= peer;
+        if h.local_done && h.peer_done {
+            let blocks = h.blocks;
+            self.al_writes.remove(&seq);
+            self.al.end(blocks);
+            if std::mem::take(&mut self.al_full) {
+                self.release_held(out);
+            }
+        }
+    }
+
+    /// The peer's side of every write is settled (it is there or marked).
+    fn release_peer_holds(&mut self, out: &mut Vec<Action>) {
+        let seqs: Vec<Seq> = self.al_writes.keys().copied().collect();
+        for seq in seqs {
+            self.al_progress(seq, false, true, out);
+        }
+    }
+
+    /// Called once before anything else: after an unclean stop, the
+    /// regions of the activity log are now marked; put that on disk.
+    pub fn started(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if std::mem::take(&mut self.unclean) {
+            self.sync_bitmap(&mut out);
+        }
+        out
+    }
+
+    /// A clean stop, called once no disk work is outstanding: writes not
+    /// known to be on the peer are marked, the bitmap is written and the
+    /// activity log emptied. Returns the actions and whether the stop is
+    /// clean (nothing left that the next start must treat as a crash).
+    pub fn stop(&mut self) -> (Vec<Action>, bool) {
+        let mut out = Vec::new();
+        // A write still on its way to the local disk keeps its extent in
+        // the log (and the stop unclean).
+        for (_, h) in self.al_writes.iter().filter(|(_, h)| h.local_done) {
+            if !h.peer_done {
+                let blocks = h.blocks;
+                if let Some(d) = &mut self.dirty {
+                    d.extend(blocks.0..blocks.1);
+                }
+            }
+        }
+        let done: Vec<Seq> = self
+            .al_writes
+            .iter()
+            .filter(|(_, h)| h.local_done)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            if let Some(h) = self.al_writes.remove(&seq) {
+                self.al.end(h.blocks);
+            }
+        }
+        self.sync_bitmap(&mut out);
+        let left = self.al.drop_idle();
+        let clean = left.is_empty();
+        out.push(Action::PersistActivityLog(left));
+        (out, clean)
     }
 
     /// Starts writing without the peer: a new generation, so that the peer's
@@ -873,7 +1171,7 @@ impl Replica {
             return out;
         }
         if self.must_hold() || !self.held.is_empty() {
-            if self.held.is_empty() {
+            if self.held.is_empty() && !self.al_full {
                 out.push(Action::Log {
                     warn: true,
                     message: "I/O frozen: the peer is not connected and the mode is sync; it resumes when the peer is back or after `hadb volume go-alone`".into(),
@@ -888,9 +1186,17 @@ impl Replica {
     }
 
     fn issue(&mut self, id: ReqId, req: Request, out: &mut Vec<Action>) {
+        let blocks = req.blocks();
+        if let Some(r) = blocks
+            && !self.al_begin(r, out)
+        {
+            // Every extent of the log is busy: wait for a write to finish.
+            self.al_full = true;
+            self.held.push_front((id, req));
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let blocks = req.blocks();
         let to_peer = self.peer_ready;
         if !to_peer {
             self.begin_alone_writes(out);
@@ -1000,12 +1306,31 @@ impl Replica {
                 error: None,
             },
         );
+        if let Some(r) = blocks {
+            self.al_writes.insert(
+                seq,
+                AlHold {
+                    blocks: r,
+                    local_done: false,
+                    // Not sent: marked out of sync above.
+                    peer_done: !to_peer,
+                },
+            );
+        }
     }
 
     pub fn disk_done(&mut self, tag: DiskTag, result: Result<Option<Payload>, u32>) -> Vec<Action> {
         let mut out = Vec::new();
+        if let DiskTag::FromPeer(seq, session) = tag
+            && let Some(blocks) = self.al_applied.remove(&(seq, session))
+        {
+            // On the local disk (or failed, and the copy with it): the
+            // primary's own log covers the rest.
+            self.al.end(blocks);
+        }
         match tag {
             DiskTag::Local(seq) => {
+                self.al_progress(seq, true, false, &mut out);
                 if let Some(p) = self.pending.get_mut(&seq) {
                     p.local_done = true;
                     if let Err(e) = result {
@@ -1059,13 +1384,18 @@ impl Replica {
                 // The whole resync is durable here: adopt the source's
                 // generation, then tell it.
                 if result.is_ok() {
-                    self.disk = DiskState::UpToDate;
+                    self.disk = if std::mem::take(&mut self.outdated_at_resync_end) {
+                        DiskState::Outdated
+                    } else {
+                        DiskState::UpToDate
+                    };
                     self.crashed_primary = false;
                     self.link = LinkState::Connected;
                     out.push(Action::Persist(self.meta()));
+                    self.sync_bitmap(&mut out);
                     out.push(Action::Log {
                         warn: false,
-                        message: "resync finished: local disk up to date".into(),
+                        message: format!("resync finished: local disk {}", self.disk),
                     });
                     out.push(Action::Send(Frame {
                         header: wire::Header::new(Kind::Ack, seq, 0, 0),
@@ -1190,6 +1520,9 @@ impl Replica {
                 self.awaiting_resync.insert(seq);
             }
         }
+        // Every write sent is now on the peer or marked above.
+        self.release_peer_holds(&mut out);
+        self.awaiting_bitmap = false;
         if self.role == Role::Primary && !self.pending.is_empty() && self.must_hold() {
             out.push(Action::Log {
                 warn: true,
@@ -1259,6 +1592,23 @@ impl Replica {
                     }
                     _ => DiskOp::Flush,
                 };
+                let logged = match (&op, h.kind) {
+                    (DiskOp::Write { offset, data, .. }, Kind::Data) => {
+                        Some(block_range(*offset, data.len() as u64))
+                    }
+                    (DiskOp::Zeroes { offset, length, .. }, _) => {
+                        Some(block_range(*offset, *length))
+                    }
+                    _ => None,
+                };
+                if let Some(r) = logged {
+                    if !self.al_begin(r, &mut out) {
+                        // Beyond reach: the primary's own log is as big.
+                        self.violation("the activity log is full", &mut out);
+                        return out;
+                    }
+                    self.al_applied.insert((h.seq, self.session), r);
+                }
                 out.push(Action::Disk {
                     tag: DiskTag::FromPeer(h.seq, self.session),
                     op,
@@ -1266,6 +1616,7 @@ impl Replica {
             }
             Kind::ResyncDone => match payload.as_deref().map(|p| NodeState::decode(p)) {
                 Some(Ok(s)) => {
+                    self.outdated_at_resync_end = false;
                     self.volume_id = s.volume_id;
                     self.current_gen = s.current_gen;
                     self.bitmap_gen = 0;
@@ -1277,11 +1628,54 @@ impl Replica {
                 }
                 _ => self.violation("resync-done without a valid node state", &mut out),
             },
+            Kind::Bitmap => match payload {
+                Some(p) if self.awaiting_bitmap && p.len() % 16 == 0 => {
+                    let total = self.blocks_total();
+                    let runs: Vec<(u64, u64)> = p
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let word = |i: usize| {
+                                u64::from_le_bytes(c[i..i + 8].try_into().unwrap_or([0xff; 8]))
+                            };
+                            (word(0), word(8))
+                        })
+                        .collect();
+                    if runs
+                        .iter()
+                        .any(|&(f, n)| n == 0 || f.checked_add(n).is_none_or(|end| end > total))
+                    {
+                        self.violation("bitmap run past the end of the volume", &mut out);
+                        return out;
+                    }
+                    for (f, n) in runs {
+                        self.mark_dirty((f, f + n));
+                    }
+                }
+                _ => self.violation("unexpected or malformed bitmap frame", &mut out),
+            },
+            Kind::BitmapDone if self.awaiting_bitmap => {
+                self.awaiting_bitmap = false;
+                self.start_resync(false, &mut out);
+            }
+            Kind::BitmapDone => self.violation("unexpected bitmap-done frame", &mut out),
             Kind::Ack => self.ack(h.seq, None, &mut out),
             Kind::Nack => self.ack(h.seq, Some(h.offset as u32), &mut out),
             Kind::RoleRequest => {
-                let grant =
-                    self.role == Role::Secondary && (self.role_request.is_none() || !self.me_first);
+                // The asker's copy must be one a primary may have: up to
+                // date at our generation (not one we are still resyncing),
+                // or both fresh. Its own check was made before it asked,
+                // and things may have moved since (we were promoted and
+                // demoted meanwhile, say).
+                let asker_current = self.peer.is_some_and(|p| {
+                    (p.current_gen == 0 && self.current_gen == 0)
+                        || (disk_from_code(p.disk) == DiskState::UpToDate
+                            && p.current_gen == self.current_gen
+                            && self.resync.is_none()
+                            && !self.awaiting_bitmap)
+                });
+                let grant = self.role == Role::Secondary
+                    && (self.role_request.is_none() || !self.me_first)
+                    && asker_current;
                 if grant {
                     self.role_request = None;
                 }
@@ -1295,7 +1689,7 @@ impl Replica {
                     if h.offset == 1 {
                         self.become_primary(&mut out);
                     } else {
-                        out.push(Action::Log { warn: true, message: "the peer refused to let this node become primary (it is primary, or asked first)".into() });
+                        out.push(Action::Log { warn: true, message: "the peer refused to let this node become primary (it is primary, asked first, or does not hold this copy as up to date)".into() });
                     }
                 }
             }
@@ -1330,6 +1724,11 @@ impl Replica {
                     self.violation("the peer asked the primary to outdate itself", &mut out);
                     return out;
                 }
+                if self.disk == DiskState::Inconsistent {
+                    // A resync finishing now (its flush under way) ends
+                    // outdated, not up to date.
+                    self.outdated_at_resync_end = true;
+                }
                 if self.disk == DiskState::UpToDate {
                     self.disk = DiskState::Outdated;
                     out.push(Action::Log {
@@ -1357,6 +1756,14 @@ impl Replica {
                         &mut out,
                     );
                     out.push(Action::DropLink("semisync: peer too slow, outdated".into()));
+                } else {
+                    // The peer outdated itself but this node no longer
+                    // needs that (demoted, or the acks came after all):
+                    // reconnect, and the connect rules find its copy
+                    // current again.
+                    out.push(Action::DropLink(
+                        "the peer outdated itself needlessly; reconnecting".into(),
+                    ));
                 }
             }
         }
@@ -1386,9 +1793,15 @@ impl Replica {
                     "the peer failed to write (errno {e}); its copy is now out of date"
                 ),
             });
-            if let Some(blocks) = self.pending.get(&seq).and_then(|p| p.blocks) {
+            if let Some(blocks) = self
+                .pending
+                .get(&seq)
+                .and_then(|p| p.blocks)
+                .or(self.al_writes.get(&seq).map(|h| h.blocks))
+            {
                 self.mark_dirty(blocks);
             }
+            self.al_progress(seq, false, true, out);
             if let Some(rs) = &mut self.resync
                 && let Some((first, count)) = rs.unacked.remove(&seq)
                 && let Some(d) = &mut self.dirty
@@ -1407,6 +1820,7 @@ impl Replica {
             // Durable on the peer now.
             self.peer_flushes.remove(&seq);
         }
+        self.al_progress(seq, false, true, out);
         if let Some(p) = self.pending.get_mut(&seq) {
             p.peer_done = Some(true);
             self.try_complete(seq, out);
@@ -1471,12 +1885,10 @@ impl Replica {
                     self.start_resync(true, out);
                 }
             }
-            SyncDecision::SourceBitmap => self.start_resync(false, out),
+            SyncDecision::SourceBitmap => self.await_bitmap(),
             SyncDecision::SourceFull => self.start_resync(true, out),
             SyncDecision::TargetBitmap | SyncDecision::TargetFull => {
-                self.link = LinkState::SyncTarget;
-                self.disk = DiskState::Inconsistent;
-                out.push(Action::Persist(self.meta()));
+                self.become_sync_target(d == SyncDecision::TargetBitmap, out)
             }
             SyncDecision::SplitBrain | SyncDecision::Unrelated => {
                 if d == SyncDecision::SplitBrain {
@@ -1506,27 +1918,33 @@ impl Replica {
                         out.push(Action::Log {
                             warn: true,
                             message: format!(
-                                "{}: discarding this node's copy ({}); receiving a full resync from the peer",
+                                "{}: discarding this node's copy ({}); receiving a resync from the peer",
                                 d.rule(),
                                 if self.discard_my_data { "operator's discard-my-data" } else { "after_split_brain policy" }
                             ),
                         });
-                        self.link = LinkState::SyncTarget;
-                        self.disk = DiskState::Inconsistent;
                         self.split_brain = None;
                         self.discard_my_data = false;
-                        out.push(Action::Persist(self.meta()));
+                        // Both bitmaps since the parting cover every block
+                        // either side changed.
+                        let bitmaps =
+                            d == SyncDecision::SplitBrain && me.has_bitmap && peer.has_bitmap;
+                        self.become_sync_target(bitmaps, out);
                     }
                     Some(false) => {
                         out.push(Action::Log {
                             warn: true,
                             message: format!(
-                                "{}: the peer's copy is discarded; full resync to it",
+                                "{}: the peer's copy is discarded; resync to it",
                                 d.rule()
                             ),
                         });
                         self.split_brain = None;
-                        self.start_resync(true, out);
+                        if d == SyncDecision::SplitBrain && me.has_bitmap && peer.has_bitmap {
+                            self.await_bitmap();
+                        } else {
+                            self.start_resync(true, out);
+                        }
                     }
                     None => {
                         if self.split_brain_logged != Some(d) {
@@ -1542,6 +1960,40 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// A bitmap resync from here: the target sends its own marks first.
+    fn await_bitmap(&mut self) {
+        // Not Connected: the peer is not up to date until the resync ends.
+        self.link = LinkState::SyncSource;
+        self.awaiting_bitmap = true;
+    }
+
+    /// This copy is rewritten from the peer's; with `bitmap`, only the
+    /// union of both bitmaps, so send ours.
+    fn become_sync_target(&mut self, bitmap: bool, out: &mut Vec<Action>) {
+        self.link = LinkState::SyncTarget;
+        self.disk = DiskState::Inconsistent;
+        out.push(Action::Persist(self.meta()));
+        if !bitmap {
+            return;
+        }
+        let runs = self.dirty.as_ref().map(|d| d.runs()).unwrap_or_default();
+        for chunk in runs.chunks(BITMAP_FRAME_RUNS) {
+            let mut payload = Vec::with_capacity(chunk.len() * 16);
+            for (f, c) in chunk {
+                payload.extend_from_slice(&f.to_le_bytes());
+                payload.extend_from_slice(&c.to_le_bytes());
+            }
+            out.push(Action::Send(Frame {
+                header: wire::Header::new(Kind::Bitmap, 0, 0, payload.len() as u32),
+                payload: Some(Arc::new(payload)),
+            }));
+        }
+        out.push(Action::Send(Frame {
+            header: wire::Header::new(Kind::BitmapDone, 0, 0, 0),
+            payload: None,
+        }));
     }
 
     /// The peer holds everything we completed: replicate from here on, and
@@ -1566,7 +2018,7 @@ impl Replica {
     }
 
     fn release_held(&mut self, out: &mut Vec<Action>) {
-        while !self.must_hold() {
+        while !self.must_hold() && !self.al_full {
             let Some((id, req)) = self.held.pop_front() else {
                 break;
             };
@@ -1575,13 +2027,8 @@ impl Replica {
     }
 
     fn start_resync(&mut self, full: bool, out: &mut Vec<Action>) {
-        if self.role != Role::Primary && !full && self.dirty.as_ref().is_none_or(|d| d.is_empty()) {
-            self.link = LinkState::Connected;
-            return;
-        }
-        let blocks = self.blocks_total();
         if full || self.dirty.is_none() {
-            self.dirty = Some((0..blocks).collect());
+            self.mark_all_dirty(out);
         }
         let total = self.dirty.as_ref().map_or(0, |d| d.len());
         self.counters.resyncs_started += 1;
@@ -1720,6 +2167,8 @@ impl Replica {
         });
         self.link = LinkState::Connected;
         self.crashed_primary = false;
+        // The peer has flushed it all: the marks are gone for good.
+        self.sync_bitmap(out);
         self.peer_is_current(out);
     }
 
@@ -1734,6 +2183,12 @@ impl Replica {
         }
         if self.peer.is_some_and(|p| p.role == 1) {
             return Err(PromoteError::PeerIsPrimary);
+        }
+        if self.peer.is_none() && self.link == LinkState::Connected {
+            // The link is up and the peer's state not yet here: it may be
+            // asking for the role itself, and the connect decision must
+            // see the roles both sides announced.
+            return Err(PromoteError::LinkStarting);
         }
         let connected = self.peer.is_some();
         if !force {
@@ -1766,17 +2221,11 @@ impl Replica {
             self.current_gen = self.next_gen();
             self.bitmap_gen = 0;
             self.disk = DiskState::UpToDate;
-            self.dirty = None;
+            self.mark_all_dirty(out);
         }
-        if self.crashed_primary {
-            // Whatever this copy wrote before its crash is now the data;
-            // the peer may lack any of it (a running resync from here is
-            // already a full one).
-            self.crashed_primary = false;
-            if self.resync.is_none() {
-                self.dirty = None;
-            }
-        }
+        // Whatever this copy wrote before a crash is now the data; its
+        // activity log, marked at the start, covers what the peer may lack.
+        self.crashed_primary = false;
         self.role = Role::Primary;
         out.push(Action::Persist(self.meta()));
         out.push(Action::Log {
@@ -1795,8 +2244,10 @@ impl Replica {
             let d = decide(me, peer);
             match d {
                 SyncDecision::InSync => self.peer_is_current(out),
+                // The peer decided without our promotion and sends no
+                // bitmap: to be safe, everything.
                 SyncDecision::SourceFull | SyncDecision::SourceBitmap => {
-                    self.start_resync(d == SyncDecision::SourceFull, out)
+                    self.start_resync(true, out)
                 }
                 _ => {}
             }
@@ -2005,9 +2456,11 @@ impl Replica {
                     differing.len()
                 ),
             });
+            let pages: BTreeSet<u64> = differing.iter().map(|b| b / bitmap::PAGE_BLOCKS).collect();
             if let Some(d) = &mut self.dirty {
                 d.extend(differing);
             }
+            self.write_pages(pages, out);
         }
         self.verify_pump(out);
     }
@@ -2031,6 +2484,12 @@ impl Replica {
                 self.mark_dirty((first, first + count));
             }
         }
+        // Nothing sent is known to be on the failed copy.
+        let sent: Vec<(u64, u64)> = self.al_writes.values().map(|h| h.blocks).collect();
+        for r in sent {
+            self.mark_dirty(r);
+        }
+        self.release_peer_holds(out);
         self.verify = None;
         self.link = LinkState::Connected;
         self.peer_ready = false;
@@ -2146,6 +2605,10 @@ impl Replica {
                 "going on without the peer ({why}): writes are on this node only until it is back"
             ),
         });
+        // What completes from here may be missing on the peer: a new
+        // generation first, so the peer's copy is known older even if this
+        // node stops before its next write.
+        self.begin_alone_writes(out);
         for seq in std::mem::take(&mut self.awaiting_resync) {
             if let Some(p) = self.pending.get_mut(&seq) {
                 p.peer_done = None;
@@ -2199,6 +2662,11 @@ mod tests {
             gen_seed: 42,
             me: name.into(),
             peer: peer.into(),
+            out_of_sync: Bitmap::default(),
+            activity_log: Vec::new(),
+            unclean: false,
+            al_extents: 4,
+            al_extent_blocks: 4,
         }
     }
 
@@ -2227,8 +2695,10 @@ mod tests {
         }
 
         fn run(&mut self, node: usize, actions: Vec<Action>) {
-            let mut queue: VecDeque<(usize, Action)> =
-                actions.into_iter().map(|a| (node, a)).collect();
+            self.run_many(actions.into_iter().map(|a| (node, a)).collect());
+        }
+
+        fn run_many(&mut self, mut queue: VecDeque<(usize, Action)>) {
             loop {
                 while let Some((n, a)) = queue.pop_front() {
                     match a {
@@ -2278,8 +2748,14 @@ mod tests {
             self.connected = true;
             let a = self.nodes[0].link_up();
             let b = self.nodes[1].link_up();
-            self.run(0, a);
-            self.run(1, b);
+            // Both say who they are before either hears the other, as on
+            // a real link.
+            self.run_many(
+                a.into_iter()
+                    .map(|x| (0, x))
+                    .chain(b.into_iter().map(|x| (1, x)))
+                    .collect(),
+            );
         }
 
         fn disconnect(&mut self) {
@@ -2473,6 +2949,8 @@ mod tests {
     #[test]
     fn split_brain_resolution() {
         let v = |discard, changes, first| GenView {
+            primary: false,
+            outdated: false,
             current: 7,
             bitmap_gen: 5,
             has_bitmap: true,
@@ -2569,6 +3047,8 @@ mod tests {
             discard: false,
             changes: Some(0),
             first: true,
+            primary: false,
+            outdated: false,
             current,
             bitmap_gen,
             has_bitmap,
@@ -2586,6 +3066,10 @@ mod tests {
             v.inconsistent = true;
             v
         };
+        let primary = |mut v: GenView| {
+            v.primary = true;
+            v
+        };
         let cases = [
             (g(5, 0, true), g(5, 0, true), InSync),
             (g(0, 0, true), g(0, 0, true), BothFresh),
@@ -2594,14 +3078,21 @@ mod tests {
             (g(7, 5, true), g(8, 5, true), SplitBrain),
             (g(7, 1, true), g(8, 2, true), Unrelated),
             (g(7, 0, true), g(0, 0, true), SourceFull),
-            // A copy that stopped while primary is resent in full.
-            (g(5, 0, true), crashed(g(5, 0, true)), SourceFull),
-            (g(7, 5, true), crashed(g(5, 0, true)), SourceFull),
-            // Marked blocks move from the side that has them.
+            // A copy that stopped while primary: the union of both
+            // bitmaps (its activity log), from the other copy.
+            (g(5, 0, true), crashed(g(5, 0, true)), SourceBitmap),
+            (g(7, 5, true), crashed(g(5, 0, true)), SourceBitmap),
+            (g(5, 0, false), crashed(g(5, 0, true)), SourceFull),
+            // Marked blocks: the union, from the side that has marks...
             (dirty(g(5, 0, true)), g(5, 0, true), SourceBitmap),
-            (g(7, 5, true), dirty(g(5, 0, true)), SourceFull),
-            // A half-written copy is never a source.
+            (g(7, 5, true), dirty(g(5, 0, true)), SourceBitmap),
+            // ...unless the other is primary.
+            (dirty(g(5, 0, true)), primary(g(5, 0, true)), TargetBitmap),
+            // A half-written copy is never a source; it resumes from the
+            // bitmaps when the other's covers it.
             (inconsistent(g(7, 5, true)), g(5, 0, true), TargetFull),
+            (inconsistent(g(5, 0, true)), g(7, 5, true), TargetBitmap),
+            (inconsistent(g(5, 0, true)), g(7, 5, false), TargetFull),
         ];
         let mirror = |d: SyncDecision| match d {
             SourceBitmap => TargetBitmap,

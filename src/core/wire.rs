@@ -127,6 +127,14 @@ pub enum Kind {
     /// Secondary to primary: my copy is outdated on disk; I will not be
     /// promoted until resynchronised.
     OutdateAck = 16,
+    /// Resync target to source, after a connect decided on a bitmap
+    /// resync: the blocks the target itself has marked out of sync (its
+    /// activity log after an unclean stop, its changes since a split
+    /// brain), as runs of (first block, count), two little-endian u64
+    /// each. The source resyncs the union of both bitmaps.
+    Bitmap = 17,
+    /// Resync target to source: the bitmap is complete.
+    BitmapDone = 18,
 }
 
 /// Block size of online verify's digests.
@@ -153,6 +161,8 @@ impl Kind {
             14 => Kind::VerifyReply,
             15 => Kind::OutdateRequest,
             16 => Kind::OutdateAck,
+            17 => Kind::Bitmap,
+            18 => Kind::BitmapDone,
             other => return Err(Error::UnknownKind(other)),
         })
     }
@@ -175,6 +185,8 @@ impl Kind {
             Kind::VerifyReply => "verify-reply",
             Kind::OutdateRequest => "outdate-request",
             Kind::OutdateAck => "outdate-ack",
+            Kind::Bitmap => "bitmap",
+            Kind::BitmapDone => "bitmap-done",
         }
     }
 }
@@ -228,7 +240,7 @@ fn encode_header(h: &Header) -> [u8; HEADER_LEN] {
 /// Which payload length a kind carries on the wire, given its header.
 fn payload_len_of(kind: Kind, length: u32) -> u32 {
     match kind {
-        Kind::Data | Kind::ResyncData => length,
+        Kind::Data | Kind::ResyncData | Kind::Bitmap => length,
         Kind::State | Kind::ResyncDone => NodeState::LEN as u32,
         Kind::VerifyRequest => length.div_ceil(VERIFY_BLOCK) * DIGEST_LEN as u32,
         Kind::VerifyReply => 8,

@@ -202,6 +202,22 @@ pub fn run(config: Config) -> Result<(), Error> {
         if let Some(Ok(sig)) = signals.next().await {
             log::info!("received {sig:?}: stopping");
         }
+        // A clean stop spares the next start a crash's resync; a second
+        // signal, or a disk that does not answer, ends it anyway.
+        use smol::future::FutureExt;
+        let stopped = async { Some(daemon.ask(Command::Stop).await) }
+            .or(async {
+                signals.next().await;
+                None
+            })
+            .or(async {
+                smol::Timer::after(std::time::Duration::from_secs(30)).await;
+                None
+            })
+            .await;
+        if !matches!(stopped, Some(Ok(_))) {
+            log::warn!("volume: no clean stop; the next start treats this one as a crash");
+        }
         let _ = std::fs::remove_file(&config.control.socket);
         let _ = std::fs::remove_file(&config.volume.nbd_socket);
     });

@@ -103,6 +103,9 @@ pub struct Store {
     /// other one.
     newest_slot: usize,
     pub superblock: Superblock,
+    /// The activity log's newest slot and sequence.
+    al_slot: usize,
+    al_seq: u64,
 }
 
 /// Opens the device for reading and writing. A block device is opened
@@ -183,6 +186,8 @@ impl Store {
             layout,
             newest_slot,
             superblock,
+            al_slot: 1,
+            al_seq: 0,
         })
     }
 
@@ -222,6 +227,8 @@ impl Store {
             layout,
             newest_slot: 1,
             superblock,
+            al_slot: 1,
+            al_seq: 0,
         };
         // Zero the bitmap and activity log, then write both slots so that a
         // stale slot from older metadata cannot win later.
@@ -269,6 +276,77 @@ impl Store {
             })?;
         self.newest_slot = slot;
         self.superblock = sb;
+        Ok(())
+    }
+
+    /// The on-disk bitmap (bits past the data area ignored).
+    pub fn read_bitmap(&self) -> Result<crate::core::bitmap::Bitmap, Error> {
+        let l = &self.layout;
+        let mut buf = vec![0u8; l.bitmap_bytes as usize];
+        self.file
+            .read_exact_at(&mut buf, l.bitmap_offset)
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                what: "reading the bitmap",
+                source,
+            })?;
+        let mut bits = crate::core::bitmap::Bitmap::default();
+        let limit = l.data_size / meta::BLOCK;
+        for (p, page) in buf.chunks(crate::core::bitmap::PAGE_BYTES).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                bits.merge_page(p as u64, page, limit);
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Writes bitmap pages and flushes, so they are durable before the
+    /// activity-log transaction that relies on them.
+    pub fn write_bitmap_pages(&self, pages: &[(u64, Vec<u8>)]) -> std::io::Result<()> {
+        let l = &self.layout;
+        for (p, img) in pages {
+            let at = p * crate::core::bitmap::PAGE_BYTES as u64;
+            if at + img.len() as u64 <= l.bitmap_bytes {
+                self.file.write_all_at(img, l.bitmap_offset + at)?;
+            }
+        }
+        self.file.sync_data()
+    }
+
+    /// The newest valid activity-log transaction: the extents in the log
+    /// (none if it was never written).
+    pub fn read_activity_log(&mut self) -> Result<Vec<u64>, Error> {
+        let l = &self.layout;
+        let n = crate::core::al::TRANSACTION_BYTES;
+        let mut buf = vec![0u8; 2 * n];
+        self.file
+            .read_exact_at(&mut buf, l.al_offset)
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                what: "reading the activity log",
+                source,
+            })?;
+        Ok(match crate::core::al::pick(&buf[..n], &buf[n..]) {
+            Some((slot, seq, extents)) => {
+                self.al_slot = slot;
+                self.al_seq = seq;
+                extents
+            }
+            None => Vec::new(),
+        })
+    }
+
+    /// Makes every write before it durable, then writes the transaction to
+    /// the older slot and flushes: a crash leaves the old or the new log.
+    pub fn write_activity_log(&mut self, extents: &[u64]) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        let slot = 1 - self.al_slot;
+        self.al_seq += 1;
+        let bytes = crate::core::al::encode(self.al_seq, extents);
+        let at = self.layout.al_offset + (slot * crate::core::al::TRANSACTION_BYTES) as u64;
+        self.file.write_all_at(&bytes, at)?;
+        self.file.sync_data()?;
+        self.al_slot = slot;
         Ok(())
     }
 

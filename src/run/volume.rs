@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::json;
 use smol::channel::{Receiver, Sender};
 
-use crate::core::meta::{Superblock, flags};
+use crate::core::meta::{self, Superblock, flags};
 use crate::core::replica::{self, Action, DiskOp, DiskTag, Frame, Payload, Replica, ReqId, Role};
 use crate::core::wire;
 use crate::run::stats::Stats;
@@ -36,8 +36,8 @@ pub enum Event {
         header: wire::Header,
         payload: Option<Payload>,
     },
-    /// The disk thread wrote the metadata.
-    Persisted,
+    /// The disk thread wrote metadata (false: it failed).
+    Persisted(bool),
     LinkLost {
         link: u64,
         reason: String,
@@ -50,11 +50,16 @@ pub enum Event {
 
 pub enum Command {
     Status,
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
     GoAlone,
     DiscardMyData,
     Verify,
+    /// A clean stop: the answer comes once the bitmap, activity log and
+    /// superblock say so on disk.
+    Stop,
 }
 
 /// A live replication link, owned by the volume task: dropping it stops
@@ -80,17 +85,63 @@ pub struct Shared {
 enum Job {
     Op(DiskTag, DiskOp),
     Persist(Superblock),
+    Bitmap(Vec<(u64, Vec<u8>)>),
+    ActivityLog(Vec<u64>),
+    /// Answered once everything before it is done.
+    Barrier(Sender<()>),
 }
 
 /// The disk thread: executes jobs strictly in order.
 fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: Sender<Event>) {
+    let mut broken = false;
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Persist(sb) => {
                 if let Err(e) = store.write_superblock(sb) {
                     log::error!("volume: {e}");
                 }
-                if events.send_blocking(Event::Persisted).is_err() {
+                if events.send_blocking(Event::Persisted(true)).is_err() {
+                    return;
+                }
+            }
+            // The writes after a bitmap or log update rely on it: if it
+            // failed, so does every later operation, and the copy is
+            // failed until repaired.
+            Job::Bitmap(pages) => {
+                if let Err(e) = store.write_bitmap_pages(&pages) {
+                    log::error!(
+                        "volume: writing the bitmap of {}: {e}; failing all further I/O",
+                        store.path().display()
+                    );
+                    broken = true;
+                }
+                if events.send_blocking(Event::Persisted(!broken)).is_err() {
+                    return;
+                }
+            }
+            Job::ActivityLog(extents) => {
+                if let Err(e) = store.write_activity_log(&extents) {
+                    log::error!(
+                        "volume: writing the activity log of {}: {e}; failing all further I/O",
+                        store.path().display()
+                    );
+                    broken = true;
+                }
+                if events.send_blocking(Event::Persisted(!broken)).is_err() {
+                    return;
+                }
+            }
+            Job::Barrier(done) => {
+                let _ = done.send_blocking(());
+            }
+            Job::Op(tag, _) if broken => {
+                if events
+                    .send_blocking(Event::Disk {
+                        tag,
+                        result: Err(crate::core::nbd::EIO),
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -147,6 +198,10 @@ pub struct Volume {
     last_link_event: Option<String>,
     /// An operator's promotion waiting for the peer's consent.
     promote_waiter: Option<Sender<Result<serde_json::Value, String>>>,
+    /// A metadata write failed: no more inline I/O.
+    meta_broken: bool,
+    /// A clean stop asked for, waiting for the disk queue to drain.
+    stopping: Option<Sender<Result<serde_json::Value, String>>>,
 }
 
 impl Volume {
@@ -154,12 +209,27 @@ impl Volume {
     /// be run) and the sender other tasks use to reach it.
     pub fn open(
         config: &crate::config::Config,
-        store: Store,
+        mut store: Store,
         shared_stats: Stats,
         role_tx: Sender<Role>,
     ) -> Result<(Volume, Sender<Event>, Arc<Shared>), std::io::Error> {
         let (tx, rx) = smol::channel::unbounded();
+        let unclean = store.superblock.has(flags::ACTIVE);
+        let io = |e: store::Error| std::io::Error::other(e.to_string());
+        let out_of_sync = store.read_bitmap().map_err(io)?;
+        let activity_log = store.read_activity_log().map_err(io)?;
+        // From here until a clean stop, a restart must assume a crash.
+        let mut active = store.superblock.clone();
+        active.flags |= flags::ACTIVE;
+        store.write_superblock(active).map_err(io)?;
         let sb = store.superblock.clone();
+        if unclean {
+            log::warn!(
+                "volume: the last stop was not clean; {} activity-log extent(s) of {} MiB are marked out of sync",
+                activity_log.len(),
+                (crate::core::al::EXTENT_BLOCKS * meta::BLOCK) >> 20
+            );
+        }
         let inline = store
             .reader()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -178,6 +248,11 @@ impl Volume {
             resync_rate: config.volume.resync_rate.0,
             crashed_primary: sb.has(flags::PRIMARY),
             after_split_brain: config.volume.after_split_brain,
+            out_of_sync,
+            activity_log,
+            unclean,
+            al_extents: config.volume.al_extents as usize,
+            al_extent_blocks: crate::core::al::EXTENT_BLOCKS,
             gen_seed: u64::from_le_bytes(seed),
             me: config.node.clone(),
             peer: peer_name.to_owned(),
@@ -192,7 +267,7 @@ impl Volume {
         std::thread::Builder::new()
             .name("hadb-disk".into())
             .spawn(move || disk_thread(store, jobs_rx, events))?;
-        if sb.has(flags::PRIMARY) {
+        if sb.has(flags::PRIMARY) && unclean {
             log::warn!(
                 "volume: the metadata says this node was primary when it stopped (a crash or power-off?); starting as secondary"
             );
@@ -215,6 +290,8 @@ impl Volume {
                 role_tx,
                 last_link_event: None,
                 promote_waiter: None,
+                meta_broken: false,
+                stopping: None,
             },
             tx,
             shared,
@@ -224,6 +301,8 @@ impl Volume {
     pub async fn run(mut self) {
         use smol::future::FutureExt;
         let mut next_tick = Instant::now() + TICK;
+        let actions = self.replica.started();
+        self.apply(actions);
         loop {
             let event = async { self.events.recv().await.ok() }
                 .or(async {
@@ -244,11 +323,62 @@ impl Volume {
                 self.apply(actions);
             }
             self.answer_promotion();
+            if self.stopping.is_some() && self.queued == 0 {
+                self.finish_stop().await;
+                return;
+            }
+        }
+    }
+
+    /// The disk queue is empty: write the bitmap and activity log, and
+    /// mark the stop clean if nothing is left unfinished.
+    async fn finish_stop(&mut self) {
+        let (actions, clean) = self.replica.stop();
+        self.apply(actions);
+        let mut sb = self.superblock.clone();
+        if clean {
+            sb.flags &= !flags::ACTIVE;
+        }
+        self.queued += 1;
+        let _ = self.jobs.send(Job::Persist(sb));
+        let (tx, rx) = smol::channel::bounded(1);
+        let _ = self.jobs.send(Job::Barrier(tx));
+        let _ = rx.recv().await;
+        let answer = if clean {
+            log::info!("volume: stopped cleanly; bitmap and activity log written");
+            Ok(json!({"stopped": "clean"}))
+        } else {
+            log::warn!(
+                "volume: stopped with writes unfinished; the next start treats it as a crash"
+            );
+            Ok(json!({"stopped": "unclean"}))
+        };
+        if let Some(reply) = self.stopping.take() {
+            let _ = reply.try_send(answer);
         }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
+            Event::Request { reply, cookie, .. } if self.stopping.is_some() => {
+                let _ = reply.try_send(crate::run::nbd::Reply {
+                    cookie,
+                    error: crate::core::nbd::ESHUTDOWN,
+                    data: None,
+                });
+            }
+            Event::LinkUp(_) | Event::Frame { .. } if self.stopping.is_some() => {}
+            Event::Command {
+                command: Command::Stop,
+                reply,
+            } => {
+                log::info!("volume: stopping: the link goes down, then the disk queue drains");
+                if self.link.take().is_some() {
+                    let actions = self.replica.link_lost();
+                    self.apply(actions);
+                }
+                self.stopping = Some(reply);
+            }
             Event::Request { req, reply, cookie } => {
                 let id = self.next_req;
                 self.next_req += 1;
@@ -256,7 +386,14 @@ impl Volume {
                 let actions = self.replica.request(id, req);
                 self.apply(actions);
             }
-            Event::Persisted => self.queued -= 1,
+            Event::Persisted(ok) => {
+                self.queued -= 1;
+                if !ok {
+                    // Everything goes through the disk thread now, which
+                    // fails it.
+                    self.meta_broken = true;
+                }
+            }
             Event::Disk { tag, result } => {
                 self.queued -= 1;
                 let actions = self.replica.disk_done(tag, result);
@@ -364,6 +501,7 @@ impl Volume {
                 self.apply(actions);
                 Ok(json!({"alone": self.replica.alone()}))
             }
+            Command::Stop => Err("stop is handled by the event loop".into()),
         }
     }
 
@@ -398,8 +536,20 @@ impl Volume {
                     self.queued += 1;
                     let _ = self.jobs.send(Job::Persist(sb));
                 }
+                Action::PersistBitmap(pages) => {
+                    self.queued += 1;
+                    let _ = self.jobs.send(Job::Bitmap(pages));
+                }
+                Action::PersistActivityLog(extents) => {
+                    self.queued += 1;
+                    let _ = self.jobs.send(Job::ActivityLog(extents));
+                }
                 Action::Disk { tag, op } => {
-                    if self.queued == 0 && self.events.is_empty() && inline_ok(&op) {
+                    if self.queued == 0
+                        && !self.meta_broken
+                        && self.events.is_empty()
+                        && inline_ok(&op)
+                    {
                         let result = do_inline(&self.inline, op).map_err(|e| {
                             log::error!("volume: disk I/O failed: {e}");
                             store::errno_of(&e)
@@ -469,6 +619,7 @@ impl Volume {
                    "rate_bytes_per_s": rate,
                    "seconds_left": (rate > 0).then(|| left / rate)})
         });
+        let (al_now, al_capacity, al_blocks, marked) = r.activity_log();
         json!({
             "role": r.role(),
             "disk": r.disk(),
@@ -500,6 +651,13 @@ impl Volume {
                 "my_changed_bytes": sb.my_changes.map(|b| b * replica::BLOCK),
                 "peer_changed_bytes": sb.peer_changes.map(|b| b * replica::BLOCK),
             })),
+            "activity_log": {
+                "extents": al_now,
+                "capacity": al_capacity,
+                "extent_bytes": al_blocks * replica::BLOCK,
+                "last_stop": if marked.is_some() { "unclean" } else { "clean" },
+                "extents_marked_at_start": marked,
+            },
             "counters": r.counters,
             "semisync": (self.mode == crate::config::Mode::Semisync).then(|| json!({
                 "status": if r.semisync_on() { "ON" } else { "OFF" },

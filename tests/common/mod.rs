@@ -171,6 +171,28 @@ socket = "{d}/{me}.ctl"
         }
     }
 
+    /// A clean stop (SIGTERM), as systemd does it; returns whether the
+    /// daemon exited successfully.
+    pub fn stop(&mut self, n: usize) -> bool {
+        let Some(mut c) = self.procs[n].take() else {
+            return false;
+        };
+        let pid = c.id().to_string();
+        run(Command::new("kill").args(["-TERM", &pid]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.success();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn status(&self, n: usize) -> Option<Value> {
         let out = self.hadb(n, &["status", "--json"]);
         if !out.status.success() {
