@@ -27,13 +27,19 @@ pub type Seq = u64;
 /// Granularity of the in-memory dirty bitmap and of resync.
 pub const BLOCK: u64 = 4096;
 /// Largest run of dirty blocks one resync read covers.
-const RESYNC_RUN: u64 = 64;
+const RESYNC_RUN: u64 = 256;
+/// Blocks one online-verify request covers: its answer is a 64-bit mask.
+const VERIFY_CHUNK: u64 = 64;
 /// Resync reads in flight at once.
-const RESYNC_WINDOW: usize = 16;
+const RESYNC_WINDOW: usize = 8;
 /// Runs of a bitmap one frame carries (16 bytes each).
 const BITMAP_FRAME_RUNS: usize = 65536;
-/// Resync reads in flight while application writes wait.
-const RESYNC_WINDOW_BUSY: usize = 2;
+/// Resync reads in flight, and blocks per read, while the application
+/// writes: 64 KiB in the pipe ahead of any application write.
+const RESYNC_WINDOW_BUSY: usize = 1;
+const RESYNC_RUN_BUSY: u64 = 16;
+/// How long after an application write the application counts as active.
+const APP_ACTIVE_US: u64 = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -671,6 +677,8 @@ pub struct Replica {
     outdated_at_resync_end: bool,
     /// After an unclean stop: the activity-log extents found at start.
     marked_at_start: Option<usize>,
+    /// When the last application write was issued (driver clock, µs).
+    last_app_write_us: u64,
     resync: Option<ResyncState>,
     /// Target side: frames applied but not yet acknowledged are acked in
     /// order by the disk completions; nothing to track but the final flush.
@@ -806,6 +814,7 @@ impl Replica {
             al_full: false,
             outdated_at_resync_end: false,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
+            last_app_write_us: 0,
             resync: None,
             role_request: None,
             counters: Counters::default(),
@@ -1197,6 +1206,7 @@ impl Replica {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.last_app_write_us = self.now_us;
         let to_peer = self.peer_ready;
         if !to_peer {
             self.begin_alone_writes(out);
@@ -1207,7 +1217,7 @@ impl Replica {
         if let (Some(r), Some(v)) = (blocks, &mut self.verify) {
             // A verify read of these blocks may predate this write, which
             // the peer will apply before it reads: compare them again.
-            for (_, invalid) in v.reads.range_mut(r.0.saturating_sub(RESYNC_RUN)..r.1) {
+            for (_, invalid) in v.reads.range_mut(r.0.saturating_sub(VERIFY_CHUNK)..r.1) {
                 *invalid = true;
             }
         }
@@ -1702,7 +1712,7 @@ impl Replica {
                 let end = h.offset.checked_add(h.length as u64);
                 if self.role == Role::Primary
                     || end.is_none_or(|e| e > self.data_size)
-                    || h.length > (RESYNC_RUN * BLOCK) as u32
+                    || h.length > (VERIFY_CHUNK * BLOCK) as u32
                 {
                     self.violation("verify request out of place or out of bounds", &mut out);
                     return out;
@@ -2059,11 +2069,15 @@ impl Replica {
         // Application writes first: while any wait, the resync keeps only a
         // couple of reads in flight (the fill-target idea: a little resync
         // traffic in the pipe, never a wall of it).
-        let app_waiting = !self.pending.is_empty();
-        let window = if app_waiting {
-            RESYNC_WINDOW_BUSY
+        // A client writing at queue depth 1 leaves nothing pending between
+        // its writes: recent writes count too, or each would wait behind
+        // a full window of resync data.
+        let app_waiting = !self.pending.is_empty()
+            || self.now_us.saturating_sub(self.last_app_write_us) < APP_ACTIVE_US;
+        let (window, run) = if app_waiting {
+            (RESYNC_WINDOW_BUSY, RESYNC_RUN_BUSY)
         } else {
-            RESYNC_WINDOW
+            (RESYNC_WINDOW, RESYNC_RUN)
         };
         let limited = self.resync_rate > 0;
         while rs.reads.len() + rs.unacked.len() < window
@@ -2073,7 +2087,7 @@ impl Replica {
                 break;
             };
             let mut count = 1;
-            while count < RESYNC_RUN && dirty.contains(&(first + count)) {
+            while count < run && dirty.contains(&(first + count)) {
                 count += 1;
             }
             for b in first..first + count {
@@ -2337,12 +2351,12 @@ impl Replica {
                 Some(first) => first,
                 None if v.cursor < total => {
                     let first = v.cursor;
-                    v.cursor += RESYNC_RUN.min(total - first);
+                    v.cursor += VERIFY_CHUNK.min(total - first);
                     first
                 }
                 None => break,
             };
-            let count = RESYNC_RUN.min(total - first);
+            let count = VERIFY_CHUNK.min(total - first);
             v.reads.insert(first, false);
             let offset = first * BLOCK;
             let length = (count * BLOCK).min(self.data_size - offset);
