@@ -267,6 +267,10 @@ pub struct VolumeConfig {
     /// resync still yields to application writes).
     #[serde(default = "default_resync_rate")]
     pub resync_rate: ByteRate,
+    /// Resync bytes per second while the application writes (DRBD's
+    /// c-min-rate); "0": only the one-read window.
+    #[serde(default = "default_resync_min_rate")]
+    pub resync_min_rate: ByteRate,
     /// What to do when both copies changed since they parted.
     #[serde(default = "default_after_split_brain")]
     pub after_split_brain: crate::core::replica::AfterSplitBrain,
@@ -318,6 +322,9 @@ fn default_ack_timeout() -> HumanDuration {
 }
 fn default_resync_rate() -> ByteRate {
     ByteRate(0)
+}
+fn default_resync_min_rate() -> ByteRate {
+    ByteRate(32 << 20)
 }
 fn default_al_extents() -> u32 {
     1237

@@ -245,6 +245,8 @@ impl Sim {
             outdated: m.outdated,
             ack_timeout_us: ACK_TIMEOUT_US,
             resync_rate: 0,
+            // Paced while the client writes, as deployed.
+            resync_min_rate: 64 << 20,
             crashed_primary: m.primary,
             after_split_brain: replica::AfterSplitBrain::Disconnect,
             gen_seed: seed,

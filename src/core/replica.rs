@@ -566,6 +566,9 @@ pub struct Setup {
     pub ack_timeout_us: u64,
     /// Most resync bytes per second; 0: no limit but the busy window.
     pub resync_rate: u64,
+    /// Resync bytes per second while the application writes; 0: only the
+    /// busy window.
+    pub resync_min_rate: u64,
     /// The metadata says the node stopped while primary.
     pub crashed_primary: bool,
     pub after_split_brain: AfterSplitBrain,
@@ -630,6 +633,7 @@ pub struct Replica {
     now_us: u64,
     ack_timeout_us: u64,
     resync_rate: u64,
+    resync_min_rate: u64,
     /// Semisync asked the connected peer to outdate itself.
     outdate_asked: bool,
     pub semisync: SemisyncCounters,
@@ -790,6 +794,7 @@ impl Replica {
             now_us: 0,
             ack_timeout_us: s.ack_timeout_us,
             resync_rate: s.resync_rate,
+            resync_min_rate: s.resync_min_rate,
             outdate_asked: false,
             semisync: SemisyncCounters::default(),
             peer_volatile: BTreeSet::new(),
@@ -1444,6 +1449,10 @@ impl Replica {
             id: p.id,
             result: p.error.map_or(Ok(()), Err),
         });
+        // A paced resync goes on as the application's writes complete.
+        if self.resync.is_some() {
+            self.resync_pump(out);
+        }
     }
 
     // ---- the link -------------------------------------------------------
@@ -2079,10 +2088,25 @@ impl Replica {
         } else {
             (RESYNC_WINDOW, RESYNC_RUN)
         };
-        let limited = self.resync_rate > 0;
-        while rs.reads.len() + rs.unacked.len() < window
-            && (!limited || rs.budget >= RESYNC_RUN * BLOCK)
-        {
+        // While the application writes, the resync also slows to
+        // `resync_min_rate` (DRBD's c-min-rate), in bursts of one read.
+        let rate = match (app_waiting, self.resync_min_rate, self.resync_rate) {
+            (true, min, 0) if min > 0 => min,
+            (true, min, max) if min > 0 => min.min(max),
+            (_, _, max) => max,
+        };
+        let limited = rate > 0;
+        let dt = self.now_us.saturating_sub(rs.last_refill_us);
+        rs.last_refill_us = self.now_us;
+        if limited {
+            let burst = if app_waiting {
+                run * BLOCK
+            } else {
+                (rate / 10).max(RESYNC_RUN * BLOCK)
+            };
+            rs.budget = (rs.budget + rate * dt / 1_000_000).min(burst);
+        }
+        while rs.reads.len() + rs.unacked.len() < window && (!limited || rs.budget >= run * BLOCK) {
             let Some(first) = dirty.first_from(rs.cursor) else {
                 break;
             };
@@ -2549,13 +2573,7 @@ impl Replica {
     /// confirmed fence).
     pub fn tick(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
-        let burst = self.resync_burst();
-        if let Some(rs) = &mut self.resync
-            && self.resync_rate > 0
-        {
-            let dt = self.now_us.saturating_sub(rs.last_refill_us);
-            rs.last_refill_us = self.now_us;
-            rs.budget = (rs.budget + self.resync_rate * dt / 1_000_000).min(burst);
+        if self.resync.is_some() {
             self.resync_pump(&mut out);
         }
         if self.mode != Mode::Semisync || self.role != Role::Primary || self.alone {
@@ -2671,6 +2689,7 @@ mod tests {
             outdated: false,
             ack_timeout_us: 1_000_000,
             resync_rate: 0,
+            resync_min_rate: 0,
             crashed_primary: false,
             after_split_brain: AfterSplitBrain::Disconnect,
             gen_seed: 42,
@@ -2920,11 +2939,12 @@ mod tests {
             wire::Header::new(Kind::State, 0, 0, 0),
             Some(Arc::new(fresh_peer.encode())),
         );
-        // 1 MiB/s allows a tenth of a second's worth at once: one 256 KiB read.
+        // 1 MiB/s: a burst is at least one read (1 MiB), then a second
+        // passes before the next.
         assert_eq!(reads(&out), 1, "{out:?}");
-        r.set_now(50_000);
+        r.set_now(500_000);
         assert_eq!(reads(&r.tick()), 0, "too early for more");
-        r.set_now(400_000);
+        r.set_now(3_000_000);
         assert_eq!(
             reads(&r.tick()),
             1,

@@ -246,6 +246,7 @@ impl Volume {
             outdated: sb.has(flags::OUTDATED),
             ack_timeout_us: config.volume.ack_timeout.0.as_micros() as u64,
             resync_rate: config.volume.resync_rate.0,
+            resync_min_rate: config.volume.resync_min_rate.0,
             crashed_primary: sb.has(flags::PRIMARY),
             after_split_brain: config.volume.after_split_brain,
             out_of_sync,
