@@ -243,6 +243,13 @@ pub struct NodeConfig {
     /// nodes share one host in tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// More heartbeat links (ring1, ring2, ...): this node's address on
+    /// each; `address` is ring0. Both nodes list the same number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<IpAddr>,
+    /// Heartbeat port of this node; defaults to `heartbeat.port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +290,59 @@ pub struct VolumeConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    #[serde(default = "default_heartbeat_port")]
+    pub port: u16,
+    /// How often a heartbeat goes out on every link.
+    #[serde(default = "default_heartbeat_interval")]
+    pub interval: HumanDuration,
+    /// A link with nothing valid heard for this long is down; the peer is
+    /// lost when every link is down.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub timeout: HumanDuration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            port: default_heartbeat_port(),
+            interval: default_heartbeat_interval(),
+            timeout: default_heartbeat_timeout(),
+        }
+    }
+}
+
+/// How a lost peer is fenced before this node takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceMethod {
+    /// The operator powers the peer off and says so with
+    /// `hadb fence confirm NODE`.
+    Manual,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FencingConfig {
+    #[serde(default = "default_fence_method")]
+    pub method: FenceMethod,
+    /// A secondary that lost its peer waits this long before fencing, so a
+    /// primary that lost its peer at the same moment fences first.
+    #[serde(default = "default_fence_delay")]
+    pub fence_delay: HumanDuration,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            method: default_fence_method(),
+            fence_delay: default_fence_delay(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ControlConfig {
     #[serde(default = "default_control_socket")]
     pub socket: PathBuf,
@@ -308,11 +368,30 @@ pub struct Config {
     pub nodes: BTreeMap<String, NodeConfig>,
     pub volume: VolumeConfig,
     #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
+    #[serde(default)]
+    pub fencing: FencingConfig,
+    #[serde(default)]
     pub control: ControlConfig,
 }
 
 fn default_volume_port() -> u16 {
     7789
+}
+fn default_heartbeat_port() -> u16 {
+    5405
+}
+fn default_heartbeat_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+fn default_heartbeat_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_fence_method() -> FenceMethod {
+    FenceMethod::Manual
+}
+fn default_fence_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 fn default_mode() -> Mode {
     Mode::Sync
@@ -577,6 +656,33 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
         bad(
             "volume.ack_timeout",
             "expected at least 100ms; shorter timeouts make the volume go alone on ordinary jitter"
+                .into(),
+        );
+    }
+    let hb = &config.heartbeat;
+    if hb.port == 0 {
+        bad("heartbeat.port", "expected a port from 1 to 65535".into());
+    }
+    if hb.interval.0 < Duration::from_millis(10) {
+        bad(
+            "heartbeat.interval",
+            "expected at least 10ms; faster only burns CPU".into(),
+        );
+    }
+    if hb.timeout.0 < hb.interval.0 * 3 {
+        bad(
+            "heartbeat.timeout",
+            format!(
+                "expected at least three intervals ({}), or one lost packet marks the link down",
+                HumanDuration(hb.interval.0 * 3)
+            ),
+        );
+    }
+    let link_counts: Vec<usize> = config.nodes.values().map(|n| n.links.len()).collect();
+    if link_counts.windows(2).any(|w| w[0] != w[1]) {
+        bad(
+            "nodes",
+            "every node must list the same number of heartbeat `links` (one address per extra ring)"
                 .into(),
         );
     }

@@ -337,6 +337,38 @@ fn human_status(st: &Value) -> String {
         s(&st["node"]),
         s(&st["pid"])
     );
+    let hb = &st["heartbeat"];
+    if let Some(links) = hb["links"].as_array() {
+        let rings: Vec<String> = links
+            .iter()
+            .map(|l| {
+                format!(
+                    "ring{} {} ({} -> {}{})",
+                    s(&l["ring"]),
+                    if l["up"] == json!(true) { "up" } else { "DOWN" },
+                    s(&l["local"]),
+                    s(&l["peer"]),
+                    match l["silent_ms"].as_u64() {
+                        Some(ms) => format!(", heard {ms} ms ago"),
+                        None => ", never heard".into(),
+                    }
+                )
+            })
+            .collect();
+        out += &format!(
+            "heartbeat: peer {}  {}\n",
+            if hb["peer_alive"] == json!(true) {
+                if hb["peer_hears_me"] == json!(true) {
+                    "alive"
+                } else {
+                    "alive (does not hear this node yet)"
+                }
+            } else {
+                "LOST"
+            },
+            rings.join("  ")
+        );
+    }
     out += &format!(
         "volume: {} {}  link {}  mode {}{}{}\n",
         s(&v["role"]),

@@ -504,12 +504,13 @@ fn config_check_reports_file_line_and_key() {
     let text = p
         .config_text(0, "sync")
         .replace("mode = \"sync\"", "mode = \"sync\"\nspeed = 3");
+    let line = text.lines().position(|l| l == "speed = 3").unwrap() + 1;
     std::fs::write(p.config(0), text).unwrap();
     let out = p.hadb(0, &["config", "check"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("a.toml:16: key `volume.speed`: unknown field"),
+        err.contains(&format!("a.toml:{line}: key `volume.speed`: unknown field")),
         "{err}"
     );
 }

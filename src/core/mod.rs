@@ -3,6 +3,7 @@
 
 pub mod al;
 pub mod bitmap;
+pub mod heartbeat;
 pub mod meta;
 pub mod nbd;
 pub mod replica;

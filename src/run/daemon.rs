@@ -48,6 +48,7 @@ impl std::error::Error for Error {}
 struct Daemon {
     config: Config,
     events: Sender<Event>,
+    heartbeat: Arc<crate::run::heartbeat::Heartbeat>,
 }
 
 impl Daemon {
@@ -72,6 +73,7 @@ impl control::Handler for Daemon {
                     "cluster": self.config.cluster,
                     "node": self.config.node,
                     "pid": std::process::id(),
+                    "heartbeat": self.heartbeat.status(),
                     "volume": volume,
                     "nbd_device": self.config.volume.nbd_device,
                     "nbd_socket": self.config.volume.nbd_socket,
@@ -141,7 +143,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         cluster: config.cluster.clone(),
         me: config.node.clone(),
         peer: peer_name.clone(),
-        key: Arc::new(key),
+        key: Arc::new(key.clone()),
         listen: config.listen_addr(),
         peer_addr: config.peer_addr(),
         events: events.clone(),
@@ -152,9 +154,11 @@ pub fn run(config: Config) -> Result<(), Error> {
         shared: shared.clone(),
         reader,
     });
+    let heartbeat = crate::run::heartbeat::new(&config, &key);
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         events: events.clone(),
+        heartbeat: heartbeat.clone(),
     });
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
@@ -166,6 +170,16 @@ pub fn run(config: Config) -> Result<(), Error> {
             crate::run::spawn(peer::connect_loop(setup))
         } else {
             crate::run::spawn(peer::listen_loop(setup))
+        };
+        let _heartbeat = {
+            let shared = shared.clone();
+            let interval = config.heartbeat.interval.0;
+            crate::run::spawn(async move {
+                let report = || *shared.report.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = crate::run::heartbeat::run(heartbeat, interval, report).await {
+                    log::error!("heartbeat: {e}; the peer cannot hear this node");
+                }
+            })
         };
         let nbd_path = config.volume.nbd_socket.clone();
         let _nbd = {

@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod daemon;
+pub mod heartbeat;
 pub mod nbd;
 pub mod peer;
 pub mod stats;

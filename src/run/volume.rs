@@ -80,6 +80,9 @@ pub struct Shared {
     pub writable: AtomicBool,
     pub data_size: u64,
     pub stats: Stats,
+    /// This node as its heartbeats describe it; kept current by the
+    /// volume task.
+    pub report: std::sync::Mutex<crate::core::heartbeat::NodeReport>,
 }
 
 enum Job {
@@ -262,6 +265,7 @@ impl Volume {
             writable: AtomicBool::new(false),
             data_size: store.layout.data_size,
             stats: shared_stats,
+            report: std::sync::Mutex::new(Default::default()),
         });
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let events = tx.clone();
@@ -324,11 +328,28 @@ impl Volume {
                 self.apply(actions);
             }
             self.answer_promotion();
+            self.publish_report();
             if self.stopping.is_some() && self.queued == 0 {
                 self.finish_stop().await;
                 return;
             }
         }
+    }
+
+    fn publish_report(&self) {
+        let n = self.replica.node_state();
+        let link = match self.replica.link() {
+            replica::LinkState::Standalone => 0,
+            replica::LinkState::Connecting => 1,
+            replica::LinkState::Connected => 2,
+            replica::LinkState::SyncSource => 3,
+            replica::LinkState::SyncTarget => 4,
+        };
+        let mut r = self.shared.report.lock().unwrap_or_else(|e| e.into_inner());
+        r.role = n.role;
+        r.disk = n.disk;
+        r.current_gen = n.current_gen;
+        r.volume_link = link;
     }
 
     /// The disk queue is empty: write the bitmap and activity log, and

@@ -115,9 +115,11 @@ key_file = "$D/key"
 [nodes.a]
 address = "127.0.0.1"
 port = $PORT_A
+heartbeat_port = $PORT_A
 [nodes.b]
 address = "127.0.0.1"
 port = $PORT_B
+heartbeat_port = $PORT_B
 [volume]
 device = "$D/$n.img"
 mode = "$mode"

@@ -98,10 +98,13 @@ key_file = "{d}/{me}.key"
 [nodes.a]
 address = "127.0.0.1"
 port = {pa}
+# UDP: the same number as the TCP port is free for it.
+heartbeat_port = {pa}
 
 [nodes.b]
 address = "127.0.0.1"
 port = {pb}
+heartbeat_port = {pb}
 
 [volume]
 device = "{d}/{me}.img"

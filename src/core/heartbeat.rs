@@ -1,0 +1,518 @@
+//! The heartbeat: signed unicast UDP packets between the two nodes, on one
+//! or more links, saying "I am alive, and this is my state". Pure: the
+//! driver (`run::heartbeat`) owns the sockets and the clock and passes
+//! both in.
+//!
+//! A packet is accepted only if it has the right magic and version, names
+//! this cluster and the peer, carries a valid HMAC-SHA256 over everything
+//! before it, and is newer than what was heard: a lower incarnation (an
+//! earlier run of the peer) or a sequence number already seen is a replay.
+//! A packet that fails any check changes nothing but a counter.
+
+use hmac::{KeyInit, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+pub const MAGIC: [u8; 8] = *b"HADBBEAT";
+pub const VERSION: u8 = 1;
+pub const MAC_LEN: usize = 32;
+/// Fixed part before the two names.
+const FIXED: usize = 56;
+const MAX_NAME: usize = 64;
+/// Sequence numbers below the highest seen that are still accepted once
+/// (UDP may reorder).
+const WINDOW: u64 = 64;
+/// Mixed into every MAC, so a heartbeat can never pass for anything else
+/// signed with the same key.
+const DOMAIN: &[u8] = b"hadb heartbeat v1\0";
+
+pub const FLAG_STANDBY: u8 = 1 << 0;
+pub const FLAG_WATCHDOG: u8 = 1 << 1;
+pub const FLAG_WITNESS: u8 = 1 << 2;
+
+/// What a node says of itself in every heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct NodeReport {
+    /// 0 secondary, 1 primary.
+    pub role: u8,
+    /// The volume's disk state code (see `replica::disk_from_code`); 255
+    /// for a witness, which has none.
+    pub disk: u8,
+    pub current_gen: u64,
+    /// FLAG_* bits.
+    pub flags: u8,
+    /// The volume link state code (0 standalone .. 4 sync_target).
+    pub volume_link: u8,
+    /// Local service health: 0 none or unknown, 1 healthy, 2 failing.
+    pub service: u8,
+    pub watchdog_timeout_ms: u32,
+    /// The incarnation of the peer this node last heard (0: none), so a
+    /// node can tell whether it is heard in return.
+    pub hears: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub link: u8,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub cluster: String,
+    pub node: String,
+    pub report: NodeReport,
+}
+
+/// Why a packet was refused; each has a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Too short, bad magic or version, bad lengths.
+    Malformed,
+    /// Another cluster, or a node name that is not the peer.
+    Foreign,
+    /// The MAC does not match (wrong key, or altered).
+    BadSignature,
+    /// An earlier incarnation or an already seen sequence number.
+    Replayed,
+}
+
+fn mac(key: &[u8], bytes: &[u8]) -> [u8; MAC_LEN] {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(DOMAIN);
+    m.update(bytes);
+    m.finalize().into_bytes().into()
+}
+
+impl Packet {
+    pub fn encode(&self, key: &[u8]) -> Vec<u8> {
+        let c = self.cluster.as_bytes();
+        let n = self.node.as_bytes();
+        let (c, n) = (&c[..c.len().min(MAX_NAME)], &n[..n.len().min(MAX_NAME)]);
+        let mut b = vec![0u8; FIXED];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8] = VERSION;
+        b[9] = self.link;
+        b[10] = c.len() as u8;
+        b[11] = n.len() as u8;
+        b[12..20].copy_from_slice(&self.incarnation.to_be_bytes());
+        b[20..28].copy_from_slice(&self.seq.to_be_bytes());
+        let r = &self.report;
+        b[28] = r.role;
+        b[29] = r.disk;
+        b[30..38].copy_from_slice(&r.current_gen.to_be_bytes());
+        b[38] = r.flags;
+        b[39] = r.volume_link;
+        b[40] = r.service;
+        b[44..48].copy_from_slice(&r.watchdog_timeout_ms.to_be_bytes());
+        b[48..56].copy_from_slice(&r.hears.to_be_bytes());
+        b.extend_from_slice(c);
+        b.extend_from_slice(n);
+        let tag = mac(key, &b);
+        b.extend_from_slice(&tag);
+        b
+    }
+
+    /// Parses and authenticates a packet; checks nothing about freshness.
+    pub fn decode(b: &[u8], key: &[u8]) -> Result<Packet, Reject> {
+        if b.len() < FIXED + MAC_LEN || b[0..8] != MAGIC || b[8] != VERSION {
+            return Err(Reject::Malformed);
+        }
+        let (cl, nl) = (b[10] as usize, b[11] as usize);
+        if cl > MAX_NAME || nl > MAX_NAME || b.len() != FIXED + cl + nl + MAC_LEN {
+            return Err(Reject::Malformed);
+        }
+        let body = &b[..FIXED + cl + nl];
+        let tag = &b[FIXED + cl + nl..];
+        let good = mac(key, body);
+        // Constant time: a forger learns nothing from how long it took.
+        if tag
+            .iter()
+            .zip(good.iter())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            != 0
+        {
+            return Err(Reject::BadSignature);
+        }
+        let u64_at = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_be_bytes(w)
+        };
+        let name = |at: usize, len: usize| {
+            std::str::from_utf8(&b[at..at + len])
+                .map(str::to_owned)
+                .map_err(|_| Reject::Malformed)
+        };
+        Ok(Packet {
+            link: b[9],
+            incarnation: u64_at(12),
+            seq: u64_at(20),
+            cluster: name(FIXED, cl)?,
+            node: name(FIXED + cl, nl)?,
+            report: NodeReport {
+                role: b[28],
+                disk: b[29],
+                current_gen: u64_at(30),
+                flags: b[38],
+                volume_link: b[39],
+                service: b[40],
+                watchdog_timeout_ms: u32::from_be_bytes([b[44], b[45], b[46], b[47]]),
+                hears: u64_at(48),
+            },
+        })
+    }
+}
+
+/// Counters of one link, as status shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkCounters {
+    pub sent: u64,
+    pub received: u64,
+    pub malformed: u64,
+    pub foreign: u64,
+    pub bad_signature: u64,
+    pub replayed: u64,
+}
+
+/// A link as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LinkView {
+    pub up: bool,
+    /// Microseconds since a valid packet arrived on it (None: never).
+    pub silent_us: Option<u64>,
+    pub counters: LinkCounters,
+}
+
+/// Something that changed, for the log and the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    LinkUp(usize),
+    LinkDown(usize),
+    /// The peer is heard again (on any link); `restarted` if it came back
+    /// with a new incarnation.
+    PeerFound {
+        restarted: bool,
+    },
+    /// Every link is silent for the timeout.
+    PeerLost,
+}
+
+/// What this node knows of its peer from heartbeats.
+pub struct Membership {
+    cluster: String,
+    me: String,
+    peer: String,
+    key: Vec<u8>,
+    timeout_us: u64,
+    incarnation: u64,
+    next_seq: u64,
+    /// Per link: when a valid packet last arrived, and whether it counts
+    /// as up.
+    heard: Vec<(Option<u64>, bool)>,
+    counters: Vec<LinkCounters>,
+    /// The peer's incarnation, highest sequence and the window below it.
+    seen: Option<(u64, u64, u64)>,
+    report: Option<NodeReport>,
+    alive: bool,
+}
+
+impl Membership {
+    /// `incarnation`: new at every start and higher than the last one
+    /// (the driver takes the wall clock in microseconds), so packets of an
+    /// earlier run are recognised as old.
+    pub fn new(
+        cluster: &str,
+        me: &str,
+        peer: &str,
+        key: &[u8],
+        links: usize,
+        timeout_us: u64,
+        incarnation: u64,
+    ) -> Membership {
+        Membership {
+            cluster: cluster.to_owned(),
+            me: me.to_owned(),
+            peer: peer.to_owned(),
+            key: key.to_vec(),
+            timeout_us,
+            incarnation,
+            next_seq: 1,
+            heard: vec![(None, false); links.max(1)],
+            counters: vec![LinkCounters::default(); links.max(1)],
+            seen: None,
+            report: None,
+            alive: false,
+        }
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The packet to send on `link` now.
+    pub fn outgoing(&mut self, link: usize, mut report: NodeReport) -> Vec<u8> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(c) = self.counters.get_mut(link) {
+            c.sent += 1;
+        }
+        report.hears = self.seen.map_or(0, |(inc, _, _)| inc);
+        Packet {
+            link: link as u8,
+            incarnation: self.incarnation,
+            seq,
+            cluster: self.cluster.clone(),
+            node: self.me.clone(),
+            report,
+        }
+        .encode(&self.key)
+    }
+
+    /// A datagram arrived on `link`.
+    pub fn receive(
+        &mut self,
+        link: usize,
+        bytes: &[u8],
+        now_us: u64,
+    ) -> Result<Vec<Event>, Reject> {
+        let link = link.min(self.heard.len() - 1);
+        let result = self.check(bytes);
+        let c = &mut self.counters[link];
+        match result {
+            Err(Reject::Malformed) => c.malformed += 1,
+            Err(Reject::Foreign) => c.foreign += 1,
+            Err(Reject::BadSignature) => c.bad_signature += 1,
+            Err(Reject::Replayed) => c.replayed += 1,
+            Ok(_) => c.received += 1,
+        }
+        let (p, restarted) = result?;
+        let mut events = Vec::new();
+        self.report = Some(p.report);
+        self.heard[link].0 = Some(now_us);
+        if !self.heard[link].1 {
+            self.heard[link].1 = true;
+            events.push(Event::LinkUp(link));
+        }
+        if !self.alive || restarted {
+            self.alive = true;
+            events.push(Event::PeerFound { restarted });
+        }
+        Ok(events)
+    }
+
+    /// Authenticates and checks freshness; on success records the
+    /// sequence. Returns the packet and whether it starts a new
+    /// incarnation of a peer heard before.
+    fn check(&mut self, bytes: &[u8]) -> Result<(Packet, bool), Reject> {
+        let p = Packet::decode(bytes, &self.key)?;
+        if p.cluster != self.cluster || p.node != self.peer {
+            return Err(Reject::Foreign);
+        }
+        let restarted = match self.seen {
+            None => {
+                self.seen = Some((p.incarnation, p.seq, 0));
+                false
+            }
+            Some((inc, _, _)) if p.incarnation > inc => {
+                self.seen = Some((p.incarnation, p.seq, 0));
+                true
+            }
+            Some((inc, _, _)) if p.incarnation < inc => return Err(Reject::Replayed),
+            Some((inc, high, window)) => {
+                if p.seq > high {
+                    let shift = p.seq - high;
+                    let window = if shift >= WINDOW {
+                        0
+                    } else {
+                        (window << shift) | (1 << (shift - 1))
+                    };
+                    self.seen = Some((inc, p.seq, window));
+                } else {
+                    let back = high - p.seq;
+                    if back == 0 || back > WINDOW || window & (1 << (back - 1)) != 0 {
+                        return Err(Reject::Replayed);
+                    }
+                    self.seen = Some((inc, high, window | (1 << (back - 1))));
+                }
+                false
+            }
+        };
+        Ok((p, restarted))
+    }
+
+    /// A datagram on `link` from an address that is not the peer's there.
+    pub fn refuse_foreign(&mut self, link: usize) {
+        if let Some(c) = self.counters.get_mut(link) {
+            c.foreign += 1;
+        }
+    }
+
+    /// Time passes: links and the peer time out.
+    pub fn tick(&mut self, now_us: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (i, (last, up)) in self.heard.iter_mut().enumerate() {
+            if *up && last.is_none_or(|t| now_us.saturating_sub(t) >= self.timeout_us) {
+                *up = false;
+                events.push(Event::LinkDown(i));
+            }
+        }
+        if self.alive && self.heard.iter().all(|(_, up)| !up) {
+            self.alive = false;
+            events.push(Event::PeerLost);
+        }
+        events
+    }
+
+    /// Whether the peer is heard on some link.
+    pub fn peer_alive(&self) -> bool {
+        self.alive
+    }
+
+    /// The peer's last report (kept after it is lost, for status).
+    pub fn peer_report(&self) -> Option<NodeReport> {
+        self.report
+    }
+
+    /// When the peer was last heard on any link.
+    pub fn last_heard_us(&self) -> Option<u64> {
+        self.heard.iter().filter_map(|(t, _)| *t).max()
+    }
+
+    /// Whether the peer's last report says it hears this run of us.
+    pub fn peer_hears_me(&self) -> bool {
+        self.report.is_some_and(|r| r.hears == self.incarnation)
+    }
+
+    pub fn links(&self, now_us: u64) -> Vec<LinkView> {
+        self.heard
+            .iter()
+            .zip(&self.counters)
+            .map(|((last, up), c)| LinkView {
+                up: *up,
+                silent_us: last.map(|t| now_us.saturating_sub(t)),
+                counters: *c,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn pair() -> (Membership, Membership) {
+        (
+            Membership::new("hadb", "a", "b", KEY, 2, 1_000_000, 100),
+            Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 200),
+        )
+    }
+
+    #[test]
+    fn roundtrip_and_every_byte_is_covered() {
+        let p = Packet {
+            link: 1,
+            incarnation: 7,
+            seq: 9,
+            cluster: "hadb".into(),
+            node: "hadb01".into(),
+            report: NodeReport {
+                role: 1,
+                disk: 0,
+                current_gen: 0xfeed,
+                flags: FLAG_WATCHDOG,
+                volume_link: 2,
+                service: 1,
+                watchdog_timeout_ms: 10_000,
+                hears: 5,
+            },
+        };
+        let b = p.encode(KEY);
+        assert_eq!(Packet::decode(&b, KEY), Ok(p));
+        for i in 0..b.len() {
+            let mut bad = b.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                Packet::decode(&bad, KEY).is_err(),
+                "byte {i} is not covered"
+            );
+        }
+        assert_eq!(
+            Packet::decode(&b, b"another key"),
+            Err(Reject::BadSignature)
+        );
+        for cut in [0, 10, FIXED, b.len() - 1] {
+            assert_eq!(Packet::decode(&b[..cut], KEY), Err(Reject::Malformed));
+        }
+    }
+
+    #[test]
+    fn peer_found_lost_and_links_counted() {
+        let (mut a, mut b) = pair();
+        let pkt = b.outgoing(0, NodeReport::default());
+        let ev = a.receive(0, &pkt, 1_000).unwrap();
+        assert_eq!(
+            ev,
+            vec![Event::LinkUp(0), Event::PeerFound { restarted: false }]
+        );
+        assert!(a.peer_alive());
+        // Link 1 never heard: stays down; link 0 times out after 1 s.
+        assert_eq!(a.tick(900_000), vec![]);
+        assert_eq!(a.tick(1_001_000), vec![Event::LinkDown(0), Event::PeerLost]);
+        let pkt = b.outgoing(1, NodeReport::default());
+        let ev = a.receive(1, &pkt, 1_100_000).unwrap();
+        assert_eq!(
+            ev,
+            vec![Event::LinkUp(1), Event::PeerFound { restarted: false }]
+        );
+        let links = a.links(1_200_000);
+        assert_eq!((links[0].up, links[1].up), (false, true));
+        assert_eq!(links[1].counters.received, 1);
+        assert_eq!(links[1].silent_us, Some(100_000));
+    }
+
+    #[test]
+    fn replays_old_incarnations_and_foreign_packets_change_nothing() {
+        let (mut a, mut b) = pair();
+        let p1 = b.outgoing(0, NodeReport::default());
+        let p2 = b.outgoing(0, NodeReport::default());
+        let p3 = b.outgoing(0, NodeReport::default());
+        a.receive(0, &p1, 1).unwrap();
+        a.receive(0, &p3, 2).unwrap();
+        assert_eq!(a.receive(0, &p3, 3), Err(Reject::Replayed));
+        // Reordered but unseen: accepted once.
+        a.receive(0, &p2, 4).unwrap();
+        assert_eq!(a.receive(0, &p2, 5), Err(Reject::Replayed));
+        // b restarts with a higher incarnation: accepted, and its old
+        // packets are replays from now on.
+        let mut b2 = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 300);
+        let q = b2.outgoing(0, NodeReport::default());
+        assert_eq!(
+            a.receive(0, &q, 6).unwrap(),
+            vec![Event::PeerFound { restarted: true }]
+        );
+        assert_eq!(a.receive(0, &p1, 7), Err(Reject::Replayed));
+        // Another cluster, or a third node, with the right key: foreign.
+        let mut other = Membership::new("other", "b", "a", KEY, 2, 1_000_000, 400);
+        let o = other.outgoing(0, NodeReport::default());
+        assert_eq!(a.receive(0, &o, 8), Err(Reject::Foreign));
+        let mut c = Membership::new("hadb", "c", "a", KEY, 2, 1_000_000, 400);
+        assert_eq!(
+            a.receive(0, &c.outgoing(0, NodeReport::default()), 9),
+            Err(Reject::Foreign)
+        );
+        let c0 = a.links(10)[0].counters;
+        assert_eq!((c0.received, c0.replayed, c0.foreign), (4, 3, 2));
+    }
+
+    #[test]
+    fn a_node_knows_whether_it_is_heard() {
+        let (mut a, mut b) = pair();
+        b.receive(0, &a.outgoing(0, NodeReport::default()), 1)
+            .unwrap();
+        a.receive(0, &b.outgoing(0, NodeReport::default()), 2)
+            .unwrap();
+        assert!(a.peer_hears_me());
+        assert!(!b.peer_hears_me(), "a's packet went before a heard b");
+    }
+}

@@ -1,0 +1,93 @@
+//! The heartbeat between two real daemons on loopback: the peer is found,
+//! bad datagrams are refused and counted without changing anything, and a
+//! killed peer is declared lost within about the timeout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use common::Pair;
+use hadb::core::heartbeat::{NodeReport, Packet};
+
+const SIZE: u64 = 16 << 20;
+
+fn heartbeat(p: &Pair, n: usize) -> serde_json::Value {
+    p.status(n).unwrap()["heartbeat"].clone()
+}
+
+#[test]
+fn peers_hear_each_other_and_bad_datagrams_change_nothing() {
+    let p = Pair::up("hb", "sync", SIZE);
+    for n in [0, 1] {
+        p.wait(n, "peer heard", |s| {
+            s.is_some_and(|s| {
+                s["heartbeat"]["peer_alive"] == true && s["heartbeat"]["peer_hears_me"] == true
+            })
+        });
+    }
+    let hb = heartbeat(&p, 0);
+    assert_eq!(hb["links"][0]["up"], true, "{hb}");
+    assert!(hb["links"][0]["counters"]["received"].as_u64().unwrap() > 0);
+    assert_eq!(hb["peer_report"]["role"], 0, "b is secondary: {hb}");
+
+    // Datagrams to a's heartbeat port, from 127.0.0.1 (b's address):
+    // forged with another key, an earlier incarnation of b signed with the
+    // right key, another cluster, cut short, garbage.
+    let target = hb["links"][0]["local"].as_str().unwrap().to_owned();
+    let key = std::fs::read(p.dir.join("a.key")).unwrap();
+    let packet = |cluster: &str, incarnation: u64| Packet {
+        link: 0,
+        incarnation,
+        seq: 1,
+        cluster: cluster.into(),
+        node: "b".into(),
+        report: NodeReport {
+            role: 1,
+            ..NodeReport::default()
+        },
+    };
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let forged = packet("test", u64::MAX).encode(b"not the key");
+    let replayed = packet("test", 1).encode(&key);
+    let foreign = packet("other", u64::MAX).encode(&key);
+    let cut = &replayed[..replayed.len() - 5];
+    for d in [&forged[..], &replayed[..], &foreign[..], cut, b"garbage"] {
+        sock.send_to(d, &target).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let hb = heartbeat(&p, 0);
+    let c = &hb["links"][0]["counters"];
+    assert_eq!(c["bad_signature"], 1, "{c}");
+    assert_eq!(c["replayed"], 1, "{c}");
+    assert_eq!(c["foreign"], 1, "{c}");
+    assert_eq!(c["malformed"], 2, "{c}");
+    // Nothing changed: b is still heard, and as secondary (each forgery
+    // claimed primary).
+    assert_eq!(hb["peer_alive"], true);
+    assert_eq!(hb["peer_report"]["role"], 0, "{hb}");
+}
+
+#[test]
+fn a_killed_peer_is_lost_within_about_the_timeout() {
+    let mut p = Pair::up("hblost", "sync", SIZE);
+    p.wait(0, "peer heard", |s| {
+        s.is_some_and(|s| s["heartbeat"]["peer_alive"] == true)
+    });
+    let t0 = Instant::now();
+    p.kill(1);
+    p.wait(0, "peer lost", |s| {
+        s.is_some_and(|s| s["heartbeat"]["peer_alive"] == false)
+    });
+    let took = t0.elapsed();
+    // The default timeout is 1 s; the status poll adds a little.
+    assert!(
+        took >= Duration::from_millis(700),
+        "lost after {took:?}: too early"
+    );
+    assert!(p.log(0).contains("PEER LOST"), "{}", p.log(0));
+    let hb = heartbeat(&p, 0);
+    assert_eq!(hb["links"][0]["up"], false, "{hb}");
+}
