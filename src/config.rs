@@ -341,6 +341,15 @@ impl Default for FencingConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Pacemaker's maintenance-mode: the manager watches and reports but
+    /// never acts; roles change only by hand (`hadb volume primary`).
+    #[serde(default)]
+    pub maintenance: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
@@ -371,6 +380,8 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
     pub fencing: FencingConfig,
+    #[serde(default)]
+    pub manager: ManagerConfig,
     #[serde(default)]
     pub control: ControlConfig,
 }

@@ -39,8 +39,50 @@ enum Top {
     Status(StatusCmd),
     Volume(VolumeCmd),
     Config(ConfigCmd),
+    Fence(FenceCmd),
+    Standby(StandbyCmd),
+    Switchover(SwitchoverCmd),
     Version(VersionCmd),
 }
+
+/// fencing of the peer
+#[derive(FromArgs)]
+#[argh(subcommand, name = "fence")]
+struct FenceCmd {
+    #[argh(subcommand)]
+    command: FenceSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum FenceSub {
+    Confirm(FenceConfirmCmd),
+}
+
+/// confirm that NODE is powered off (after making sure of it), so a
+/// pending fence succeeds and this node may take over
+#[derive(FromArgs)]
+#[argh(subcommand, name = "confirm")]
+struct FenceConfirmCmd {
+    /// the peer's name
+    #[argh(positional)]
+    node: String,
+}
+
+/// standby on: hand the primary role to the peer and stay secondary,
+/// replicating; off: may be primary again
+#[derive(FromArgs)]
+#[argh(subcommand, name = "standby")]
+struct StandbyCmd {
+    /// on or off
+    #[argh(positional)]
+    state: String,
+}
+
+/// move the primary role to the peer, losing no write
+#[derive(FromArgs)]
+#[argh(subcommand, name = "switchover")]
+struct SwitchoverCmd {}
 
 /// run the daemon in the foreground
 #[derive(FromArgs)]
@@ -205,6 +247,41 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let config = load_config(&cli)?;
             volume_command(&config, &v.command)
         }
+        Top::Fence(FenceCmd {
+            command: FenceSub::Confirm(c),
+        }) => {
+            let config = load_config(&cli)?;
+            run::control::call(
+                &config.control.socket,
+                json!({"command": "fence.confirm", "node": c.node}),
+            )?;
+            println!("fence of {} confirmed", c.node);
+            Ok(())
+        }
+        Top::Standby(c) => {
+            let on = match c.state.as_str() {
+                "on" => true,
+                "off" => false,
+                other => {
+                    return Err(
+                        format!("`{other}`: say `hadb standby on` or `hadb standby off`").into(),
+                    );
+                }
+            };
+            let config = load_config(&cli)?;
+            run::control::call(
+                &config.control.socket,
+                json!({"command": "standby", "on": on}),
+            )?;
+            println!("standby {}", c.state);
+            Ok(())
+        }
+        Top::Switchover(_) => {
+            let config = load_config(&cli)?;
+            run::control::call(&config.control.socket, json!({"command": "switchover"}))?;
+            println!("switchover started; `hadb status` shows when the peer is primary");
+            Ok(())
+        }
     }
 }
 
@@ -337,6 +414,30 @@ fn human_status(st: &Value) -> String {
         s(&st["node"]),
         s(&st["pid"])
     );
+    let m = &st["manager"];
+    if m.is_object() {
+        out += &format!(
+            "manager: {}{}{}\n",
+            if m["maintenance"] == json!(true) {
+                "MAINTENANCE (watching only)  "
+            } else {
+                ""
+            },
+            if m["standby"] == json!(true) {
+                "STANDBY  "
+            } else {
+                ""
+            },
+            s(&m["reason"])
+        );
+        if m["fence"]["state"] == json!("pending") {
+            out += &format!(
+                "FENCE PENDING of {}: make sure it is powered off, then `hadb fence confirm {}`\n",
+                s(&st["volume"]["peer_name"]),
+                s(&st["volume"]["peer_name"])
+            );
+        }
+    }
     let hb = &st["heartbeat"];
     if let Some(links) = hb["links"].as_array() {
         let rings: Vec<String> = links

@@ -27,6 +27,10 @@ address = "10.10.10.5"
 device = "/dev/vdb"
 port = 7789
 nbd_device = "/dev/nbd0"
+
+# This test moves the volume by hand.
+[manager]
+maintenance = true
 "#;
 
 /// The files written on the first primary and checked on the second.

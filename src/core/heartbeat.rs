@@ -30,6 +30,9 @@ const DOMAIN: &[u8] = b"hadb heartbeat v1\0";
 pub const FLAG_STANDBY: u8 = 1 << 0;
 pub const FLAG_WATCHDOG: u8 = 1 << 1;
 pub const FLAG_WITNESS: u8 = 1 << 2;
+/// From a primary whose replication link is down: "mark your copy
+/// outdated; I go on without you once you say you have".
+pub const FLAG_OUTDATE_REQUEST: u8 = 1 << 3;
 
 /// What a node says of itself in every heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

@@ -4,6 +4,7 @@
 pub mod al;
 pub mod bitmap;
 pub mod heartbeat;
+pub mod manager;
 pub mod meta;
 pub mod nbd;
 pub mod replica;

@@ -2603,21 +2603,42 @@ impl Replica {
         out
     }
 
-    /// The proof semisync needs to go on without a peer it cannot reach:
-    /// the peer said (over the heartbeat) that its copy is outdated, or it
-    /// was fenced and the fence confirmed. The manager calls this; nothing
-    /// else may.
+    /// The proof that lets a primary go on without a peer it cannot
+    /// reach, in `semisync` and in `sync` alike: the peer said (over the
+    /// heartbeat) that its copy is outdated, or it was fenced and the
+    /// fence confirmed. The manager calls this; nothing else may.
     pub fn peer_proven_outdated(&mut self, why: &str) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.mode != Mode::Semisync
-            || self.role != Role::Primary
-            || self.alone
-            || self.peer_ready
-        {
+        if self.mode == Mode::Async || self.role != Role::Primary || self.alone || self.peer_ready {
             return out;
         }
-        self.go_alone_because(&format!("semisync: {why}"), &mut out);
+        self.go_alone_because(why, &mut out);
         out
+    }
+
+    /// The primary cannot reach this copy and goes on without it (it
+    /// asked over the heartbeat): mark it outdated on disk, so it is never
+    /// promoted before a resync.
+    pub fn outdate_self(&mut self) -> Result<Vec<Action>, String> {
+        if self.role == Role::Primary {
+            return Err("this node is primary; only a secondary outdates its copy".into());
+        }
+        if self.peer_ready || self.link == LinkState::Connected && self.peer.is_some() {
+            return Err(
+                "the replication link is up; the primary outdates this copy over it if it must"
+                    .into(),
+            );
+        }
+        let mut out = Vec::new();
+        if self.disk == DiskState::UpToDate {
+            self.disk = DiskState::Outdated;
+            out.push(Action::Persist(self.meta()));
+            out.push(Action::Log {
+                warn: true,
+                message: "the primary goes on without this node (asked over the heartbeat): local copy marked outdated".into(),
+            });
+        }
+        Ok(out)
     }
 
     /// Goes on without the peer on a proof (counted as semisync's

@@ -24,6 +24,12 @@ pub struct Request {
     pub command: String,
     #[serde(default)]
     pub force: bool,
+    /// The node a command is about (`fence.confirm`).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// On or off (`standby`).
+    #[serde(default)]
+    pub on: Option<bool>,
 }
 
 /// What the daemon does with a request; the answer is the `result`.

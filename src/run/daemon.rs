@@ -49,6 +49,21 @@ struct Daemon {
     config: Config,
     events: Sender<Event>,
     heartbeat: Arc<crate::run::heartbeat::Heartbeat>,
+    manager: Arc<std::sync::Mutex<crate::core::manager::Manager>>,
+    shared: Arc<crate::run::volume::Shared>,
+}
+
+impl Daemon {
+    fn manager_status(&self) -> serde_json::Value {
+        let m = crate::run::manager::lock(&self.manager);
+        json!({
+            "maintenance": self.config.manager.maintenance,
+            "reason": m.reason(),
+            "standby": m.standby(),
+            "fence": m.fence(),
+            "fence_method": self.config.fencing.method,
+        })
+    }
 }
 
 impl Daemon {
@@ -74,16 +89,53 @@ impl control::Handler for Daemon {
                     "node": self.config.node,
                     "pid": std::process::id(),
                     "heartbeat": self.heartbeat.status(),
+                    "manager": self.manager_status(),
                     "volume": volume,
                     "nbd_device": self.config.volume.nbd_device,
                     "nbd_socket": self.config.volume.nbd_socket,
                 }))
             }
             "volume.primary" => {
+                if request.force {
+                    log::warn!(
+                        "manager: the operator forces this node to start without hearing its peer"
+                    );
+                    crate::run::manager::lock(&self.manager).force_start();
+                }
                 self.ask(Command::Primary {
                     force: request.force,
                 })
                 .await
+            }
+            "fence.confirm" => {
+                let (peer, _) = self.config.peer();
+                match request.node.as_deref() {
+                    Some(n) if n == peer => {}
+                    Some(n) => {
+                        return Err(format!(
+                            "`{n}` is not this node's peer; the peer is `{peer}`"
+                        ));
+                    }
+                    None => return Err(format!("say which node: `hadb fence confirm {peer}`")),
+                }
+                let now = self.heartbeat.now_us();
+                crate::run::manager::lock(&self.manager).fence_confirmed(now)?;
+                log::warn!("fence: the operator confirms that {peer} is off");
+                Ok(json!({"fence": "confirmed"}))
+            }
+            "standby" => {
+                let on = request
+                    .on
+                    .ok_or("say `hadb standby on` or `hadb standby off`")?;
+                crate::run::manager::lock(&self.manager).set_standby(on);
+                log::info!("manager: standby {}", if on { "on" } else { "off" });
+                Ok(json!({"standby": on}))
+            }
+            "switchover" => {
+                let v = *crate::run::manager::lock(&self.shared.view);
+                crate::run::manager::lock(&self.manager).switchover(&v)?;
+                log::info!("manager: switchover asked: handing the primary role to the peer");
+                Ok(json!({"switchover": "started"}))
             }
             "volume.secondary" => {
                 if let Some(dev) = &self.config.volume.nbd_device
@@ -100,7 +152,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, fence.confirm, standby, switchover"
             )),
         }
     }
@@ -155,10 +207,20 @@ pub fn run(config: Config) -> Result<(), Error> {
         reader,
     });
     let heartbeat = crate::run::heartbeat::new(&config, &key);
+    let peer_name_s = config.peer().0.to_owned();
+    let manager = Arc::new(std::sync::Mutex::new(crate::core::manager::Manager::new(
+        crate::core::manager::Config {
+            me_first: config.node < peer_name_s,
+            fence_delay_us: config.fencing.fence_delay.0.as_micros() as u64,
+            retry_us: 1_000_000,
+        },
+    )));
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         events: events.clone(),
         heartbeat: heartbeat.clone(),
+        manager: manager.clone(),
+        shared: shared.clone(),
     });
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
@@ -171,11 +233,41 @@ pub fn run(config: Config) -> Result<(), Error> {
         } else {
             crate::run::spawn(peer::listen_loop(setup))
         };
+        let _manager = (!config.manager.maintenance).then(|| {
+            crate::run::spawn(crate::run::manager::run(
+                manager.clone(),
+                heartbeat.clone(),
+                shared.clone(),
+                events.clone(),
+                peer_name_s.clone(),
+            ))
+        });
+        if config.manager.maintenance {
+            log::warn!("manager: maintenance mode: watching only; roles change by hand");
+        }
         let _heartbeat = {
             let shared = shared.clone();
+            let manager = manager.clone();
             let interval = config.heartbeat.interval.0;
             crate::run::spawn(async move {
-                let report = || *shared.report.lock().unwrap_or_else(|e| e.into_inner());
+                let report = || {
+                    let mut r = *shared.report.lock().unwrap_or_else(|e| e.into_inner());
+                    let (standby, ask) = crate::run::manager::lock(&manager).flags();
+                    r.flags = (r.flags
+                        & !(crate::core::heartbeat::FLAG_STANDBY
+                            | crate::core::heartbeat::FLAG_OUTDATE_REQUEST))
+                        | if standby {
+                            crate::core::heartbeat::FLAG_STANDBY
+                        } else {
+                            0
+                        }
+                        | if ask {
+                            crate::core::heartbeat::FLAG_OUTDATE_REQUEST
+                        } else {
+                            0
+                        };
+                    r
+                };
                 if let Err(e) = crate::run::heartbeat::run(heartbeat, interval, report).await {
                     log::error!("heartbeat: {e}; the peer cannot hear this node");
                 }

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod daemon;
 pub mod heartbeat;
+pub mod manager;
 pub mod nbd;
 pub mod peer;
 pub mod stats;

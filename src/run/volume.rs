@@ -60,6 +60,11 @@ pub enum Command {
     /// A clean stop: the answer comes once the bitmap, activity log and
     /// superblock say so on disk.
     Stop,
+    /// The manager's proof that the peer cannot be promoted with older
+    /// data (fenced, or outdated by its own word).
+    PeerProvenOutdated(String),
+    /// The manager, on the primary's word over the heartbeat.
+    OutdateSelf,
 }
 
 /// A live replication link, owned by the volume task: dropping it stops
@@ -83,6 +88,8 @@ pub struct Shared {
     /// This node as its heartbeats describe it; kept current by the
     /// volume task.
     pub report: std::sync::Mutex<crate::core::heartbeat::NodeReport>,
+    /// This node's volume as the manager sees it; kept current too.
+    pub view: std::sync::Mutex<crate::core::manager::VolumeView>,
 }
 
 enum Job {
@@ -266,6 +273,13 @@ impl Volume {
             data_size: store.layout.data_size,
             stats: shared_stats,
             report: std::sync::Mutex::new(Default::default()),
+            view: std::sync::Mutex::new(crate::core::manager::VolumeView {
+                role: Role::Secondary,
+                disk: replica::DiskState::Inconsistent,
+                link: replica::LinkState::Connecting,
+                frozen: false,
+                peer_up_to_date: false,
+            }),
         });
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let events = tx.clone();
@@ -345,11 +359,22 @@ impl Volume {
             replica::LinkState::SyncSource => 3,
             replica::LinkState::SyncTarget => 4,
         };
-        let mut r = self.shared.report.lock().unwrap_or_else(|e| e.into_inner());
-        r.role = n.role;
-        r.disk = n.disk;
-        r.current_gen = n.current_gen;
-        r.volume_link = link;
+        {
+            let mut r = self.shared.report.lock().unwrap_or_else(|e| e.into_inner());
+            r.role = n.role;
+            r.disk = n.disk;
+            r.current_gen = n.current_gen;
+            r.volume_link = link;
+        }
+        let r = &self.replica;
+        *self.shared.view.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::core::manager::VolumeView {
+                role: r.role(),
+                disk: r.disk(),
+                link: r.link(),
+                frozen: r.frozen(),
+                peer_up_to_date: r.peer_up_to_date(),
+            };
     }
 
     /// The disk queue is empty: write the bitmap and activity log, and
@@ -524,6 +549,16 @@ impl Volume {
                 Ok(json!({"alone": self.replica.alone()}))
             }
             Command::Stop => Err("stop is handled by the event loop".into()),
+            Command::PeerProvenOutdated(why) => {
+                let actions = self.replica.peer_proven_outdated(&why);
+                self.apply(actions);
+                Ok(json!({"alone": self.replica.alone()}))
+            }
+            Command::OutdateSelf => {
+                let actions = self.replica.outdate_self()?;
+                self.apply(actions);
+                Ok(json!({"disk": self.replica.disk()}))
+            }
         }
     }
 

@@ -124,6 +124,8 @@ heartbeat_port = $PORT_B
 device = "$D/$n.img"
 mode = "$mode"
 nbd_socket = "$D/$n.nbd"
+[manager]
+maintenance = true
 [control]
 socket = "$D/$n.ctl"
 EOF

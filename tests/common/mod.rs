@@ -49,6 +49,8 @@ pub struct Pair {
     pub procs: [Option<Child>; 2],
     pub ports: [u16; 2],
     pub size: u64,
+    /// Network namespace each daemon runs in (None: the host's).
+    pub netns: [Option<String>; 2],
 }
 
 impl Pair {
@@ -63,6 +65,7 @@ impl Pair {
             procs: [None, None],
             ports,
             size,
+            netns: [None, None],
         };
         let key: Vec<u8> = (0..32).map(|i| (i * 7 + 3) as u8).collect();
         for n in 0..2 {
@@ -114,6 +117,10 @@ nbd_socket = "{d}/{me}.nbd"
 
 [control]
 socket = "{d}/{me}.ctl"
+
+# The volume tests move roles by hand; the manager's tests turn it on.
+[manager]
+maintenance = true
 "#,
             pa = self.ports[0],
             pb = self.ports[1]
@@ -150,7 +157,15 @@ socket = "{d}/{me}.ctl"
             .append(true)
             .open(self.dir.join(format!("{}.log", NAMES[n])))
             .unwrap();
-        let child = Command::new(hadb_bin())
+        let mut cmd = match &self.netns[n] {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, hadb_bin()]);
+                c
+            }
+            None => Command::new(hadb_bin()),
+        };
+        let child = cmd
             .args([
                 "--config",
                 config.to_str().unwrap(),

@@ -1,0 +1,702 @@
+//! The manager: who is primary. A pure decision core, Pacemaker's job in
+//! the old stack: from this node's volume, what the heartbeat last heard of
+//! the peer, the operator's wishes, the fence's state and the time, it
+//! returns actions. No sockets, no clock, no processes: the driver
+//! (`run::manager`) gathers the inputs, calls [`Manager::step`] and
+//! carries the actions out; the cluster simulation drives it directly.
+//!
+//! The rules, each with its reason, are in `docs/manager.md`. The safety
+//! argument in one paragraph: a node becomes primary only (a) through the
+//! volume's role request while the replication link is up (the peer must
+//! grant it), (b) with the peer heard and secondary, when this node is the
+//! one the rules name, also through the role request (a heartbeat report
+//! may predate a promotion, so it never decides alone), or
+//! (c) with the peer lost on every heartbeat ring, after the peer was
+//! fenced and the fence confirmed. And a primary goes on without a peer it
+//! waits for only with proof that the peer cannot be promoted with older
+//! data: it outdated itself, or it was fenced.
+
+use crate::core::replica::{DiskState, LinkState, Role};
+
+/// How long a switchover waits for the peer to take the role.
+const HANDOVER_US: u64 = 30_000_000;
+
+/// This node's volume, as the manager needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeView {
+    pub role: Role,
+    pub disk: DiskState,
+    pub link: LinkState,
+    /// Application I/O is held waiting for the peer.
+    pub frozen: bool,
+    /// The replication link is up and the peer holds every completed write.
+    pub peer_up_to_date: bool,
+}
+
+/// The peer, as its last heartbeat described it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerView {
+    pub primary: bool,
+    pub disk: DiskState,
+    /// The peer is in standby (or handing over): it will not be primary.
+    pub standby: bool,
+    /// The peer, a primary that cannot reach this node's volume, asks this
+    /// node to mark its copy outdated.
+    pub asks_outdate: bool,
+}
+
+/// Everything one step decides from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inputs {
+    pub now_us: u64,
+    pub volume: VolumeView,
+    /// The peer is heard on at least one heartbeat ring.
+    pub peer_alive: bool,
+    /// Its last report (kept after it is lost).
+    pub peer: Option<PeerView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name sorts before the peer's: with both nodes alike,
+    /// it is the one that becomes primary.
+    pub me_first: bool,
+    /// A secondary waits this long after losing its peer before fencing.
+    pub fence_delay_us: u64,
+    /// Least time between two attempts of the same volume action.
+    pub retry_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Make the volume primary (it asks the peer when connected).
+    Promote,
+    /// Make the volume secondary.
+    Demote,
+    /// Fence the peer (the method decides how); the manager waits for
+    /// [`Manager::fence_confirmed`].
+    Fence,
+    /// The peer cannot be promoted with older data (fenced, or it said it
+    /// is outdated): the volume may stop waiting for it.
+    PeerProvenOutdated(&'static str),
+    /// Mark this node's copy outdated: the primary goes on without it.
+    OutdateSelf,
+    Log {
+        warn: bool,
+        message: String,
+    },
+}
+
+/// A fence of the peer, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Fence {
+    None,
+    /// Asked for; waiting for confirmation.
+    Pending {
+        since_us: u64,
+    },
+    /// The peer is known to be off.
+    Confirmed {
+        at_us: u64,
+    },
+}
+
+pub struct Manager {
+    cfg: Config,
+    /// The peer has been heard since this node started (wait-for-all).
+    heard_once: bool,
+    /// The operator said to go on without ever hearing the peer.
+    forced: bool,
+    standby: bool,
+    /// A switchover: this primary hands over, then clears it once the peer
+    /// is primary (or gives up after `HANDOVER_US`).
+    handing_over: bool,
+    handover_since_us: Option<u64>,
+    lost_since_us: Option<u64>,
+    fence: Fence,
+    /// Whether this node's heartbeats ask the peer to outdate itself.
+    asks_outdate: bool,
+    last_attempt: Option<(Action, u64)>,
+    reason: String,
+}
+
+impl Manager {
+    pub fn new(cfg: Config) -> Manager {
+        Manager {
+            cfg,
+            heard_once: false,
+            forced: false,
+            standby: false,
+            handing_over: false,
+            handover_since_us: None,
+            lost_since_us: None,
+            fence: Fence::None,
+            asks_outdate: false,
+            last_attempt: None,
+            reason: "starting".into(),
+        }
+    }
+
+    /// Why this node is as it is (status).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    pub fn fence(&self) -> Fence {
+        self.fence
+    }
+    pub fn standby(&self) -> bool {
+        self.standby
+    }
+    /// What this node's heartbeats say: standby (or handing over), and
+    /// whether they ask the peer to outdate itself.
+    pub fn flags(&self) -> (bool, bool) {
+        (self.standby || self.handing_over, self.asks_outdate)
+    }
+
+    /// `hadb standby on|off`.
+    pub fn set_standby(&mut self, on: bool) {
+        self.standby = on;
+    }
+
+    /// `hadb switchover`: the primary hands the role to its peer.
+    pub fn switchover(&mut self, v: &VolumeView) -> Result<(), String> {
+        if v.role != Role::Primary {
+            return Err("this node is not primary; run switchover on the primary".into());
+        }
+        if !v.peer_up_to_date {
+            return Err(
+                "the peer is not connected and up to date: a switchover now would lose writes or leave no primary"
+                    .into(),
+            );
+        }
+        self.handing_over = true;
+        Ok(())
+    }
+
+    /// The operator's word that this node may start without having heard
+    /// its peer (`hadb volume primary --force` also says it).
+    pub fn force_start(&mut self) {
+        self.forced = true;
+    }
+
+    /// The operator (or a fence method) confirms the peer is off.
+    pub fn fence_confirmed(&mut self, now_us: u64) -> Result<(), String> {
+        match self.fence {
+            Fence::Pending { .. } => {
+                self.fence = Fence::Confirmed { at_us: now_us };
+                Ok(())
+            }
+            Fence::Confirmed { .. } => Ok(()),
+            Fence::None => Err("no fence is pending; nothing to confirm".into()),
+        }
+    }
+
+    /// An action is due; at most once per `retry_us` the same one, so a
+    /// refused promotion is retried, not hammered.
+    fn attempt(&mut self, a: Action, now: u64, out: &mut Vec<Action>) {
+        if let Some((last, at)) = &self.last_attempt
+            && *last == a
+            && now.saturating_sub(*at) < self.cfg.retry_us
+        {
+            return;
+        }
+        self.last_attempt = Some((a.clone(), now));
+        out.push(a);
+    }
+
+    fn because(&mut self, why: impl Into<String>, out: &mut Vec<Action>) {
+        let why = why.into();
+        if why != self.reason {
+            out.push(Action::Log {
+                warn: false,
+                message: format!("manager: {why}"),
+            });
+            self.reason = why;
+        }
+    }
+
+    /// Asks for a fence, or says where it stands; true once confirmed.
+    fn fenced(&mut self, now: u64, out: &mut Vec<Action>) -> bool {
+        match self.fence {
+            Fence::Confirmed { .. } => true,
+            Fence::Pending { .. } => false,
+            Fence::None => {
+                self.fence = Fence::Pending { since_us: now };
+                out.push(Action::Log {
+                    warn: true,
+                    message: "manager: the peer is lost on every ring: fencing it before going on"
+                        .into(),
+                });
+                out.push(Action::Fence);
+                false
+            }
+        }
+    }
+
+    pub fn step(&mut self, i: &Inputs) -> Vec<Action> {
+        let mut out = Vec::new();
+        let now = i.now_us;
+        let v = &i.volume;
+        if i.peer_alive {
+            self.heard_once = true;
+            self.lost_since_us = None;
+            if self.fence != Fence::None {
+                // It is back (rebooted): the fence is history.
+                out.push(Action::Log {
+                    warn: false,
+                    message: "manager: the peer is heard again; fence cleared".into(),
+                });
+                self.fence = Fence::None;
+            }
+        } else if self.lost_since_us.is_none() {
+            self.lost_since_us = Some(now);
+        }
+        let peer = if i.peer_alive { i.peer } else { None };
+        if self.handing_over {
+            let since = *self.handover_since_us.get_or_insert(now);
+            if peer.is_some_and(|p| p.primary) {
+                self.handing_over = false;
+                self.handover_since_us = None;
+            } else if now.saturating_sub(since) > HANDOVER_US {
+                out.push(Action::Log {
+                    warn: true,
+                    message:
+                        "manager: switchover abandoned: the peer did not become primary in time"
+                            .into(),
+                });
+                self.handing_over = false;
+                self.handover_since_us = None;
+            }
+        }
+        if self.asks_outdate && !(v.role == Role::Primary && v.frozen) {
+            self.asks_outdate = false;
+        }
+        match v.role {
+            Role::Primary => self.as_primary(i, peer, &mut out),
+            Role::Secondary => self.as_secondary(i, peer, &mut out),
+        }
+        out
+    }
+
+    fn as_primary(&mut self, i: &Inputs, peer: Option<PeerView>, out: &mut Vec<Action>) {
+        let now = i.now_us;
+        let v = &i.volume;
+        if self.standby || self.handing_over {
+            let why = if self.standby {
+                "standby"
+            } else {
+                "switchover"
+            };
+            if v.peer_up_to_date
+                && peer.is_some_and(|p| p.disk == DiskState::UpToDate && !p.standby)
+            {
+                self.because(format!("{why}: handing the primary role to the peer"), out);
+                self.attempt(Action::Demote, now, out);
+            } else {
+                self.because(
+                    format!("{why} asked, but the peer cannot take over (not connected, not up to date, or in standby): staying primary"),
+                    out,
+                );
+            }
+            return;
+        }
+        match peer {
+            Some(p) if p.primary => {
+                // The volume refuses to connect two primaries; no rule
+                // here can choose which writes to keep.
+                self.because(
+                    "BOTH NODES PRIMARY: the volumes refuse to connect; demote one (its writes since are discarded at reconnect)",
+                    out,
+                );
+            }
+            Some(p) => {
+                if v.frozen && !matches!(v.link, LinkState::Connected | LinkState::SyncSource) {
+                    // The replication link is down but the peer is heard:
+                    // it can outdate itself on our word, over the heartbeat.
+                    if p.disk == DiskState::Outdated {
+                        self.because("the peer outdated its copy: going on without it", out);
+                        self.attempt(
+                            Action::PeerProvenOutdated(
+                                "the peer said over the heartbeat that its copy is outdated",
+                            ),
+                            now,
+                            out,
+                        );
+                    } else {
+                        self.asks_outdate = true;
+                        self.because(
+                            "replication link down, peer heard: asking it to outdate its copy",
+                            out,
+                        );
+                    }
+                } else {
+                    self.because("primary", out);
+                }
+            }
+            None if v.frozen => {
+                if self.fenced(now, out) {
+                    self.because("the peer is fenced: going on without it", out);
+                    self.attempt(
+                        Action::PeerProvenOutdated("the peer was fenced (confirmed)"),
+                        now,
+                        out,
+                    );
+                } else {
+                    self.because(
+                        "peer lost, I/O held: waiting for the fence to be confirmed (`hadb fence confirm PEER` once it is off)",
+                        out,
+                    );
+                }
+            }
+            None => self.because("primary; peer lost", out),
+        }
+    }
+
+    fn as_secondary(&mut self, i: &Inputs, peer: Option<PeerView>, out: &mut Vec<Action>) {
+        let now = i.now_us;
+        let v = &i.volume;
+        match peer {
+            Some(p) if p.primary => {
+                if p.asks_outdate
+                    && v.disk == DiskState::UpToDate
+                    && !matches!(v.link, LinkState::Connected | LinkState::SyncTarget)
+                {
+                    self.because(
+                        "the primary cannot reach this volume and asks it to step aside: marking the copy outdated",
+                        out,
+                    );
+                    self.attempt(Action::OutdateSelf, now, out);
+                } else {
+                    self.because("secondary; the peer is primary", out);
+                }
+            }
+            Some(p) => {
+                // Nobody is primary. The rules name one node, so the two
+                // never both promote while they hear each other.
+                let mine = v.disk == DiskState::UpToDate
+                    && !self.standby
+                    && !self.handing_over
+                    && (p.standby || p.disk != DiskState::UpToDate || self.cfg.me_first);
+                // A heartbeat report may predate the peer's promotion: only
+                // the volume's role request, over the replication link, is
+                // authoritative. Without that link, no promotion while the
+                // peer is heard.
+                let linked = matches!(v.link, LinkState::Connected | LinkState::SyncSource);
+                if mine && linked {
+                    self.because("no primary: this node takes the role", out);
+                    self.attempt(Action::Promote, now, out);
+                } else if mine {
+                    self.because(
+                        "no primary, but the replication link is down: waiting for it before promoting (the peer is heard and may have just become primary)",
+                        out,
+                    );
+                } else if self.standby {
+                    self.because("standby: secondary, replicating", out);
+                } else if v.disk != DiskState::UpToDate {
+                    self.because(
+                        format!("secondary; this copy is {}", disk_name(v.disk)),
+                        out,
+                    );
+                } else {
+                    self.because("no primary: the peer takes the role", out);
+                }
+            }
+            None => {
+                if !self.heard_once && !self.forced {
+                    self.because(
+                        "waiting to hear the peer once before any promotion (`hadb volume primary --force` to start without it)",
+                        out,
+                    );
+                    return;
+                }
+                if v.disk != DiskState::UpToDate {
+                    self.because(
+                        format!(
+                            "peer lost, but this copy is {}: not promoting",
+                            disk_name(v.disk)
+                        ),
+                        out,
+                    );
+                    return;
+                }
+                if self.standby {
+                    self.because("peer lost; standby: not promoting", out);
+                    return;
+                }
+                let lost_for = now.saturating_sub(self.lost_since_us.unwrap_or(now));
+                if lost_for < self.cfg.fence_delay_us && self.fence == Fence::None {
+                    self.because(
+                        "peer lost: waiting fence_delay before fencing it, so a surviving primary fences first",
+                        out,
+                    );
+                    return;
+                }
+                if self.fenced(now, out) {
+                    self.because("the peer is fenced: taking over", out);
+                    self.attempt(Action::Promote, now, out);
+                } else {
+                    self.because(
+                        "peer lost: waiting for the fence to be confirmed (`hadb fence confirm PEER` once it is off)",
+                        out,
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn disk_name(d: DiskState) -> &'static str {
+    match d {
+        DiskState::UpToDate => "up_to_date",
+        DiskState::Outdated => "outdated",
+        DiskState::Inconsistent => "inconsistent",
+        DiskState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000;
+
+    fn cfg(me_first: bool) -> Config {
+        Config {
+            me_first,
+            fence_delay_us: 5 * S,
+            retry_us: S,
+        }
+    }
+
+    fn vol(role: Role) -> VolumeView {
+        VolumeView {
+            role,
+            disk: DiskState::UpToDate,
+            link: LinkState::Connected,
+            frozen: false,
+            peer_up_to_date: role == Role::Primary,
+        }
+    }
+
+    fn peer(primary: bool) -> PeerView {
+        PeerView {
+            primary,
+            disk: DiskState::UpToDate,
+            standby: false,
+            asks_outdate: false,
+        }
+    }
+
+    fn at(now_s: u64, volume: VolumeView, peer: Option<PeerView>) -> Inputs {
+        Inputs {
+            now_us: now_s * S,
+            volume,
+            peer_alive: peer.is_some(),
+            peer,
+        }
+    }
+
+    fn acts(a: &[Action]) -> Vec<Action> {
+        a.iter()
+            .filter(|x| !matches!(x, Action::Log { .. }))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn start_up_waits_for_the_peer_then_the_first_name_promotes() {
+        let mut a = Manager::new(cfg(true));
+        let mut b = Manager::new(cfg(false));
+        let sec = vol(Role::Secondary);
+        assert!(acts(&a.step(&at(0, sec, None))).is_empty());
+        assert!(a.reason().contains("waiting to hear the peer"));
+        assert_eq!(
+            acts(&a.step(&at(1, sec, Some(peer(false))))),
+            vec![Action::Promote]
+        );
+        assert!(acts(&b.step(&at(1, sec, Some(peer(false))))).is_empty());
+        // Refused (say, the role request lost a race): retried, not hammered.
+        assert!(acts(&a.step(&at(1, sec, Some(peer(false))))).is_empty());
+        assert_eq!(
+            acts(&a.step(&at(2, sec, Some(peer(false))))),
+            vec![Action::Promote]
+        );
+        // A standby first node leaves the role to the other.
+        let mut b2 = Manager::new(cfg(false));
+        let standby_peer = PeerView {
+            standby: true,
+            ..peer(false)
+        };
+        assert_eq!(
+            acts(&b2.step(&at(1, sec, Some(standby_peer)))),
+            vec![Action::Promote]
+        );
+    }
+
+    #[test]
+    fn a_heard_peer_never_lets_a_node_promote_without_the_replication_link() {
+        let mut b = Manager::new(cfg(false));
+        let sec = VolumeView {
+            link: LinkState::Connecting,
+            ..vol(Role::Secondary)
+        };
+        // The peer's last report says secondary and not up to date (it was
+        // sent just before it became primary): no promotion.
+        let stale = PeerView {
+            disk: DiskState::Inconsistent,
+            ..peer(false)
+        };
+        for t in 0..5 {
+            assert!(acts(&b.step(&at(t, sec, Some(stale)))).is_empty());
+        }
+        assert!(
+            b.reason().contains("replication link is down"),
+            "{}",
+            b.reason()
+        );
+        let linked = VolumeView {
+            link: LinkState::Connected,
+            ..sec
+        };
+        assert_eq!(
+            acts(&b.step(&at(6, linked, Some(stale)))),
+            vec![Action::Promote]
+        );
+    }
+
+    #[test]
+    fn a_lost_primary_is_fenced_after_the_delay_then_the_secondary_takes_over() {
+        let mut b = Manager::new(cfg(false));
+        let sec = vol(Role::Secondary);
+        b.step(&at(0, sec, Some(peer(true))));
+        assert!(
+            acts(&b.step(&at(10, sec, None))).is_empty(),
+            "fence_delay first"
+        );
+        assert!(acts(&b.step(&at(14, sec, None))).is_empty());
+        assert_eq!(acts(&b.step(&at(15, sec, None))), vec![Action::Fence]);
+        assert!(
+            acts(&b.step(&at(20, sec, None))).is_empty(),
+            "not confirmed yet"
+        );
+        assert!(matches!(b.fence(), Fence::Pending { .. }));
+        b.fence_confirmed(21 * S).unwrap();
+        assert_eq!(acts(&b.step(&at(21, sec, None))), vec![Action::Promote]);
+        // Primary now, I/O held for the fenced peer: released.
+        let pri = VolumeView {
+            frozen: true,
+            peer_up_to_date: false,
+            link: LinkState::Connecting,
+            ..vol(Role::Primary)
+        };
+        assert_eq!(
+            acts(&b.step(&at(22, pri, None))),
+            vec![Action::PeerProvenOutdated(
+                "the peer was fenced (confirmed)"
+            )]
+        );
+        // The old primary comes back: the fence is history.
+        b.step(&at(30, pri, Some(peer(false))));
+        assert_eq!(b.fence(), Fence::None);
+    }
+
+    #[test]
+    fn no_promotion_with_a_copy_that_is_not_up_to_date_or_without_ever_hearing_the_peer() {
+        let mut b = Manager::new(cfg(false));
+        b.step(&at(0, vol(Role::Secondary), Some(peer(true))));
+        let outdated = VolumeView {
+            disk: DiskState::Outdated,
+            ..vol(Role::Secondary)
+        };
+        for t in [10, 20, 30] {
+            assert!(acts(&b.step(&at(t, outdated, None))).is_empty());
+        }
+        assert_eq!(b.fence(), Fence::None);
+        let mut fresh = Manager::new(cfg(true));
+        for t in [0, 10, 20] {
+            assert!(acts(&fresh.step(&at(t, vol(Role::Secondary), None))).is_empty());
+        }
+        // Forced: it has not heard the peer for longer than fence_delay,
+        // so it fences at once.
+        fresh.force_start();
+        assert_eq!(
+            acts(&fresh.step(&at(21, vol(Role::Secondary), None))),
+            vec![Action::Fence]
+        );
+    }
+
+    #[test]
+    fn link_down_heartbeat_up_goes_alone_only_after_the_peer_outdates_itself() {
+        let mut a = Manager::new(cfg(true));
+        let mut b = Manager::new(cfg(false));
+        let pri = VolumeView {
+            frozen: true,
+            peer_up_to_date: false,
+            link: LinkState::Connecting,
+            ..vol(Role::Primary)
+        };
+        assert!(acts(&a.step(&at(0, pri, Some(peer(false))))).is_empty());
+        assert_eq!(
+            a.flags(),
+            (false, true),
+            "heartbeats ask the peer to outdate"
+        );
+        let sec = VolumeView {
+            link: LinkState::Connecting,
+            ..vol(Role::Secondary)
+        };
+        let asking = PeerView {
+            asks_outdate: true,
+            ..peer(true)
+        };
+        assert_eq!(
+            acts(&b.step(&at(0, sec, Some(asking)))),
+            vec![Action::OutdateSelf]
+        );
+        let outdated_peer = PeerView {
+            disk: DiskState::Outdated,
+            ..peer(false)
+        };
+        assert_eq!(
+            acts(&a.step(&at(1, pri, Some(outdated_peer)))),
+            vec![Action::PeerProvenOutdated(
+                "the peer said over the heartbeat that its copy is outdated"
+            )]
+        );
+        // Never a fence while the peer is heard.
+        assert_eq!(a.fence(), Fence::None);
+    }
+
+    #[test]
+    fn standby_and_switchover_hand_over_only_to_a_peer_that_can_take_it() {
+        let mut a = Manager::new(cfg(true));
+        let pri = vol(Role::Primary);
+        a.set_standby(true);
+        assert_eq!(
+            acts(&a.step(&at(0, pri, Some(peer(false))))),
+            vec![Action::Demote]
+        );
+        let behind = VolumeView {
+            peer_up_to_date: false,
+            ..pri
+        };
+        let mut a2 = Manager::new(cfg(true));
+        a2.set_standby(true);
+        assert!(acts(&a2.step(&at(0, behind, Some(peer(false))))).is_empty());
+        assert!(a2.reason().contains("cannot take over"));
+        let mut a3 = Manager::new(cfg(true));
+        assert!(a3.switchover(&vol(Role::Secondary)).is_err());
+        a3.switchover(&pri).unwrap();
+        assert_eq!(a3.flags(), (true, false), "heartbeats say: handing over");
+        assert_eq!(
+            acts(&a3.step(&at(0, pri, Some(peer(false))))),
+            vec![Action::Demote]
+        );
+        // Demoted, it does not take the role back while handing over...
+        assert!(acts(&a3.step(&at(1, vol(Role::Secondary), Some(peer(false))))).is_empty());
+        // ...and once the peer is primary the handover is done.
+        a3.step(&at(2, vol(Role::Secondary), Some(peer(true))));
+        assert_eq!(a3.flags(), (false, false));
+    }
+}

@@ -1,0 +1,97 @@
+//! The manager's driver: every tick it gathers the inputs (this node's
+//! volume, the heartbeat's view of the peer, the time), asks the pure
+//! [`Manager`] and carries out what it returns.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smol::channel::Sender;
+
+use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY};
+use crate::core::manager::{Action, Inputs, Manager, PeerView};
+use crate::core::replica::disk_from_code;
+use crate::run::heartbeat::Heartbeat;
+use crate::run::volume::{Command, Event, Shared};
+
+const TICK: Duration = Duration::from_millis(100);
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The inputs as they are now.
+pub fn inputs(hb: &Heartbeat, shared: &Shared) -> Inputs {
+    let (alive, report) = {
+        let m = lock(&hb.membership);
+        (m.peer_alive(), m.peer_report())
+    };
+    Inputs {
+        now_us: hb.now_us(),
+        volume: *lock(&shared.view),
+        peer_alive: alive,
+        peer: report.map(|r| PeerView {
+            primary: r.role == 1,
+            disk: disk_from_code(r.disk),
+            standby: r.flags & FLAG_STANDBY != 0,
+            asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
+        }),
+    }
+}
+
+async fn ask(events: &Sender<Event>, command: Command) -> Result<serde_json::Value, String> {
+    let (tx, rx) = smol::channel::bounded(1);
+    events
+        .send(Event::Command { command, reply: tx })
+        .await
+        .map_err(|_| "the volume task has stopped".to_string())?;
+    rx.recv()
+        .await
+        .map_err(|_| "the volume task has stopped".to_string())?
+}
+
+pub async fn run(
+    manager: Arc<Mutex<Manager>>,
+    hb: Arc<Heartbeat>,
+    shared: Arc<Shared>,
+    events: Sender<Event>,
+    peer_name: String,
+) {
+    loop {
+        smol::Timer::after(TICK).await;
+        let i = inputs(&hb, &shared);
+        let actions = lock(&manager).step(&i);
+        for a in actions {
+            let result = match a {
+                Action::Log {
+                    warn: true,
+                    message,
+                } => {
+                    log::warn!("{message}");
+                    continue;
+                }
+                Action::Log {
+                    warn: false,
+                    message,
+                } => {
+                    log::info!("{message}");
+                    continue;
+                }
+                Action::Fence => {
+                    log::warn!(
+                        "fence: {peer_name} must be powered off before this node goes on; make sure it is off, then run `hadb fence confirm {peer_name}`"
+                    );
+                    continue;
+                }
+                Action::Promote => ask(&events, Command::Primary { force: false }).await,
+                Action::Demote => ask(&events, Command::Secondary).await,
+                Action::PeerProvenOutdated(why) => {
+                    ask(&events, Command::PeerProvenOutdated(why.to_owned())).await
+                }
+                Action::OutdateSelf => ask(&events, Command::OutdateSelf).await,
+            };
+            if let Err(e) = result {
+                log::info!("manager: not done now: {e}");
+            }
+        }
+    }
+}
