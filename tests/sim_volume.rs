@@ -26,78 +26,22 @@
 // The step table reads best as one arm per event with its own guard.
 #![allow(clippy::collapsible_if, clippy::collapsible_match)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod simkit;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+use simkit::{BLOCK, Disk, Op, Oracle, Rng, block_tag, pattern};
 
 use hadb::config::Mode;
 use hadb::core::replica::{
     self, Action, DiskOp, DiskState, DiskTag, Frame, MetaUpdate, Replica, Request, Role,
 };
 
-const BLOCK: usize = 4096;
 const BLOCKS: usize = 32;
 const DATA: usize = BLOCK * BLOCKS;
 /// Short, so semisync's timeout fires often in a run.
 const ACK_TIMEOUT_US: u64 = 200_000;
-
-struct Rng(u64);
-
-impl Rng {
-    /// splitmix64: good enough bits in every position (xorshift's low
-    /// bits fell into cycles that starved some events).
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
-
-/// A disk with a volatile cache: writes land in `cache` and reach `durable`
-/// on a flush; a crash keeps any subset of the cached writes.
-#[derive(Clone)]
-struct Disk {
-    durable: Vec<u8>,
-    cache: Vec<(usize, Vec<u8>)>,
-}
-
-impl Disk {
-    fn view(&self) -> Vec<u8> {
-        let mut v = self.durable.clone();
-        for (off, data) in &self.cache {
-            v[*off..*off + data.len()].copy_from_slice(data);
-        }
-        v
-    }
-    fn flush(&mut self) {
-        for (off, data) in std::mem::take(&mut self.cache) {
-            self.durable[off..off + data.len()].copy_from_slice(&data);
-        }
-    }
-    fn crash(&mut self, rng: &mut Rng) {
-        for (off, data) in std::mem::take(&mut self.cache) {
-            if rng.chance(500) {
-                self.durable[off..off + data.len()].copy_from_slice(&data);
-            }
-        }
-    }
-}
-
-/// Work for a simulated disk, in order.
-enum Op {
-    Io(DiskTag, DiskOp),
-    /// Bitmap pages: written durably (after a flush of what came before).
-    Bitmap(Vec<(u64, Vec<u8>)>),
-    /// An activity-log transaction: a flush, then the log durably.
-    Log(Vec<u64>),
-}
 
 /// Blocks per activity-log extent, and extents kept: small, so writes
 /// move extents in and out of the log all the time.
@@ -120,37 +64,6 @@ struct Node {
     diskq: VecDeque<Op>,
     /// Application requests waiting on this node: id -> write (None: flush).
     app: HashMap<u64, Option<(usize, u64)>>,
-}
-
-/// What the client knows: for each block, the writes to it in issue order
-/// and which of them were made durable by a completed flush.
-#[derive(Default)]
-struct Oracle {
-    /// block -> [(write id, value tag)], in the order issued
-    history: BTreeMap<usize, Vec<u64>>,
-    /// Writes acknowledged and not yet known durable, with the node that
-    /// acknowledged them: a crash of that node voids them (an unflushed
-    /// write may be lost, and a flush after the restart cannot bring it
-    /// back).
-    completed: Vec<(u64, usize)>,
-    /// Writes acknowledged before some flush that completed after them.
-    guaranteed: std::collections::BTreeSet<u64>,
-    /// Writes completed, per outstanding flush id.
-    flush_covers: HashMap<u64, Vec<(u64, usize)>>,
-    fua: std::collections::BTreeSet<u64>,
-}
-
-fn pattern(id: u64) -> Vec<u8> {
-    let mut v = vec![0u8; BLOCK];
-    v[..8].copy_from_slice(&id.to_le_bytes());
-    v[8..16].copy_from_slice(&(!id).to_le_bytes());
-    v
-}
-
-fn block_tag(data: &[u8]) -> Option<u64> {
-    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
-    let check = u64::from_le_bytes(data[8..16].try_into().unwrap());
-    (check == !id && id != 0).then_some(id)
 }
 
 struct Sim {
@@ -176,10 +89,7 @@ impl Sim {
         let node = |name| Node {
             name,
             replica: None,
-            disk: Disk {
-                durable: vec![0; DATA],
-                cache: Vec::new(),
-            },
+            disk: Disk::new(DATA),
             meta: MetaUpdate {
                 current_gen: 0,
                 bitmap_gen: 0,
@@ -197,7 +107,7 @@ impl Sim {
             app: HashMap::new(),
         };
         let mut sim = Sim {
-            rng: Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            rng: Rng::new(seed),
             nodes: [node("a"), node("b")],
             link_up: false,
             wire: [VecDeque::new(), VecDeque::new()],
@@ -324,22 +234,13 @@ impl Sim {
             return;
         }
         match op {
-            Some(_) => {
-                self.oracle.completed.push((id, n));
-                if self.oracle.fua.contains(&id) {
-                    self.oracle.guaranteed.insert(id);
-                }
-            }
+            Some(_) => self.oracle.write_completed(id, n),
             None => {
                 if self.verbose {
                     let name = self.nodes[n].name;
                     self.log(format!("    flush {id} completed on {name}"));
                 }
-                if let Some(covered) = self.oracle.flush_covers.remove(&id) {
-                    self.oracle
-                        .guaranteed
-                        .extend(covered.into_iter().map(|(w, _)| w));
-                }
+                self.oracle.flush_completed(id);
             }
         }
     }
@@ -384,10 +285,7 @@ impl Sim {
         node.replica = None;
         node.diskq.clear();
         node.log_pending = 0;
-        self.oracle.completed.retain(|(_, on)| *on != n);
-        for covered in self.oracle.flush_covers.values_mut() {
-            covered.retain(|(_, on)| *on != n);
-        }
+        self.oracle.crashed(n);
         node.app.clear();
         let mut disk = std::mem::replace(
             &mut node.disk,
@@ -529,16 +427,14 @@ impl Sim {
         let id = self.next_id;
         self.next_id += 1;
         if self.rng.chance(200) {
-            self.oracle
-                .flush_covers
-                .insert(id, self.oracle.completed.clone());
+            self.oracle.flush_issued(id);
             self.nodes[p].app.insert(id, None);
             let a = self.r(p).request(id, Request::Flush);
             self.apply(p, a);
         } else {
             let block = self.rng.below(BLOCKS as u64) as usize;
             let fua = self.rng.chance(50);
-            self.oracle.history.entry(block).or_default().push(id);
+            self.oracle.write_issued(id, block, fua);
             self.nodes[p].app.insert(id, Some((block, id)));
             let a = self.r(p).request(
                 id,
@@ -549,34 +445,14 @@ impl Sim {
                 },
             );
             self.apply(p, a);
-            if fua {
-                // A FUA write is durable once acknowledged.
-                self.oracle.fua.insert(id);
-            }
         }
     }
 
     /// Promise 1: on `n`'s copy every block holds its newest guaranteed
     /// write or a write issued after it.
     fn check_durable(&self, n: usize, when: &str) -> Result<(), String> {
-        let view = self.nodes[n].disk.view();
-        for (block, writes) in &self.oracle.history {
-            let last_g = writes
-                .iter()
-                .rposition(|w| self.oracle.guaranteed.contains(w));
-            let Some(i) = last_g else { continue };
-            let got = block_tag(&view[block * BLOCK..(block + 1) * BLOCK]);
-            let ok = got.is_some_and(|g| writes[i..].contains(&g));
-            if !ok {
-                return Err(format!(
-                    "{when}: block {block} on {} holds {got:?}, but write {} was acknowledged after a flush (later writes: {:?})",
-                    self.nodes[n].name,
-                    writes[i],
-                    &writes[i + 1..]
-                ));
-            }
-        }
-        Ok(())
+        self.oracle
+            .check(&self.nodes[n].disk.view(), self.nodes[n].name, when)
     }
 
     fn try_promote(&mut self, n: usize) -> Result<(), String> {

@@ -1,0 +1,161 @@
+//! Pieces both deterministic simulations share: the random source, a disk
+//! with a volatile cache, the disk work queue's items, block patterns, and
+//! the oracle that knows which writes are guaranteed (promise 1).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use hadb::core::replica::{DiskOp, DiskTag};
+
+pub const BLOCK: usize = 4096;
+
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    /// splitmix64: good enough bits in every position (xorshift's low
+    /// bits fell into cycles that starved some events).
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// A disk with a volatile cache: writes land in `cache` and reach `durable`
+/// on a flush; a crash keeps any subset of the cached writes.
+#[derive(Clone)]
+pub struct Disk {
+    pub durable: Vec<u8>,
+    pub cache: Vec<(usize, Vec<u8>)>,
+}
+
+impl Disk {
+    pub fn new(size: usize) -> Disk {
+        Disk {
+            durable: vec![0; size],
+            cache: Vec::new(),
+        }
+    }
+    pub fn view(&self) -> Vec<u8> {
+        let mut v = self.durable.clone();
+        for (off, data) in &self.cache {
+            v[*off..*off + data.len()].copy_from_slice(data);
+        }
+        v
+    }
+    pub fn flush(&mut self) {
+        for (off, data) in std::mem::take(&mut self.cache) {
+            self.durable[off..off + data.len()].copy_from_slice(&data);
+        }
+    }
+    pub fn crash(&mut self, rng: &mut Rng) {
+        for (off, data) in std::mem::take(&mut self.cache) {
+            if rng.chance(500) {
+                self.durable[off..off + data.len()].copy_from_slice(&data);
+            }
+        }
+    }
+}
+
+/// Work for a simulated disk, in order.
+pub enum Op {
+    Io(DiskTag, DiskOp),
+    /// Bitmap pages: written durably (after a flush of what came before).
+    Bitmap(Vec<(u64, Vec<u8>)>),
+    /// An activity-log transaction: a flush, then the log durably.
+    Log(Vec<u64>),
+}
+
+/// A block's content tells which write put it there.
+pub fn pattern(id: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BLOCK];
+    v[..8].copy_from_slice(&id.to_le_bytes());
+    v[8..16].copy_from_slice(&(!id).to_le_bytes());
+    v
+}
+
+pub fn block_tag(data: &[u8]) -> Option<u64> {
+    let id = u64::from_le_bytes(data[..8].try_into().unwrap());
+    let check = u64::from_le_bytes(data[8..16].try_into().unwrap());
+    (check == !id && id != 0).then_some(id)
+}
+
+/// What the client knows: for each block, the writes to it in issue order
+/// and which of them were made durable by a completed flush.
+///
+/// A write is guaranteed once a flush issued after its acknowledgement
+/// completes (or at once for FUA), unless the node that acknowledged it
+/// crashed before that flush: an unflushed write may die with its node's
+/// cache, and a flush after the restart cannot revive it.
+#[derive(Default)]
+pub struct Oracle {
+    /// block -> [write id], in the order issued
+    pub history: BTreeMap<usize, Vec<u64>>,
+    /// Writes acknowledged and not yet known durable, with the node that
+    /// acknowledged them.
+    pub completed: Vec<(u64, usize)>,
+    pub guaranteed: BTreeSet<u64>,
+    /// Writes completed, per outstanding flush id.
+    pub flush_covers: HashMap<u64, Vec<(u64, usize)>>,
+    pub fua: BTreeSet<u64>,
+}
+
+impl Oracle {
+    pub fn write_issued(&mut self, id: u64, block: usize, fua: bool) {
+        self.history.entry(block).or_default().push(id);
+        if fua {
+            self.fua.insert(id);
+        }
+    }
+    pub fn flush_issued(&mut self, id: u64) {
+        self.flush_covers.insert(id, self.completed.clone());
+    }
+    pub fn write_completed(&mut self, id: u64, node: usize) {
+        self.completed.push((id, node));
+        if self.fua.contains(&id) {
+            self.guaranteed.insert(id);
+        }
+    }
+    pub fn flush_completed(&mut self, id: u64) {
+        if let Some(covered) = self.flush_covers.remove(&id) {
+            self.guaranteed.extend(covered.into_iter().map(|(w, _)| w));
+        }
+    }
+    /// `node` crashed: what it acknowledged and did not flush may be gone.
+    pub fn crashed(&mut self, node: usize) {
+        self.completed.retain(|(_, on)| *on != node);
+        for covered in self.flush_covers.values_mut() {
+            covered.retain(|(_, on)| *on != node);
+        }
+    }
+    /// Promise 1: on `view` every block holds its newest guaranteed write
+    /// or a write issued after it.
+    pub fn check(&self, view: &[u8], name: &str, when: &str) -> Result<(), String> {
+        for (block, writes) in &self.history {
+            let last_g = writes.iter().rposition(|w| self.guaranteed.contains(w));
+            let Some(i) = last_g else { continue };
+            let got = block_tag(&view[block * BLOCK..(block + 1) * BLOCK]);
+            let ok = got.is_some_and(|g| writes[i..].contains(&g));
+            if !ok {
+                return Err(format!(
+                    "{when}: block {block} on {name} holds {got:?}, but write {} was acknowledged after a flush (later writes: {:?})",
+                    writes[i],
+                    &writes[i + 1..]
+                ));
+            }
+        }
+        Ok(())
+    }
+}
