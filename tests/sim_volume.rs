@@ -31,37 +31,18 @@ mod simkit;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use simkit::{BLOCK, Disk, Op, Oracle, Rng, block_tag, pattern};
+use simkit::{BLOCK, BLOCKS, DATA, Op, Oracle, Rng, SimVolume, Step, block_tag, pattern};
 
 use hadb::config::Mode;
-use hadb::core::replica::{
-    self, Action, DiskOp, DiskState, DiskTag, Frame, MetaUpdate, Replica, Request, Role,
-};
+use hadb::core::replica::{Action, DiskOp, DiskState, DiskTag, Frame, Replica, Request, Role};
 
-const BLOCKS: usize = 32;
-const DATA: usize = BLOCK * BLOCKS;
 /// Short, so semisync's timeout fires often in a run.
 const ACK_TIMEOUT_US: u64 = 200_000;
-
-/// Blocks per activity-log extent, and extents kept: small, so writes
-/// move extents in and out of the log all the time.
-const AL_EXTENT_BLOCKS: u64 = 4;
-const AL_EXTENTS: usize = 3;
 
 struct Node {
     name: &'static str,
     replica: Option<Replica>,
-    disk: Disk,
-    meta: MetaUpdate,
-    /// The on-disk bitmap (one page covers the whole simulated volume).
-    bitmap: Vec<u8>,
-    activity_log: Vec<u64>,
-    /// Set while running; cleared only by a clean stop.
-    active: bool,
-    /// Log transactions queued and not yet on disk; frames wait for them.
-    log_pending: usize,
-    held_frames: Vec<Frame>,
-    diskq: VecDeque<Op>,
+    vol: SimVolume,
     /// Application requests waiting on this node: id -> write (None: flush).
     app: HashMap<u64, Option<(usize, u64)>>,
 }
@@ -89,21 +70,7 @@ impl Sim {
         let node = |name| Node {
             name,
             replica: None,
-            disk: Disk::new(DATA),
-            meta: MetaUpdate {
-                current_gen: 0,
-                bitmap_gen: 0,
-                volume_id: [1; 16],
-                consistent: false,
-                primary: false,
-                outdated: false,
-            },
-            bitmap: vec![0; hadb::core::bitmap::PAGE_BYTES],
-            activity_log: Vec::new(),
-            active: false,
-            log_pending: 0,
-            held_frames: Vec::new(),
-            diskq: VecDeque::new(),
+            vol: SimVolume::new(DATA),
             app: HashMap::new(),
         };
         let mut sim = Sim {
@@ -140,37 +107,15 @@ impl Sim {
 
     fn start(&mut self, n: usize) {
         let seed = self.rng.next();
-        let node = &mut self.nodes[n];
-        let m = node.meta;
-        let mut out_of_sync = hadb::core::bitmap::Bitmap::default();
-        out_of_sync.merge_page(0, &node.bitmap, BLOCKS as u64);
-        let unclean = std::mem::replace(&mut node.active, true);
-        node.replica = Some(Replica::new(replica::Setup {
-            mode: self.mode,
-            data_size: DATA as u64,
-            volume_id: m.volume_id,
-            current_gen: m.current_gen,
-            bitmap_gen: m.bitmap_gen,
-            consistent: m.consistent,
-            outdated: m.outdated,
-            ack_timeout_us: ACK_TIMEOUT_US,
-            resync_rate: 0,
-            // Paced while the client writes, as deployed.
-            resync_min_rate: 64 << 20,
-            crashed_primary: m.primary,
-            after_split_brain: replica::AfterSplitBrain::Disconnect,
-            gen_seed: seed,
-            me: node.name.into(),
-            peer: if n == 0 { "b".into() } else { "a".into() },
-            out_of_sync,
-            activity_log: node.activity_log.clone(),
-            unclean,
-            al_extents: AL_EXTENTS,
-            al_extent_blocks: AL_EXTENT_BLOCKS,
-        }));
+        let (mode, node) = (self.mode, &mut self.nodes[n]);
+        let m = node.vol.meta;
+        let peer = if n == 0 { "b" } else { "a" };
+        let setup = node.vol.setup(mode, node.name, peer, seed, ACK_TIMEOUT_US);
+        let unclean = setup.unclean;
+        node.replica = Some(Replica::new(setup));
         self.log(format!(
             "start {} meta {:?} unclean {unclean} log {:?}",
-            self.nodes[n].name, m, self.nodes[n].activity_log
+            self.nodes[n].name, m, self.nodes[n].vol.activity_log
         ));
         let a = self.r(n).started();
         self.apply(n, a);
@@ -195,19 +140,10 @@ impl Sim {
 
     fn apply(&mut self, n: usize, actions: Vec<Action>) {
         for a in actions {
+            let Some(a) = self.nodes[n].vol.take(a) else {
+                continue;
+            };
             match a {
-                Action::Persist(m) => self.nodes[n].meta = m,
-                Action::Disk { tag, op } => self.nodes[n].diskq.push_back(Op::Io(tag, op)),
-                Action::PersistBitmap(pages) => self.nodes[n].diskq.push_back(Op::Bitmap(pages)),
-                Action::PersistActivityLog(x) => {
-                    self.nodes[n].log_pending += 1;
-                    self.nodes[n].diskq.push_back(Op::Log(x));
-                }
-                Action::Send(f) if self.nodes[n].log_pending > 0 => {
-                    if self.link_up {
-                        self.nodes[n].held_frames.push(f);
-                    }
-                }
                 Action::Send(f) => {
                     if self.link_up {
                         self.wire[n].push_back(f);
@@ -218,10 +154,10 @@ impl Sim {
                     self.log(format!("{} drops link: {why}", self.nodes[n].name));
                     self.drop_link();
                 }
-                Action::RoleChanged(_) => {}
                 Action::Log { message, .. } => {
                     self.log(format!("  {}: {message}", self.nodes[n].name))
                 }
+                _ => {}
             }
         }
     }
@@ -252,7 +188,7 @@ impl Sim {
         self.link_up = false;
         self.wire = [VecDeque::new(), VecDeque::new()];
         for node in &mut self.nodes {
-            node.held_frames.clear();
+            node.vol.link_lost();
         }
         for n in 0..2 {
             if self.alive(n) {
@@ -283,19 +219,9 @@ impl Sim {
         self.drop_link();
         let node = &mut self.nodes[n];
         node.replica = None;
-        node.diskq.clear();
-        node.log_pending = 0;
-        self.oracle.crashed(n);
         node.app.clear();
-        let mut disk = std::mem::replace(
-            &mut node.disk,
-            Disk {
-                durable: Vec::new(),
-                cache: Vec::new(),
-            },
-        );
-        disk.crash(&mut self.rng);
-        self.nodes[n].disk = disk;
+        node.vol.crash(&mut self.rng);
+        self.oracle.crashed(n);
     }
 
     /// A clean stop, as the driver does it: the link goes, the disk queue
@@ -306,94 +232,44 @@ impl Sim {
         }
         self.log(format!("STOP {}", self.nodes[n].name));
         self.drop_link();
-        while !self.nodes[n].diskq.is_empty() {
+        while !self.nodes[n].vol.queue.is_empty() {
             self.disk_step(n);
         }
         let (a, clean) = self.r(n).stop();
         self.apply(n, a);
-        while !self.nodes[n].diskq.is_empty() {
+        while !self.nodes[n].vol.queue.is_empty() {
             self.disk_step(n);
         }
         let node = &mut self.nodes[n];
         node.replica = None;
-        node.active = !clean;
+        node.vol.active = !clean;
         // Requests still open get an error; what completed was flushed by
         // the log transaction.
         node.app.clear();
     }
 
     fn disk_step(&mut self, n: usize) {
-        let Some(op) = self.nodes[n].diskq.pop_front() else {
-            return;
-        };
-        let (tag, op) = match op {
-            Op::Io(tag, op) => (tag, op),
-            Op::Bitmap(pages) => {
-                let node = &mut self.nodes[n];
-                node.disk.flush();
-                for (p, img) in pages {
-                    assert_eq!(p, 0, "the simulated volume has one bitmap page");
-                    node.bitmap = img;
-                }
-                return;
-            }
-            Op::Log(extents) => {
-                let node = &mut self.nodes[n];
-                node.disk.flush();
-                node.activity_log = extents;
-                node.log_pending -= 1;
-                if node.log_pending == 0 {
-                    let frames = std::mem::take(&mut node.held_frames);
-                    if self.link_up {
-                        self.wire[n].extend(frames);
-                    }
-                }
-                return;
-            }
-        };
         if self.verbose
-            && let DiskOp::Write { offset, data, .. } = &op
+            && let Some(Op::Io(tag, DiskOp::Write { offset, data, .. })) =
+                self.nodes[n].vol.queue.front()
         {
-            let first = *offset as usize / BLOCK;
+            let (tag, first, data) = (*tag, *offset as usize / BLOCK, data.clone());
             for (i, chunk) in data.chunks(BLOCK).enumerate() {
                 self.trace_write(n, first + i, chunk, tag);
             }
         }
-        let disk = &mut self.nodes[n].disk;
-        let result = match op {
-            DiskOp::Write { offset, data, fua } => {
-                disk.cache.push((offset as usize, data.to_vec()));
-                if fua {
-                    disk.flush();
+        match self.nodes[n].vol.step() {
+            Step::Idle => {}
+            Step::Meta(frames) => {
+                if self.link_up {
+                    self.wire[n].extend(frames);
                 }
-                None
             }
-            DiskOp::Zeroes {
-                offset,
-                length,
-                fua,
-                ..
-            } => {
-                disk.cache.push((offset as usize, vec![0; length as usize]));
-                if fua {
-                    disk.flush();
-                }
-                None
+            Step::Done(tag, result) => {
+                let a = self.r(n).disk_done(tag, result);
+                self.apply(n, a);
             }
-            DiskOp::Flush => {
-                disk.flush();
-                if self.verbose {
-                    let name = self.nodes[n].name;
-                    self.log(format!("    {name} flushes ({tag:?})"));
-                }
-                None
-            }
-            DiskOp::Read { offset, length } => Some(Arc::new(
-                disk.view()[offset as usize..(offset + length) as usize].to_vec(),
-            )),
-        };
-        let a = self.r(n).disk_done(tag, Ok(result));
-        self.apply(n, a);
+        }
     }
 
     /// With HADB_SIM_WATCH=BLOCK, a replay logs every write of that block.
@@ -452,7 +328,7 @@ impl Sim {
     /// write or a write issued after it.
     fn check_durable(&self, n: usize, when: &str) -> Result<(), String> {
         self.oracle
-            .check(&self.nodes[n].disk.view(), self.nodes[n].name, when)
+            .check(&self.nodes[n].vol.disk.view(), self.nodes[n].name, when)
     }
 
     fn try_promote(&mut self, n: usize) -> Result<(), String> {
@@ -465,7 +341,8 @@ impl Sim {
         if other_alive && !self.link_up {
             return Ok(());
         }
-        let fresh = self.nodes[0].meta.current_gen == 0 && self.nodes[1].meta.current_gen == 0;
+        let fresh =
+            self.nodes[0].vol.meta.current_gen == 0 && self.nodes[1].vol.meta.current_gen == 0;
         let disk = self.r(n).disk();
         if disk != DiskState::UpToDate && !fresh {
             return Ok(());
@@ -593,7 +470,7 @@ impl Sim {
     }
 
     fn quiet(&self) -> bool {
-        self.wire.iter().all(|w| w.is_empty()) && self.nodes.iter().all(|n| n.diskq.is_empty())
+        self.wire.iter().all(|w| w.is_empty()) && self.nodes.iter().all(|n| n.vol.queue.is_empty())
     }
 
     fn run(&mut self, steps: usize) -> Result<(), String> {
@@ -621,8 +498,8 @@ impl Sim {
                 && self.nodes[p].app.is_empty()
                 && self.r(p).peer_up_to_date()
             {
-                let a = self.nodes[0].disk.view();
-                let b = self.nodes[1].disk.view();
+                let a = self.nodes[0].vol.disk.view();
+                let b = self.nodes[1].vol.disk.view();
                 if a != b {
                     let diff: Vec<usize> = (0..BLOCKS)
                         .filter(|&i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
@@ -652,7 +529,10 @@ impl Sim {
                 .iter()
                 .map(|w| w.iter().map(|f| f.header.kind.name()).collect::<Vec<_>>())
                 .collect::<Vec<_>>(),
-            self.nodes.iter().map(|n| n.diskq.len()).collect::<Vec<_>>(),
+            self.nodes
+                .iter()
+                .map(|n| n.vol.queue.len())
+                .collect::<Vec<_>>(),
             self.nodes
                 .iter()
                 .map(|n| n.replica.as_ref().map(|r| (r.pending(), r.held())))

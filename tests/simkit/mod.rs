@@ -9,6 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use hadb::core::replica::{DiskOp, DiskTag};
 
 pub const BLOCK: usize = 4096;
+/// A simulated volume: small, so writes collide and everything is
+/// resynced often.
+pub const BLOCKS: usize = 32;
+pub const DATA: usize = BLOCK * BLOCKS;
+/// Blocks per activity-log extent, and extents kept: small, so writes
+/// move extents in and out of the log all the time.
+pub const AL_EXTENT_BLOCKS: u64 = 4;
+pub const AL_EXTENTS: usize = 3;
 
 pub struct Rng(pub u64);
 
@@ -157,5 +165,186 @@ impl Oracle {
             }
         }
         Ok(())
+    }
+}
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use hadb::core::bitmap::{Bitmap, PAGE_BYTES};
+use hadb::core::replica::{Action, Frame, MetaUpdate, Payload};
+
+/// A simulated node's volume below the state machine: what survives a
+/// crash (the disk, the metadata, the bitmap, the activity log, whether
+/// the last stop was clean) and the ordered disk queue.
+pub struct SimVolume {
+    pub disk: Disk,
+    pub meta: MetaUpdate,
+    /// The on-disk bitmap (one page covers a simulated volume).
+    pub bitmap: Vec<u8>,
+    pub activity_log: Vec<u64>,
+    /// Set while running; cleared only by a clean stop.
+    pub active: bool,
+    pub queue: VecDeque<Op>,
+    /// Log transactions queued and not yet on disk; frames wait for them.
+    log_pending: usize,
+    held_frames: Vec<Frame>,
+}
+
+/// What one disk step did.
+pub enum Step {
+    Idle,
+    /// An I/O finished: hand it to the state machine.
+    Done(DiskTag, Result<Option<Payload>, u32>),
+    /// Metadata written; frames that waited for the log may go now.
+    Meta(Vec<Frame>),
+}
+
+impl SimVolume {
+    pub fn new(size: usize) -> SimVolume {
+        SimVolume {
+            disk: Disk::new(size),
+            meta: MetaUpdate {
+                current_gen: 0,
+                bitmap_gen: 0,
+                volume_id: [1; 16],
+                consistent: false,
+                primary: false,
+                outdated: false,
+            },
+            bitmap: vec![0; PAGE_BYTES],
+            activity_log: Vec::new(),
+            active: false,
+            queue: VecDeque::new(),
+            log_pending: 0,
+            held_frames: Vec::new(),
+        }
+    }
+
+    /// What the state machine starts from, as the driver reads it off
+    /// the disk; marks the volume active from here.
+    pub fn setup(
+        &mut self,
+        mode: hadb::config::Mode,
+        me: &str,
+        peer: &str,
+        gen_seed: u64,
+        ack_timeout_us: u64,
+    ) -> hadb::core::replica::Setup {
+        let mut out_of_sync = Bitmap::default();
+        out_of_sync.merge_page(0, &self.bitmap, BLOCKS as u64);
+        let unclean = std::mem::replace(&mut self.active, true);
+        let m = self.meta;
+        hadb::core::replica::Setup {
+            mode,
+            data_size: DATA as u64,
+            volume_id: m.volume_id,
+            current_gen: m.current_gen,
+            bitmap_gen: m.bitmap_gen,
+            consistent: m.consistent,
+            outdated: m.outdated,
+            ack_timeout_us,
+            resync_rate: 0,
+            // Paced while the client writes, as deployed.
+            resync_min_rate: 64 << 20,
+            crashed_primary: m.primary,
+            after_split_brain: hadb::core::replica::AfterSplitBrain::Disconnect,
+            gen_seed,
+            me: me.into(),
+            peer: peer.into(),
+            out_of_sync,
+            activity_log: self.activity_log.clone(),
+            unclean,
+            al_extents: AL_EXTENTS,
+            al_extent_blocks: AL_EXTENT_BLOCKS,
+        }
+    }
+
+    /// Takes the actions that concern the disk (and frames that must wait
+    /// for a log transaction); returns the rest for the simulation.
+    pub fn take(&mut self, a: Action) -> Option<Action> {
+        match a {
+            Action::Persist(m) => self.meta = m,
+            Action::Disk { tag, op } => self.queue.push_back(Op::Io(tag, op)),
+            Action::PersistBitmap(pages) => self.queue.push_back(Op::Bitmap(pages)),
+            Action::PersistActivityLog(x) => {
+                self.log_pending += 1;
+                self.queue.push_back(Op::Log(x));
+            }
+            Action::Send(f) if self.log_pending > 0 => self.held_frames.push(f),
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// The link went: frames held for it go too.
+    pub fn link_lost(&mut self) {
+        self.held_frames.clear();
+    }
+
+    /// The node crashed: the queue is lost and the cache loses any part.
+    pub fn crash(&mut self, rng: &mut Rng) {
+        self.queue.clear();
+        self.log_pending = 0;
+        self.held_frames.clear();
+        self.disk.crash(rng);
+    }
+
+    pub fn step(&mut self) -> Step {
+        let Some(op) = self.queue.pop_front() else {
+            return Step::Idle;
+        };
+        let (tag, op) = match op {
+            Op::Io(tag, op) => (tag, op),
+            Op::Bitmap(pages) => {
+                self.disk.flush();
+                for (p, img) in pages {
+                    assert_eq!(p, 0, "the simulated volume has one bitmap page");
+                    self.bitmap = img;
+                }
+                return Step::Meta(Vec::new());
+            }
+            Op::Log(extents) => {
+                self.disk.flush();
+                self.activity_log = extents;
+                self.log_pending -= 1;
+                let frames = if self.log_pending == 0 {
+                    std::mem::take(&mut self.held_frames)
+                } else {
+                    Vec::new()
+                };
+                return Step::Meta(frames);
+            }
+        };
+        let disk = &mut self.disk;
+        let result = match op {
+            DiskOp::Write { offset, data, fua } => {
+                disk.cache.push((offset as usize, data.to_vec()));
+                if fua {
+                    disk.flush();
+                }
+                None
+            }
+            DiskOp::Zeroes {
+                offset,
+                length,
+                fua,
+                ..
+            } => {
+                disk.cache.push((offset as usize, vec![0; length as usize]));
+                if fua {
+                    disk.flush();
+                }
+                None
+            }
+            DiskOp::Flush => {
+                disk.flush();
+                None
+            }
+            DiskOp::Read { offset, length } => Some(Arc::new(
+                disk.view()[offset as usize..(offset + length) as usize].to_vec(),
+            )),
+        };
+        Step::Done(tag, Ok(result))
     }
 }
