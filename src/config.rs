@@ -618,17 +618,21 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             message,
         })
     };
-    if config.cluster.is_empty() || !config.cluster.chars().all(name_char) {
+    // 64: what a heartbeat carries of each name.
+    if config.cluster.is_empty()
+        || config.cluster.len() > 64
+        || !config.cluster.chars().all(name_char)
+    {
         bad(
             "cluster",
-            "expected a non-empty name of letters, digits, '-' or '_'".into(),
+            "expected a name of 1 to 64 letters, digits, '-' or '_'".into(),
         );
     }
     for name in config.nodes.keys() {
-        if name.is_empty() || !name.chars().all(name_char) {
+        if name.is_empty() || name.len() > 64 || !name.chars().all(name_char) {
             bad(
                 &format!("nodes.{name}"),
-                "a node name must be letters, digits, '-' or '_'".into(),
+                "a node name must be 1 to 64 letters, digits, '-' or '_'".into(),
             );
         }
     }

@@ -35,9 +35,14 @@ fn peers_hear_each_other_and_bad_datagrams_change_nothing() {
 
     // Datagrams to a's heartbeat port, from 127.0.0.1 (b's address):
     // forged with another key, an earlier incarnation of b signed with the
-    // right key, another cluster, cut short, garbage.
+    // right key, another cluster, cut short, garbage, and a later
+    // incarnation that does not name a's (a recording, or a b that has not
+    // heard a: not believed).
     let target = hb["links"][0]["local"].as_str().unwrap().to_owned();
     let key = std::fs::read(p.dir.join("a.key")).unwrap();
+    // Naming a's incarnation, as b's packets do once b hears a: without
+    // it a packet is not believed at all (it may predate a's start).
+    let a_incarnation = hb["incarnation"].as_u64().unwrap();
     let packet = |cluster: &str, incarnation: u64| Packet {
         link: 0,
         incarnation,
@@ -46,24 +51,44 @@ fn peers_hear_each_other_and_bad_datagrams_change_nothing() {
         node: "b".into(),
         report: NodeReport {
             role: 1,
+            hears: a_incarnation,
             ..NodeReport::default()
         },
     };
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let before = heartbeat(&p, 0);
     let forged = packet("test", u64::MAX).encode(b"not the key");
     let replayed = packet("test", 1).encode(&key);
     let foreign = packet("other", u64::MAX).encode(&key);
     let cut = &replayed[..replayed.len() - 5];
-    for d in [&forged[..], &replayed[..], &foreign[..], cut, b"garbage"] {
+    let unconfirmed = Packet {
+        report: NodeReport {
+            role: 1,
+            ..NodeReport::default()
+        },
+        ..packet("test", u64::MAX)
+    }
+    .encode(&key);
+    for d in [
+        &forged[..],
+        &replayed[..],
+        &foreign[..],
+        cut,
+        b"garbage",
+        &unconfirmed[..],
+    ] {
         sock.send_to(d, &target).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
     let hb = heartbeat(&p, 0);
     let c = &hb["links"][0]["counters"];
-    assert_eq!(c["bad_signature"], 1, "{c}");
-    assert_eq!(c["replayed"], 1, "{c}");
-    assert_eq!(c["foreign"], 1, "{c}");
-    assert_eq!(c["malformed"], 2, "{c}");
+    let before = &before["links"][0]["counters"];
+    let grew = |k: &str| c[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(grew("bad_signature"), 1, "{c}");
+    assert_eq!(grew("replayed"), 1, "{c}");
+    assert_eq!(grew("foreign"), 1, "{c}");
+    assert_eq!(grew("malformed"), 2, "{c}");
+    assert_eq!(grew("unconfirmed"), 1, "{c}");
     // Nothing changed: b is still heard, and as secondary (each forgery
     // claimed primary).
     assert_eq!(hb["peer_alive"], true);

@@ -76,6 +76,10 @@ pub enum Reject {
     BadSignature,
     /// An earlier incarnation or an already seen sequence number.
     Replayed,
+    /// Authentic, but the sender has not yet heard this run of us: it may
+    /// be a recording from before our start, so it is not believed (it
+    /// will say it hears us within an interval or two).
+    Unconfirmed,
 }
 
 fn mac(key: &[u8], bytes: &[u8]) -> [u8; MAC_LEN] {
@@ -174,6 +178,8 @@ pub struct LinkCounters {
     pub foreign: u64,
     pub bad_signature: u64,
     pub replayed: u64,
+    /// Authentic packets not (yet) saying they hear this run of us.
+    pub unconfirmed: u64,
 }
 
 /// A link as status shows it.
@@ -212,8 +218,12 @@ pub struct Membership {
     /// as up.
     heard: Vec<(Option<u64>, bool)>,
     counters: Vec<LinkCounters>,
-    /// The peer's incarnation, highest sequence and the window below it.
+    /// The peer's incarnation, highest sequence and the window below it,
+    /// of the packets believed.
     seen: Option<(u64, u64, u64)>,
+    /// The highest incarnation of the peer in any authentic packet: what
+    /// our packets echo, so the peer can believe them.
+    peer_incarnation: u64,
     report: Option<NodeReport>,
     alive: bool,
 }
@@ -242,6 +252,7 @@ impl Membership {
             heard: vec![(None, false); links.max(1)],
             counters: vec![LinkCounters::default(); links.max(1)],
             seen: None,
+            peer_incarnation: 0,
             report: None,
             alive: false,
         }
@@ -258,7 +269,7 @@ impl Membership {
         if let Some(c) = self.counters.get_mut(link) {
             c.sent += 1;
         }
-        report.hears = self.seen.map_or(0, |(inc, _, _)| inc);
+        report.hears = self.peer_incarnation;
         Packet {
             link: link as u8,
             incarnation: self.incarnation,
@@ -285,11 +296,15 @@ impl Membership {
             Err(Reject::Foreign) => c.foreign += 1,
             Err(Reject::BadSignature) => c.bad_signature += 1,
             Err(Reject::Replayed) => c.replayed += 1,
+            Err(Reject::Unconfirmed) => c.unconfirmed += 1,
             Ok(_) => c.received += 1,
         }
-        let (p, restarted) = result?;
+        let (p, restarted, newest) = result?;
         let mut events = Vec::new();
-        self.report = Some(p.report);
+        // A reordered older packet proves the link, not the state.
+        if newest {
+            self.report = Some(p.report);
+        }
         self.heard[link].0 = Some(now_us);
         if !self.heard[link].1 {
             self.heard[link].1 = true;
@@ -305,11 +320,19 @@ impl Membership {
     /// Authenticates and checks freshness; on success records the
     /// sequence. Returns the packet and whether it starts a new
     /// incarnation of a peer heard before.
-    fn check(&mut self, bytes: &[u8]) -> Result<(Packet, bool), Reject> {
+    fn check(&mut self, bytes: &[u8]) -> Result<(Packet, bool, bool), Reject> {
         let p = Packet::decode(bytes, &self.key)?;
         if p.cluster != self.cluster || p.node != self.peer {
             return Err(Reject::Foreign);
         }
+        // Only a packet that names our incarnation was sent after we
+        // started: anything else may be a recording of the peer's past
+        // (a node that just started would otherwise take any of those).
+        self.peer_incarnation = self.peer_incarnation.max(p.incarnation);
+        if p.report.hears != self.incarnation {
+            return Err(Reject::Unconfirmed);
+        }
+        let mut newest = true;
         let restarted = match self.seen {
             None => {
                 self.seen = Some((p.incarnation, p.seq, 0));
@@ -322,11 +345,14 @@ impl Membership {
             Some((inc, _, _)) if p.incarnation < inc => return Err(Reject::Replayed),
             Some((inc, high, window)) => {
                 if p.seq > high {
+                    // Bit i-1 stands for `high - i`; the old highest moves
+                    // to bit shift-1, which exists up to shift == WINDOW
+                    // (a fuzzer found it lost at exactly 64).
                     let shift = p.seq - high;
-                    let window = if shift >= WINDOW {
-                        0
-                    } else {
-                        (window << shift) | (1 << (shift - 1))
+                    let window = match shift {
+                        s if s > WINDOW => 0,
+                        WINDOW => 1 << (WINDOW - 1),
+                        s => (window << s) | (1 << (s - 1)),
                     };
                     self.seen = Some((inc, p.seq, window));
                 } else {
@@ -335,11 +361,12 @@ impl Membership {
                         return Err(Reject::Replayed);
                     }
                     self.seen = Some((inc, high, window | (1 << (back - 1))));
+                    newest = false;
                 }
                 false
             }
         };
-        Ok((p, restarted))
+        Ok((p, restarted, newest))
     }
 
     /// A datagram on `link` from an address that is not the peer's there.
@@ -411,6 +438,11 @@ mod tests {
         )
     }
 
+    /// b says it hears a: it must have heard a first.
+    fn confirmed(a: &mut Membership, b: &mut Membership) {
+        let _ = b.receive(0, &a.outgoing(0, NodeReport::default()), 0);
+    }
+
     #[test]
     fn roundtrip_and_every_byte_is_covered() {
         let p = Packet {
@@ -452,13 +484,18 @@ mod tests {
     #[test]
     fn peer_found_lost_and_links_counted() {
         let (mut a, mut b) = pair();
+        // b has not heard a yet: its packet could be a recording.
+        let early = b.outgoing(0, NodeReport::default());
+        assert_eq!(a.receive(0, &early, 500), Err(Reject::Unconfirmed));
+        assert!(!a.peer_alive());
+        confirmed(&mut a, &mut b);
         let pkt = b.outgoing(0, NodeReport::default());
         let ev = a.receive(0, &pkt, 1_000).unwrap();
         assert_eq!(
             ev,
             vec![Event::LinkUp(0), Event::PeerFound { restarted: false }]
         );
-        assert!(a.peer_alive());
+        assert!(a.peer_alive() && a.peer_hears_me());
         // Link 1 never heard: stays down; link 0 times out after 1 s.
         assert_eq!(a.tick(900_000), vec![]);
         assert_eq!(a.tick(1_001_000), vec![Event::LinkDown(0), Event::PeerLost]);
@@ -471,12 +508,14 @@ mod tests {
         let links = a.links(1_200_000);
         assert_eq!((links[0].up, links[1].up), (false, true));
         assert_eq!(links[1].counters.received, 1);
+        assert_eq!(links[0].counters.unconfirmed, 1);
         assert_eq!(links[1].silent_us, Some(100_000));
     }
 
     #[test]
     fn replays_old_incarnations_and_foreign_packets_change_nothing() {
         let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
         let p1 = b.outgoing(0, NodeReport::default());
         let p2 = b.outgoing(0, NodeReport::default());
         let p3 = b.outgoing(0, NodeReport::default());
@@ -486,9 +525,10 @@ mod tests {
         // Reordered but unseen: accepted once.
         a.receive(0, &p2, 4).unwrap();
         assert_eq!(a.receive(0, &p2, 5), Err(Reject::Replayed));
-        // b restarts with a higher incarnation: accepted, and its old
-        // packets are replays from now on.
+        // b restarts with a higher incarnation: once it hears a, accepted,
+        // and its old packets are replays from now on.
         let mut b2 = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 300);
+        confirmed(&mut a, &mut b2);
         let q = b2.outgoing(0, NodeReport::default());
         assert_eq!(
             a.receive(0, &q, 6).unwrap(),
@@ -509,12 +549,50 @@ mod tests {
     }
 
     #[test]
+    fn the_window_edge_and_reordered_reports() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        let mut sent: Vec<Vec<u8>> = Vec::new();
+        for i in 0..=64u8 {
+            sent.push(b.outgoing(
+                0,
+                NodeReport {
+                    service: i,
+                    ..NodeReport::default()
+                },
+            ));
+        }
+        a.receive(0, &sent[0], 1).unwrap();
+        a.receive(0, &sent[64], 2).unwrap();
+        // Exactly 64 below the highest, already seen: a replay.
+        assert_eq!(a.receive(0, &sent[0], 3), Err(Reject::Replayed));
+        // Unseen and older: accepted for the link, not for the state.
+        a.receive(0, &sent[10], 4).unwrap();
+        assert_eq!(a.peer_report().unwrap().service, 64);
+    }
+
+    #[test]
+    fn a_recording_from_before_a_start_is_not_believed() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        let primary = NodeReport {
+            role: 1,
+            ..NodeReport::default()
+        };
+        let old = b.outgoing(0, primary);
+        a.receive(0, &old, 1).unwrap();
+        // a restarts; the recording arrives first: not believed.
+        let mut a2 = Membership::new("hadb", "a", "b", KEY, 2, 1_000_000, 150);
+        assert_eq!(a2.receive(0, &old, 2), Err(Reject::Unconfirmed));
+        assert_eq!(a2.peer_report(), None);
+        assert!(!a2.peer_alive());
+    }
+
+    #[test]
     fn a_node_knows_whether_it_is_heard() {
         let (mut a, mut b) = pair();
-        b.receive(0, &a.outgoing(0, NodeReport::default()), 1)
-            .unwrap();
-        a.receive(0, &b.outgoing(0, NodeReport::default()), 2)
-            .unwrap();
+        confirmed(&mut a, &mut b);
+        confirmed(&mut b, &mut a);
         assert!(a.peer_hears_me());
         assert!(!b.peer_hears_me(), "a's packet went before a heard b");
     }

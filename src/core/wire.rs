@@ -322,6 +322,13 @@ impl Sealer {
         payload: &[u8],
         tag: &[u8],
     ) -> Result<(), Error> {
+        if header_bytes.len() < HEADER_LEN {
+            return Err(Error::Truncated {
+                what: "frame header",
+                have: header_bytes.len(),
+                need: HEADER_LEN,
+            });
+        }
         let computed = crc32c::crc32c(payload);
         if computed != h.payload_crc {
             return Err(Error::Checksum {
