@@ -679,6 +679,10 @@ pub struct Replica {
     al_full: bool,
     /// Resync target: the primary outdated this copy during the resync.
     outdated_at_resync_end: bool,
+    /// A resync's ResyncDone went out with this generation and its
+    /// acknowledgement did not come back before the link dropped: the peer
+    /// may hold it.
+    peer_may_hold: Option<u64>,
     /// After an unclean stop: the activity-log extents found at start.
     marked_at_start: Option<usize>,
     /// When the last application write was issued (driver clock, µs).
@@ -724,6 +728,8 @@ struct ResyncState {
     /// count), so a lost link can mark them out of sync again.
     unacked: BTreeMap<Seq, (u64, u64)>,
     done_sent: bool,
+    /// The generation the ResyncDone carried.
+    done_gen: Option<u64>,
     total_blocks: u64,
     sent_blocks: u64,
     started_us: u64,
@@ -818,6 +824,7 @@ impl Replica {
             awaiting_bitmap: false,
             al_full: false,
             outdated_at_resync_end: false,
+            peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
             last_app_write_us: 0,
             resync: None,
@@ -1152,7 +1159,14 @@ impl Replica {
     /// Starts writing without the peer: a new generation, so that the peer's
     /// copy can later be recognised as older (the bitmap starts at its gen).
     fn begin_alone_writes(&mut self, out: &mut Vec<Action>) {
-        if self.bitmap_gen == 0 {
+        // A resync that ended on the peer (it adopted our generation) but
+        // whose acknowledgement was lost leaves our bitmap generation set:
+        // writing on at the generation the peer now holds would make two
+        // different copies look the same. So a new generation, with the
+        // bitmap counted from the one the peer may hold (a peer that did
+        // not adopt it is half-written and gets a full resync).
+        let shared = std::mem::take(&mut self.peer_may_hold) == Some(self.current_gen);
+        if self.bitmap_gen == 0 || shared {
             self.bitmap_gen = self.current_gen;
             self.current_gen = self.next_gen();
             out.push(Action::Persist(self.meta()));
@@ -1496,6 +1510,9 @@ impl Replica {
                 warn: true,
                 message: "link lost during resync; it resumes on reconnect".into(),
             });
+            // The peer may have finished and adopted the generation its
+            // ResyncDone carried.
+            self.peer_may_hold = rs.done_gen;
             // What was read or sent but not acknowledged is still missing
             // on the peer.
             for (first, count) in rs.in_flight() {
@@ -1889,9 +1906,10 @@ impl Replica {
             SyncDecision::InSync => {
                 if self.disk == DiskState::Outdated {
                     // Outdated, but nothing was written without us since:
-                    // the copy is current after all.
+                    // the copy is current after all; the peer must hear it.
                     self.disk = DiskState::UpToDate;
                     out.push(Action::Persist(self.meta()));
+                    out.push(self.state_frame(Kind::State));
                 }
                 self.link = LinkState::Connected;
                 self.dirty = Some(Bitmap::default());
@@ -2023,6 +2041,7 @@ impl Replica {
         // ON; the end of go-alone).
         self.alone = false;
         self.outdate_asked = false;
+        self.peer_may_hold = None;
         if self.bitmap_gen != 0 {
             self.bitmap_gen = 0;
             out.push(Action::Persist(self.meta()));
@@ -2131,6 +2150,7 @@ impl Replica {
         }
         if dirty.is_empty() && rs.reads.is_empty() && rs.unacked.is_empty() && !rs.done_sent {
             rs.done_sent = true;
+            rs.done_gen = Some(self.current_gen);
             let seq = self.next_seq;
             self.next_seq += 1;
             rs.unacked.insert(seq, (0, 0));
@@ -2205,6 +2225,12 @@ impl Replica {
         });
         self.link = LinkState::Connected;
         self.crashed_primary = false;
+        if self.disk == DiskState::Outdated {
+            // This copy was the reference and the peer now holds it too:
+            // whatever outdated it is history.
+            self.disk = DiskState::UpToDate;
+            out.push(Action::Persist(self.meta()));
+        }
         // The peer has flushed it all: the marks are gone for good.
         self.sync_bitmap(out);
         self.peer_is_current(out);
