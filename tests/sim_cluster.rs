@@ -602,6 +602,76 @@ impl Sim {
         Ok(())
     }
 
+    /// A fresh pair's first primary is the operator's: a, once connected;
+    /// faults start once b holds a full copy.
+    fn establish(&mut self) -> Result<(), String> {
+        for _ in 0..20_000 {
+            self.step(false)?;
+            if self.primaries() == [0] && self.r(0).peer_up_to_date() {
+                return Ok(());
+            }
+            if self.primaries().is_empty()
+                && !self.r(0).role_request_pending()
+                && self.r(0).peer_state().is_some()
+                && let Ok(a) = self.r(0).promote(false)
+            {
+                self.apply(0, a);
+            }
+        }
+        Err("the first primary and its initial sync never completed".into())
+    }
+
+    /// One millisecond of a scripted story: no random faults, every frame
+    /// and disk operation carried out, the link following ring0 at once.
+    fn scripted_tick(&mut self) -> Result<(), String> {
+        self.now_us += 1_000;
+        self.deliver_datagrams();
+        self.timers(false)?;
+        let path = self.nodes[0].up && self.nodes[1].up && !self.cut[0][0] && !self.cut[0][1];
+        if self.repl_up && !path {
+            self.log("replication link breaks".into());
+            self.drop_link();
+        } else if !self.repl_up && path {
+            self.repl_up = true;
+            self.log("replication link up".into());
+            for n in 0..2 {
+                let a = self.r(n).link_up();
+                self.apply(n, a);
+            }
+        }
+        for _ in 0..1000 {
+            let mut busy = false;
+            for n in 0..2 {
+                if self.nodes[1 - n].up && !self.wire[n].is_empty() {
+                    self.deliver_frame(n);
+                    busy = true;
+                }
+                if self.nodes[n].up && !self.nodes[n].vol.queue.is_empty() {
+                    self.disk_step(n);
+                    busy = true;
+                }
+            }
+            if !busy {
+                break;
+            }
+        }
+        if self.primaries().len() > 1 {
+            return Err("TWO PRIMARIES".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the pair is one primary plus an up-to-date secondary.
+    fn whole(&mut self) -> bool {
+        let [p] = self.primaries()[..] else {
+            return false;
+        };
+        self.quiet()
+            && self.nodes[1 - p].up
+            && self.r(p).peer_up_to_date()
+            && self.r(1 - p).disk() == DiskState::UpToDate
+    }
+
     fn quiet(&self) -> bool {
         self.wire.iter().all(|w| w.is_empty())
             && self
@@ -681,25 +751,7 @@ impl Sim {
 
 fn run_seed(seed: u64, verbose: bool) -> Result<(), (String, Vec<String>)> {
     let mut sim = Sim::new(seed, verbose);
-    // A fresh pair's first primary is the operator's: a, once connected;
-    // the faults start once b holds a full copy.
-    let mut first = || -> Result<(), String> {
-        for _ in 0..20_000 {
-            sim.step(false)?;
-            if sim.primaries() == [0] && sim.r(0).peer_up_to_date() {
-                return Ok(());
-            }
-            if sim.primaries().is_empty()
-                && !sim.r(0).role_request_pending()
-                && sim.r(0).peer_state().is_some()
-                && let Ok(a) = sim.r(0).promote(false)
-            {
-                sim.apply(0, a);
-            }
-        }
-        Err("the first primary and its initial sync never completed".into())
-    };
-    first()
+    sim.establish()
         .and_then(|()| sim.run(3000))
         .map_err(|e| (e, sim.trace.clone()))
 }
@@ -723,6 +775,230 @@ fn simulated_cluster_keeps_every_promise() {
             panic!(
                 "seed {seed}: {e}\n--- last steps:\n{tail}\n--- replay: HADB_SIM_SEED={seed} cargo test --release --test sim_cluster -- --nocapture"
             );
+        }
+    }
+}
+
+/// A story's node by name.
+fn node_of(word: &str) -> Result<usize, String> {
+    match word {
+        "a" => Ok(0),
+        "b" => Ok(1),
+        other => Err(format!("no node `{other}` (a or b)")),
+    }
+}
+
+fn duration_us(word: &str) -> Result<u64, String> {
+    let bad = || format!("`{word}`: expected a duration like 300ms or 2.5s");
+    if let Some(ms) = word.strip_suffix("ms") {
+        ms.parse::<u64>().map(|v| v * 1000).map_err(|_| bad())
+    } else if let Some(s) = word.strip_suffix('s') {
+        s.parse::<f64>()
+            .map(|v| (v * 1e6) as u64)
+            .map_err(|_| bad())
+    } else {
+        Err(bad())
+    }
+}
+
+impl Sim {
+    fn run_for(&mut self, us: u64) -> Result<(), String> {
+        let end = self.now_us + us;
+        while self.now_us < end {
+            self.scripted_tick()?;
+        }
+        Ok(())
+    }
+
+    /// `expect NODE WHAT`: true if it holds now.
+    fn holds(&mut self, n: usize, what: &[&str]) -> Result<bool, String> {
+        let node = &self.nodes[n];
+        if what == ["down"] {
+            return Ok(!node.up);
+        }
+        let (Some(r), Some(m), Some(hb)) = (&node.replica, &node.manager, &node.membership) else {
+            return Ok(false);
+        };
+        Ok(match what {
+            ["primary"] => r.role() == Role::Primary,
+            ["secondary"] => r.role() == Role::Secondary,
+            ["up"] => true,
+            ["fence", "pending"] => matches!(m.fence(), Fence::Pending { .. }),
+            ["fence", "none"] => m.fence() == Fence::None,
+            ["peer", "lost"] => !hb.peer_alive(),
+            ["peer", "alive"] => hb.peer_alive(),
+            ["disk", d] => r.disk().to_string() == *d,
+            ["frozen"] => r.frozen(),
+            ["not", "frozen"] => !r.frozen(),
+            ["flushed", "writes"] => {
+                let view = node.vol.disk.view();
+                self.oracle.check(&view, node.name, "story").is_ok()
+            }
+            other => return Err(format!("cannot check `{}`", other.join(" "))),
+        })
+    }
+
+    /// Carries out one line of a story.
+    fn story_line(&mut self, line: &str) -> Result<(), String> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        self.log(format!("STORY: {line}"));
+        match &w[..] {
+            ["run", d] => self.run_for(duration_us(d)?),
+            ["crash", n] => {
+                self.crash(node_of(n)?);
+                Ok(())
+            }
+            ["start", n] => {
+                self.start(node_of(n)?);
+                Ok(())
+            }
+            [verb @ ("cut" | "heal"), ring, dir] => {
+                let ring: usize = ring
+                    .strip_prefix("ring")
+                    .and_then(|r| r.parse().ok())
+                    .filter(|r| *r < RINGS)
+                    .ok_or(format!("`{ring}`: expected ring0 or ring1"))?;
+                let from: &[usize] = match *dir {
+                    "a->b" => &[0],
+                    "b->a" => &[1],
+                    "both" => &[0, 1],
+                    other => return Err(format!("`{other}`: expected a->b, b->a or both")),
+                };
+                for f in from {
+                    self.cut[ring][*f] = *verb == "cut";
+                }
+                Ok(())
+            }
+            ["standby", n, on @ ("on" | "off")] => {
+                let n = node_of(n)?;
+                self.nodes[n]
+                    .manager
+                    .as_mut()
+                    .unwrap()
+                    .set_standby(*on == "on");
+                Ok(())
+            }
+            ["switchover"] => {
+                let [p] = self.primaries()[..] else {
+                    return Err("switchover: no single primary".into());
+                };
+                let v = self.inputs(p).volume;
+                self.nodes[p].manager.as_mut().unwrap().switchover(&v)
+            }
+            ["confirm", "fence", "on", n] => {
+                let n = node_of(n)?;
+                let now = self.now_us;
+                self.nodes[n].manager.as_mut().unwrap().fence_confirmed(now)
+            }
+            ["write", count] => {
+                let count: usize = count.parse().map_err(|_| format!("`{count}`: a number"))?;
+                for _ in 0..count {
+                    self.client();
+                    self.scripted_tick()?;
+                }
+                // And a flush that must complete: what the stories later
+                // check as "flushed writes".
+                let [p] = self.primaries()[..] else {
+                    return Err("write: no single primary".into());
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                self.oracle.flush_issued(id);
+                self.nodes[p].app.insert(id, None);
+                let a = self.r(p).request(id, Request::Flush);
+                self.apply(p, a);
+                for _ in 0..10_000 {
+                    self.scripted_tick()?;
+                    if self.nodes[p].app.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Err("write: the writes and their flush did not complete in 10 s".into())
+            }
+            ["expect", n, what @ ..] => {
+                let n = node_of(n)?;
+                if self.holds(n, what)? {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "expected {} {}",
+                        self.nodes[n].name,
+                        what.join(" ")
+                    ))
+                }
+            }
+            ["within", d, "whole"] => {
+                let end = self.now_us + duration_us(d)?;
+                while self.now_us < end {
+                    if self.whole() {
+                        let a = self.nodes[0].vol.disk.view();
+                        return if a == self.nodes[1].vol.disk.view() {
+                            Ok(())
+                        } else {
+                            Err("whole, but the copies differ".into())
+                        };
+                    }
+                    self.scripted_tick()?;
+                }
+                Err(format!(
+                    "not one primary plus an up-to-date secondary within {d}"
+                ))
+            }
+            ["within", d, n, what @ ..] => {
+                let n = node_of(n)?;
+                let end = self.now_us + duration_us(d)?;
+                while self.now_us < end {
+                    if self.holds(n, what)? {
+                        return Ok(());
+                    }
+                    self.scripted_tick()?;
+                }
+                Err(format!(
+                    "{} not {} within {d}",
+                    self.nodes[n].name,
+                    what.join(" ")
+                ))
+            }
+            _ => Err(format!("cannot read `{line}`")),
+        }
+    }
+}
+
+/// The stories in tests/scenarios/: each reads as what happens to the
+/// pair, line by line; a line that does not hold fails with the story's
+/// trace.
+#[test]
+fn scenario_stories() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 4,
+        "the stories are missing from {}",
+        dir.display()
+    );
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut sim = Sim::new(1, std::env::var_os("HADB_SIM_VERBOSE").is_some());
+        sim.mode = Mode::Sync;
+        sim.establish().unwrap();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Err(e) = sim.story_line(line) {
+                let tail = sim.trace[sim.trace.len().saturating_sub(60)..].join("\n");
+                panic!(
+                    "{}:{}: `{line}`: {e}\n--- last steps:\n{tail}",
+                    file.display(),
+                    i + 1
+                );
+            }
         }
     }
 }
