@@ -588,6 +588,46 @@ mod tests {
         assert!(!a2.peer_alive());
     }
 
+    /// The defaults (200 ms interval, 1 s timeout) under 1% loss and up
+    /// to 200 ms of jitter, for a simulated hour: not one ring goes down.
+    #[test]
+    fn defaults_do_not_flap_under_loss_and_jitter() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        let mut rng = 0x1234_5678_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut in_flight: Vec<(u64, Vec<u8>)> = Vec::new();
+        let (mut lost, mut events) = (0, Vec::new());
+        for i in 0..(3600 * 5) {
+            let sent_at = i * 200_000;
+            let pkt = b.outgoing(0, NodeReport::default());
+            if next() % 100 == 0 {
+                lost += 1;
+            } else {
+                in_flight.push((sent_at + next() % 200_000, pkt));
+            }
+            in_flight.sort_by_key(|(t, _)| *t);
+            let now = sent_at + 199_999;
+            while in_flight.first().is_some_and(|(t, _)| *t <= now) {
+                let (t, p) = in_flight.remove(0);
+                let _ = a.receive(0, &p, t);
+                events.extend(a.tick(t));
+            }
+            events.extend(a.tick(now));
+        }
+        assert!(lost > 100, "the loss was simulated ({lost} packets)");
+        let downs: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, Event::LinkDown(_) | Event::PeerLost))
+            .collect();
+        assert!(downs.is_empty(), "flapped: {downs:?}");
+    }
+
     #[test]
     fn a_node_knows_whether_it_is_heard() {
         let (mut a, mut b) = pair();
