@@ -125,7 +125,7 @@ device = "$D/$n.img"
 mode = "$mode"
 nbd_socket = "$D/$n.nbd"
 [manager]
-maintenance = true
+maintenance = ${MAINTENANCE:-true}
 [control]
 socket = "$D/$n.ctl"
 EOF
