@@ -13,6 +13,32 @@ use common::{Pair, qemu_io, qemu_io_spawn, require, run};
 
 const SIZE: u64 = 64 << 20;
 
+/// Blocks of the activity-log extents node `n` marked at its start, which
+/// must have followed an unclean stop.
+fn unclean_log_blocks(p: &Pair, n: usize) -> u64 {
+    let s = p.status(n).unwrap();
+    let al = &s["volume"]["activity_log"];
+    assert_eq!(al["last_stop"], "unclean", "{al}");
+    al["extents_marked_at_start"].as_u64().unwrap() * al["extent_bytes"].as_u64().unwrap() / 4096
+}
+
+/// At least what changed, at most 1.1 x that plus the log's regions, and
+/// far from everything.
+fn assert_resync_bounded(sent: u64, changed: u64, log_blocks: u64, size: u64) {
+    assert!(
+        sent >= changed,
+        "resynced {sent} blocks, less than the {changed} that changed"
+    );
+    assert!(
+        sent <= changed * 11 / 10 + log_blocks,
+        "resynced {sent} blocks: more than 1.1 x {changed} changed + {log_blocks} in log extents"
+    );
+    assert!(
+        sent < (size / 4096) / 2,
+        "resynced {sent} blocks: a full resync"
+    );
+}
+
 #[test]
 fn killed_secondary_rejoins_and_only_changed_blocks_move() {
     require("qemu-io", "qemu-utils");
@@ -37,24 +63,9 @@ fn killed_secondary_rejoins_and_only_changed_blocks_move() {
     // activity log (the regions it was writing when it died) and sends
     // them with its bitmap; the primary resyncs those and what changed
     // while it was away (1 MiB = 256 blocks), nothing more.
-    let s = p.status(1).unwrap();
-    let al = &s["volume"]["activity_log"];
-    assert_eq!(al["last_stop"], "unclean", "{al}");
-    let marked = al["extents_marked_at_start"].as_u64().unwrap();
-    let extent_blocks = al["extent_bytes"].as_u64().unwrap() / 4096;
-    assert!(marked >= 1, "the writes in flight left no log: {al}");
-    assert!(
-        sent >= 256,
-        "resynced {sent} blocks, less than what changed"
-    );
-    assert!(
-        sent <= 256 * 11 / 10 + marked * extent_blocks,
-        "resynced {sent} blocks: more than 1.1 x changed + {marked} log extent(s)"
-    );
-    assert!(
-        sent < (size / 4096) / 2,
-        "resynced {sent} blocks: that is a full resync"
-    );
+    let log_blocks = unclean_log_blocks(&p, 1);
+    assert!(log_blocks > 0, "the writes in flight left no log");
+    assert_resync_bounded(sent, 256, log_blocks, size);
     qemu_io(&p.uri(0), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),
@@ -95,24 +106,10 @@ fn killed_primary_fails_over_and_rejoins_as_secondary() {
     p.start(0);
     let s = p.status(0).unwrap();
     assert_eq!(s["volume"]["role"], "secondary");
-    let al = &s["volume"]["activity_log"];
-    assert_eq!(al["last_stop"], "unclean", "{al}");
-    let marked = al["extents_marked_at_start"].as_u64().unwrap();
-    let extent_blocks = al["extent_bytes"].as_u64().unwrap() / 4096;
+    let log_blocks = unclean_log_blocks(&p, 0);
     p.wait_in_sync(1);
     let sent = p.counter(1, "counters", "resync_blocks_sent") - sent_before;
-    assert!(
-        sent >= 256,
-        "resynced {sent} blocks, less than what changed"
-    );
-    assert!(
-        sent <= 256 * 11 / 10 + marked * extent_blocks,
-        "resynced {sent} blocks: more than 1.1 x changed + {marked} log extent(s)"
-    );
-    assert!(
-        sent < (size / 4096) / 2,
-        "resynced {sent} blocks: a full resync"
-    );
+    assert_resync_bounded(sent, 256, log_blocks, size);
     qemu_io(&p.uri(1), &["flush"]);
     assert!(
         p.data(0, size) == p.data(1, size),

@@ -23,13 +23,12 @@
 mod simkit;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
 use hadb::config::Mode;
 use hadb::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY, Membership, NodeReport};
 use hadb::core::manager::{self, Fence, Inputs, Manager, PeerView, VolumeView};
 use hadb::core::replica::{Action, DiskState, Frame, Replica, Request, Role};
-use simkit::{BLOCK, BLOCKS, DATA, Oracle, Rng, SimVolume, Step, block_tag, pattern};
+use simkit::{DATA, Oracle, Rng, SimVolume, Step};
 
 const KEY: &[u8] = b"simulated cluster key, 32 bytes!";
 const RINGS: usize = 2;
@@ -488,28 +487,11 @@ impl Sim {
         if self.nodes[p].app.len() >= 8 {
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        if self.rng.chance(200) {
-            self.oracle.flush_issued(id);
-            self.nodes[p].app.insert(id, None);
-            let a = self.r(p).request(id, Request::Flush);
-            self.apply(p, a);
-        } else {
-            let block = self.rng.below(BLOCKS as u64) as usize;
-            let fua = self.rng.chance(50);
-            self.oracle.write_issued(id, block, fua);
-            self.nodes[p].app.insert(id, Some(block));
-            let a = self.r(p).request(
-                id,
-                Request::Write {
-                    offset: (block * BLOCK) as u64,
-                    data: Arc::new(pattern(id)),
-                    fua,
-                },
-            );
-            self.apply(p, a);
-        }
+        let (id, req, block) =
+            simkit::next_request(&mut self.rng, &mut self.oracle, &mut self.next_id);
+        self.nodes[p].app.insert(id, block);
+        let a = self.r(p).request(id, req);
+        self.apply(p, a);
     }
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
@@ -706,16 +688,9 @@ impl Sim {
                 let a = self.nodes[0].vol.disk.view();
                 let b = self.nodes[1].vol.disk.view();
                 if a != b {
-                    let diff: Vec<String> = (0..BLOCKS)
-                        .filter(|&i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
-                        .map(|i| {
-                            let at = |v: &Vec<u8>| block_tag(&v[i * BLOCK..(i + 1) * BLOCK]);
-                            format!("{i}: a {:?} b {:?}", at(&a), at(&b))
-                        })
-                        .collect();
                     return Err(format!(
                         "converged but the copies differ: {}",
-                        diff.join(", ")
+                        simkit::differing_blocks(&a, &b)
                     ));
                 }
                 return self.oracle.check(
@@ -758,25 +733,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(), (String, Vec<String>)> {
 
 #[test]
 fn simulated_cluster_keeps_every_promise() {
-    if let Ok(seed) = std::env::var("HADB_SIM_SEED") {
-        let seed: u64 = seed.parse().expect("HADB_SIM_SEED is a number");
-        if let Err((e, _)) = run_seed(seed, true) {
-            panic!("seed {seed}: {e}");
-        }
-        return;
-    }
-    let seeds: u64 = std::env::var("HADB_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
-    for seed in 0..seeds {
-        if let Err((e, trace)) = run_seed(seed, false) {
-            let tail = trace[trace.len().saturating_sub(80)..].join("\n");
-            panic!(
-                "seed {seed}: {e}\n--- last steps:\n{tail}\n--- replay: HADB_SIM_SEED={seed} cargo test --release --test sim_cluster -- --nocapture"
-            );
-        }
-    }
+    simkit::run_seeds("sim_cluster", "", run_seed);
 }
 
 /// A story's node by name.

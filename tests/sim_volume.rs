@@ -29,12 +29,11 @@
 mod simkit;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
-use simkit::{BLOCK, BLOCKS, DATA, Op, Oracle, Rng, SimVolume, Step, block_tag, pattern};
+use simkit::{BLOCK, DATA, Op, Oracle, Rng, SimVolume, Step, block_tag};
 
 use hadb::config::Mode;
-use hadb::core::replica::{Action, DiskOp, DiskState, DiskTag, Frame, Replica, Request, Role};
+use hadb::core::replica::{Action, DiskOp, DiskState, DiskTag, Frame, Replica, Role};
 
 /// Short, so semisync's timeout fires often in a run.
 const ACK_TIMEOUT_US: u64 = 200_000;
@@ -300,28 +299,11 @@ impl Sim {
         if self.nodes[p].app.len() >= 8 {
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        if self.rng.chance(200) {
-            self.oracle.flush_issued(id);
-            self.nodes[p].app.insert(id, None);
-            let a = self.r(p).request(id, Request::Flush);
-            self.apply(p, a);
-        } else {
-            let block = self.rng.below(BLOCKS as u64) as usize;
-            let fua = self.rng.chance(50);
-            self.oracle.write_issued(id, block, fua);
-            self.nodes[p].app.insert(id, Some((block, id)));
-            let a = self.r(p).request(
-                id,
-                Request::Write {
-                    offset: (block * BLOCK) as u64,
-                    data: Arc::new(pattern(id)),
-                    fua,
-                },
-            );
-            self.apply(p, a);
-        }
+        let (id, req, block) =
+            simkit::next_request(&mut self.rng, &mut self.oracle, &mut self.next_id);
+        self.nodes[p].app.insert(id, block.map(|b| (b, id)));
+        let a = self.r(p).request(id, req);
+        self.apply(p, a);
     }
 
     /// Promise 1: on `n`'s copy every block holds its newest guaranteed
@@ -501,19 +483,9 @@ impl Sim {
                 let a = self.nodes[0].vol.disk.view();
                 let b = self.nodes[1].vol.disk.view();
                 if a != b {
-                    let diff: Vec<usize> = (0..BLOCKS)
-                        .filter(|&i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
-                        .collect();
-                    let values: Vec<String> = diff
-                        .iter()
-                        .map(|&i| {
-                            let at = |v: &Vec<u8>| block_tag(&v[i * BLOCK..(i + 1) * BLOCK]);
-                            format!("{i}: a {:?} b {:?}", at(&a), at(&b))
-                        })
-                        .collect();
                     return Err(format!(
-                        "converged but copies differ in blocks {diff:?} ({})",
-                        values.join(", ")
+                        "converged but the copies differ: {}",
+                        simkit::differing_blocks(&a, &b)
                     ));
                 }
                 let s = 1 - p;
@@ -560,23 +532,5 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(), (String, Vec<String>)> {
 
 #[test]
 fn simulated_pair_keeps_every_promise() {
-    if let Ok(seed) = std::env::var("HADB_SIM_SEED") {
-        let seed: u64 = seed.parse().expect("HADB_SIM_SEED is a number");
-        if let Err((e, _)) = run_seed(seed, true) {
-            panic!("seed {seed}: {e}");
-        }
-        return;
-    }
-    let seeds: u64 = std::env::var("HADB_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
-    for seed in 0..seeds {
-        if let Err((e, trace)) = run_seed(seed, false) {
-            let tail = trace[trace.len().saturating_sub(60)..].join("\n");
-            panic!(
-                "seed {seed}: {e}\n--- last steps:\n{tail}\n--- replay: HADB_SIM_SEED={seed} HADB_SIM_WATCH=BLOCK cargo test --release --test sim_volume -- --nocapture"
-            );
-        }
-    }
+    simkit::run_seeds("sim_volume", "HADB_SIM_WATCH=BLOCK ", run_seed);
 }

@@ -68,14 +68,7 @@ impl Daemon {
 
 impl Daemon {
     async fn ask(&self, command: Command) -> Result<serde_json::Value, String> {
-        let (tx, rx) = smol::channel::bounded(1);
-        self.events
-            .send(Event::Command { command, reply: tx })
-            .await
-            .map_err(|_| "the volume task has stopped".to_string())?;
-        rx.recv()
-            .await
-            .map_err(|_| "the volume task has stopped".to_string())?
+        crate::run::volume::ask(&self.events, command).await
     }
 }
 

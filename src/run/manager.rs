@@ -11,7 +11,7 @@ use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY};
 use crate::core::manager::{Action, Inputs, Manager, PeerView};
 use crate::core::replica::disk_from_code;
 use crate::run::heartbeat::Heartbeat;
-use crate::run::volume::{Command, Event, Shared};
+use crate::run::volume::{Command, Event, Shared, ask};
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -36,17 +36,6 @@ pub fn inputs(hb: &Heartbeat, shared: &Shared) -> Inputs {
             asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
         }),
     }
-}
-
-async fn ask(events: &Sender<Event>, command: Command) -> Result<serde_json::Value, String> {
-    let (tx, rx) = smol::channel::bounded(1);
-    events
-        .send(Event::Command { command, reply: tx })
-        .await
-        .map_err(|_| "the volume task has stopped".to_string())?;
-    rx.recv()
-        .await
-        .map_err(|_| "the volume task has stopped".to_string())?
 }
 
 pub async fn run(

@@ -67,6 +67,18 @@ pub enum Command {
     OutdateSelf,
 }
 
+/// Sends a command to the volume task and waits for its answer.
+pub async fn ask(events: &Sender<Event>, command: Command) -> Result<serde_json::Value, String> {
+    let (tx, rx) = smol::channel::bounded(1);
+    events
+        .send(Event::Command { command, reply: tx })
+        .await
+        .map_err(|_| "the volume task has stopped".to_string())?;
+    rx.recv()
+        .await
+        .map_err(|_| "the volume task has stopped".to_string())?
+}
+
 /// A live replication link, owned by the volume task: dropping it stops
 /// its reader and writer.
 pub struct Link {

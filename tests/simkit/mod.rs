@@ -348,3 +348,73 @@ impl SimVolume {
         Step::Done(tag, Ok(result))
     }
 }
+
+/// A simulation's seed loop: `HADB_SIM_SEED=S` replays one seed with its
+/// trace printed as it goes; otherwise `HADB_SIM_SEEDS` seeds (default
+/// 10,000) run and the first failure panics with the end of its trace and
+/// the command that replays it.
+pub fn run_seeds(
+    test: &str,
+    replay_hint: &str,
+    run_seed: impl Fn(u64, bool) -> Result<(), (String, Vec<String>)>,
+) {
+    if let Ok(seed) = std::env::var("HADB_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("HADB_SIM_SEED is a number");
+        if let Err((e, _)) = run_seed(seed, true) {
+            panic!("seed {seed}: {e}");
+        }
+        return;
+    }
+    let seeds: u64 = std::env::var("HADB_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    for seed in 0..seeds {
+        if let Err((e, trace)) = run_seed(seed, false) {
+            let tail = trace[trace.len().saturating_sub(80)..].join("\n");
+            panic!(
+                "seed {seed}: {e}\n--- last steps:\n{tail}\n--- replay: HADB_SIM_SEED={seed} {replay_hint}cargo test --release --test {test} -- --nocapture"
+            );
+        }
+    }
+}
+
+/// The blocks two copies differ in, with which write each holds.
+pub fn differing_blocks(a: &[u8], b: &[u8]) -> String {
+    (0..a.len() / BLOCK)
+        .filter(|&i| a[i * BLOCK..(i + 1) * BLOCK] != b[i * BLOCK..(i + 1) * BLOCK])
+        .map(|i| {
+            let at = |v: &[u8]| block_tag(&v[i * BLOCK..(i + 1) * BLOCK]);
+            format!("{i}: a {:?} b {:?}", at(a), at(b))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The simulated client's next request, recorded in the oracle: a flush
+/// one time in five, else a write (FUA one time in twenty) of a random
+/// block. Returns its id, the request and the block written (None: a
+/// flush).
+pub fn next_request(
+    rng: &mut Rng,
+    oracle: &mut Oracle,
+    next_id: &mut u64,
+) -> (u64, hadb::core::replica::Request, Option<usize>) {
+    use hadb::core::replica::Request;
+    let id = *next_id;
+    *next_id += 1;
+    if rng.chance(200) {
+        oracle.flush_issued(id);
+        (id, Request::Flush, None)
+    } else {
+        let block = rng.below(BLOCKS as u64) as usize;
+        let fua = rng.chance(50);
+        oracle.write_issued(id, block, fua);
+        let write = Request::Write {
+            offset: (block * BLOCK) as u64,
+            data: Arc::new(pattern(id)),
+            fua,
+        };
+        (id, write, Some(block))
+    }
+}
