@@ -430,6 +430,12 @@ fn human_status(st: &Value) -> String {
             },
             s(&m["reason"])
         );
+        if let Some(t) = m["transitions"].as_array() {
+            // The last few, newest first: how it got here.
+            for e in t.iter().rev().skip(1).take(4) {
+                out += &format!("  {:>6} s ago: {}\n", s(&e["seconds_ago"]), s(&e["why"]));
+            }
+        }
         if m["fence"]["state"] == json!("pending") {
             out += &format!(
                 "FENCE PENDING of {}: make sure it is powered off, then `hadb fence confirm {}`\n",

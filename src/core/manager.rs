@@ -119,7 +119,14 @@ pub struct Manager {
     asks_outdate: bool,
     last_attempt: Option<(Action, u64)>,
     reason: String,
+    /// The last reasons, newest last, with when they began (status's "last
+    /// transitions and why").
+    history: std::collections::VecDeque<(u64, String)>,
+    now_us: u64,
 }
+
+/// Transitions kept for status.
+const HISTORY: usize = 10;
 
 impl Manager {
     pub fn new(cfg: Config) -> Manager {
@@ -135,6 +142,8 @@ impl Manager {
             asks_outdate: false,
             last_attempt: None,
             reason: "starting".into(),
+            history: std::collections::VecDeque::new(),
+            now_us: 0,
         }
     }
 
@@ -212,8 +221,18 @@ impl Manager {
                 warn: false,
                 message: format!("manager: {why}"),
             });
+            if self.history.len() == HISTORY {
+                self.history.pop_front();
+            }
+            self.history.push_back((self.now_us, why.clone()));
             self.reason = why;
         }
+    }
+
+    /// The last transitions, oldest first: (when, in the driver's
+    /// microseconds, and why).
+    pub fn history(&self) -> impl Iterator<Item = &(u64, String)> {
+        self.history.iter()
     }
 
     /// Asks for a fence, or says where it stands; true once confirmed.
@@ -237,6 +256,7 @@ impl Manager {
     pub fn step(&mut self, i: &Inputs) -> Vec<Action> {
         let mut out = Vec::new();
         let now = i.now_us;
+        self.now_us = now;
         let v = &i.volume;
         if i.peer_alive {
             self.heard_once = true;
@@ -511,6 +531,7 @@ mod tests {
         let sec = vol(Role::Secondary);
         assert!(acts(&a.step(&at(0, sec, None))).is_empty());
         assert!(a.reason().contains("waiting to hear the peer"));
+        assert_eq!(a.history().count(), 1, "one transition so far");
         assert_eq!(
             acts(&a.step(&at(1, sec, Some(peer(false))))),
             vec![Action::Promote]

@@ -56,9 +56,17 @@ struct Daemon {
 impl Daemon {
     fn manager_status(&self) -> serde_json::Value {
         let m = crate::run::manager::lock(&self.manager);
+        let now = self.heartbeat.now_us();
+        let history: Vec<serde_json::Value> = m
+            .history()
+            .map(
+                |(at, why)| json!({"seconds_ago": now.saturating_sub(*at) / 1_000_000, "why": why}),
+            )
+            .collect();
         json!({
             "maintenance": self.config.manager.maintenance,
             "reason": m.reason(),
+            "transitions": history,
             "standby": m.standby(),
             "fence": m.fence(),
             "fence_method": self.config.fencing.method,
