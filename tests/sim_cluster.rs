@@ -370,6 +370,7 @@ impl Sim {
                 link: r.link(),
                 frozen: r.frozen(),
                 peer_up_to_date: r.peer_up_to_date(),
+                peer_outdated: r.peer_outdated(),
             },
             peer_alive: m.peer_alive(),
             peer: m.peer_report().map(|p| PeerView {
@@ -424,8 +425,8 @@ impl Sim {
                         self.apply(n, a);
                     }
                 }
-                manager::Action::PeerProvenOutdated(why) => {
-                    let a = self.r(n).peer_proven_outdated(why);
+                manager::Action::PeerProvenOutdated(why, on_disk) => {
+                    let a = self.r(n).peer_proven_outdated(why, on_disk);
                     self.apply(n, a);
                 }
                 manager::Action::OutdateSelf => {

@@ -31,6 +31,10 @@ pub struct VolumeView {
     pub frozen: bool,
     /// The replication link is up and the peer holds every completed write.
     pub peer_up_to_date: bool,
+    /// This node went on without its peer on the peer's word that its copy
+    /// is outdated (remembered on disk): the peer cannot be promoted
+    /// before a resync from here.
+    pub peer_outdated: bool,
 }
 
 /// The peer, as its last heartbeat described it.
@@ -77,8 +81,9 @@ pub enum Action {
     /// [`Manager::fence_confirmed`].
     Fence,
     /// The peer cannot be promoted with older data (fenced, or it said it
-    /// is outdated): the volume may stop waiting for it.
-    PeerProvenOutdated(&'static str),
+    /// is outdated: then true, and remembered on disk): the volume may stop
+    /// waiting for it.
+    PeerProvenOutdated(&'static str, bool),
     /// Mark this node's copy outdated: the primary goes on without it.
     OutdateSelf,
     Log {
@@ -339,6 +344,7 @@ impl Manager {
                         self.attempt(
                             Action::PeerProvenOutdated(
                                 "the peer said over the heartbeat that its copy is outdated",
+                                true,
                             ),
                             now,
                             out,
@@ -358,7 +364,7 @@ impl Manager {
                 if self.fenced(now, out) {
                     self.because("the peer is fenced: going on without it", out);
                     self.attempt(
-                        Action::PeerProvenOutdated("the peer was fenced (confirmed)"),
+                        Action::PeerProvenOutdated("the peer was fenced (confirmed)", false),
                         now,
                         out,
                     );
@@ -423,6 +429,18 @@ impl Manager {
                 }
             }
             None => {
+                // This node went on without the peer on the peer's own
+                // word (on its disk) that its copy is outdated: the peer
+                // can never be promoted before a resync from here, so
+                // neither the start-up wait nor a fence is needed.
+                if v.peer_outdated && v.disk == DiskState::UpToDate && !self.standby {
+                    self.because(
+                        "peer lost; its copy is outdated by its own word: taking over without a fence",
+                        out,
+                    );
+                    self.attempt(Action::Promote, now, out);
+                    return;
+                }
                 if !self.heard_once && !self.forced {
                     self.because(
                         "waiting to hear the peer once before any promotion (`hadb volume primary --force` to start without it)",
@@ -496,6 +514,7 @@ mod tests {
             link: LinkState::Connected,
             frozen: false,
             peer_up_to_date: role == Role::Primary,
+            peer_outdated: false,
         }
     }
 
@@ -614,7 +633,8 @@ mod tests {
         assert_eq!(
             acts(&b.step(&at(22, pri, None))),
             vec![Action::PeerProvenOutdated(
-                "the peer was fenced (confirmed)"
+                "the peer was fenced (confirmed)",
+                false
             )]
         );
         // The old primary comes back: the fence is history.
@@ -645,6 +665,22 @@ mod tests {
             acts(&fresh.step(&at(21, vol(Role::Secondary), None))),
             vec![Action::Fence]
         );
+    }
+
+    #[test]
+    fn a_node_whose_peer_outdated_itself_starts_and_takes_over_without_a_fence() {
+        let mut a = Manager::new(cfg(true));
+        let sec = VolumeView {
+            peer_outdated: true,
+            link: LinkState::Connecting,
+            ..vol(Role::Secondary)
+        };
+        // Just started, the peer never heard: no wait, no fence.
+        assert_eq!(acts(&a.step(&at(0, sec, None))), vec![Action::Promote]);
+        assert_eq!(a.fence(), Fence::None);
+        // Without that proof it waits, as rule 1 says.
+        let mut b = Manager::new(cfg(true));
+        assert!(acts(&b.step(&at(0, vol(Role::Secondary), None))).is_empty());
     }
 
     #[test]
@@ -682,7 +718,8 @@ mod tests {
         assert_eq!(
             acts(&a.step(&at(1, pri, Some(outdated_peer)))),
             vec![Action::PeerProvenOutdated(
-                "the peer said over the heartbeat that its copy is outdated"
+                "the peer said over the heartbeat that its copy is outdated",
+                true
             )]
         );
         // Never a fence while the peer is heard.

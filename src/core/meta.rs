@@ -42,6 +42,11 @@ pub mod flags {
     /// means the last stop was not clean (a crash, a power-off, kill -9):
     /// the activity log's regions may differ from the peer's copy.
     pub const ACTIVE: u32 = 1 << 3;
+    /// This copy went on without its peer on the peer's own word that it
+    /// is outdated (on its disk): the peer cannot be promoted before a
+    /// resync from here, so this node may start as primary without
+    /// hearing it first.
+    pub const PEER_OUTDATED: u32 = 1 << 4;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

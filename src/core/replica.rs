@@ -168,6 +168,8 @@ pub struct MetaUpdate {
     pub primary: bool,
     /// The copy is known older than the peer's (semisync outdated it).
     pub outdated: bool,
+    /// The peer said its copy is outdated and this one went on without it.
+    pub peer_outdated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -562,6 +564,8 @@ pub struct Setup {
     pub consistent: bool,
     /// The metadata says the copy was outdated (semisync went on without it).
     pub outdated: bool,
+    /// The metadata says the peer's copy is outdated (see `MetaUpdate`).
+    pub peer_outdated: bool,
     /// How long semisync waits for the peer before it may go on alone.
     pub ack_timeout_us: u64,
     /// Most resync bytes per second; 0: no limit but the busy window.
@@ -685,6 +689,9 @@ pub struct Replica {
     peer_may_hold: Option<u64>,
     /// After an unclean stop: the activity-log extents found at start.
     marked_at_start: Option<usize>,
+    /// The peer outdated its copy on its disk and this node went on
+    /// without it; persisted until the peer is current again.
+    peer_outdated: bool,
     /// When the last application write was issued (driver clock, µs).
     last_app_write_us: u64,
     resync: Option<ResyncState>,
@@ -826,6 +833,7 @@ impl Replica {
             outdated_at_resync_end: false,
             peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
+            peer_outdated: s.peer_outdated,
             last_app_write_us: 0,
             resync: None,
             role_request: None,
@@ -894,6 +902,11 @@ impl Replica {
     fn resync_burst(&self) -> u64 {
         (self.resync_rate / 10).max(RESYNC_RUN * BLOCK)
     }
+    /// The peer said its copy is outdated and this node went on without
+    /// it: no fence is needed to take over from it.
+    pub fn peer_outdated(&self) -> bool {
+        self.peer_outdated
+    }
     /// Whether the peer is connected and holds every completed write.
     pub fn peer_up_to_date(&self) -> bool {
         self.link == LinkState::Connected
@@ -931,6 +944,7 @@ impl Replica {
             consistent: self.disk == DiskState::UpToDate || self.disk == DiskState::Outdated,
             primary: self.role == Role::Primary,
             outdated: self.disk == DiskState::Outdated,
+            peer_outdated: self.peer_outdated,
         }
     }
 
@@ -1787,6 +1801,7 @@ impl Replica {
                 {
                     // The peer is outdated on disk: stop waiting for it, and
                     // drop the slow link; it comes back as a resync target.
+                    self.peer_outdated = true;
                     self.go_alone_because(
                         "semisync: the peer acknowledged that its copy is outdated",
                         &mut out,
@@ -2042,8 +2057,9 @@ impl Replica {
         self.alone = false;
         self.outdate_asked = false;
         self.peer_may_hold = None;
-        if self.bitmap_gen != 0 {
+        if self.bitmap_gen != 0 || self.peer_outdated {
             self.bitmap_gen = 0;
+            self.peer_outdated = false;
             out.push(Action::Persist(self.meta()));
         }
         for seq in std::mem::take(&mut self.awaiting_resync) {
@@ -2633,11 +2649,14 @@ impl Replica {
     /// reach, in `semisync` and in `sync` alike: the peer said (over the
     /// heartbeat) that its copy is outdated, or it was fenced and the
     /// fence confirmed. The manager calls this; nothing else may.
-    pub fn peer_proven_outdated(&mut self, why: &str) -> Vec<Action> {
+    /// `outdated_on_disk`: the proof is the peer's own word that its copy
+    /// is outdated (not a fence), which is remembered on disk.
+    pub fn peer_proven_outdated(&mut self, why: &str, outdated_on_disk: bool) -> Vec<Action> {
         let mut out = Vec::new();
         if self.mode == Mode::Async || self.role != Role::Primary || self.alone || self.peer_ready {
             return out;
         }
+        self.peer_outdated |= outdated_on_disk;
         self.go_alone_because(why, &mut out);
         out
     }
@@ -2688,6 +2707,10 @@ impl Replica {
         // generation first, so the peer's copy is known older even if this
         // node stops before its next write.
         self.begin_alone_writes(out);
+        if self.peer_outdated {
+            // Remembered before anything completes alone.
+            out.push(Action::Persist(self.meta()));
+        }
         for seq in std::mem::take(&mut self.awaiting_resync) {
             if let Some(p) = self.pending.get_mut(&seq) {
                 p.peer_done = None;
@@ -2734,6 +2757,7 @@ mod tests {
             bitmap_gen: 0,
             consistent: generation != 0,
             outdated: false,
+            peer_outdated: false,
             ack_timeout_us: 1_000_000,
             resync_rate: 0,
             resync_min_rate: 0,

@@ -73,8 +73,12 @@ pub async fn run(
                 }
                 Action::Promote => ask(&events, Command::Primary { force: false }).await,
                 Action::Demote => ask(&events, Command::Secondary).await,
-                Action::PeerProvenOutdated(why) => {
-                    ask(&events, Command::PeerProvenOutdated(why.to_owned())).await
+                Action::PeerProvenOutdated(why, on_disk) => {
+                    ask(
+                        &events,
+                        Command::PeerProvenOutdated(why.to_owned(), on_disk),
+                    )
+                    .await
                 }
                 Action::OutdateSelf => ask(&events, Command::OutdateSelf).await,
             };

@@ -62,7 +62,7 @@ pub enum Command {
     Stop,
     /// The manager's proof that the peer cannot be promoted with older
     /// data (fenced, or outdated by its own word).
-    PeerProvenOutdated(String),
+    PeerProvenOutdated(String, bool),
     /// The manager, on the primary's word over the heartbeat.
     OutdateSelf,
 }
@@ -266,6 +266,7 @@ impl Volume {
             bitmap_gen: sb.bitmap_gen,
             consistent: sb.has(flags::CONSISTENT),
             outdated: sb.has(flags::OUTDATED),
+            peer_outdated: sb.has(flags::PEER_OUTDATED),
             ack_timeout_us: config.volume.ack_timeout.0.as_micros() as u64,
             resync_rate: config.volume.resync_rate.0,
             resync_min_rate: config.volume.resync_min_rate.0,
@@ -291,6 +292,7 @@ impl Volume {
                 link: replica::LinkState::Connecting,
                 frozen: false,
                 peer_up_to_date: false,
+                peer_outdated: false,
             }),
         });
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
@@ -386,6 +388,7 @@ impl Volume {
                 link: r.link(),
                 frozen: r.frozen(),
                 peer_up_to_date: r.peer_up_to_date(),
+                peer_outdated: r.peer_outdated(),
             };
     }
 
@@ -561,8 +564,8 @@ impl Volume {
                 Ok(json!({"alone": self.replica.alone()}))
             }
             Command::Stop => Err("stop is handled by the event loop".into()),
-            Command::PeerProvenOutdated(why) => {
-                let actions = self.replica.peer_proven_outdated(&why);
+            Command::PeerProvenOutdated(why, on_disk) => {
+                let actions = self.replica.peer_proven_outdated(&why, on_disk);
                 self.apply(actions);
                 Ok(json!({"alone": self.replica.alone()}))
             }
@@ -589,7 +592,16 @@ impl Volume {
                     sb.current_gen = m.current_gen;
                     sb.bitmap_gen = m.bitmap_gen;
                     sb.volume_id = m.volume_id;
-                    sb.flags = (sb.flags & !(flags::CONSISTENT | flags::PRIMARY | flags::OUTDATED))
+                    sb.flags = (sb.flags
+                        & !(flags::CONSISTENT
+                            | flags::PRIMARY
+                            | flags::OUTDATED
+                            | flags::PEER_OUTDATED))
+                        | if m.peer_outdated {
+                            flags::PEER_OUTDATED
+                        } else {
+                            0
+                        }
                         | if m.consistent { flags::CONSISTENT } else { 0 }
                         | if m.primary { flags::PRIMARY } else { 0 }
                         | if m.outdated { flags::OUTDATED } else { 0 };

@@ -211,6 +211,7 @@ impl SimVolume {
                 consistent: false,
                 primary: false,
                 outdated: false,
+                peer_outdated: false,
             },
             bitmap: vec![0; PAGE_BYTES],
             activity_log: Vec::new(),
@@ -243,6 +244,7 @@ impl SimVolume {
             bitmap_gen: m.bitmap_gen,
             consistent: m.consistent,
             outdated: m.outdated,
+            peer_outdated: m.peer_outdated,
             ack_timeout_us,
             resync_rate: 0,
             // Paced while the client writes, as deployed.
