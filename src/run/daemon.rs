@@ -6,6 +6,7 @@ use std::fmt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use smol::channel::Sender;
@@ -304,11 +305,17 @@ pub fn run(config: Config) -> Result<(), Error> {
             config.node,
             config.cluster
         );
+        let notifier = Arc::new(crate::run::systemd::Notifier::from_env());
+        let _systemd = notifier.enabled().then(|| {
+            notifier.notify("READY=1\nSTATUS=running");
+            crate::run::spawn(tell_systemd(notifier.clone(), daemon.clone()))
+        });
         use smol::stream::StreamExt;
         let mut signals = signals;
         if let Some(Ok(sig)) = signals.next().await {
             log::info!("received {sig:?}: stopping");
         }
+        notifier.notify("STOPPING=1\nSTATUS=stopping: draining the disk queue, writing the bitmap");
         // A clean stop spares the next start a crash's resync; a second
         // signal, or a disk that does not answer, ends it anyway.
         use smol::future::FutureExt;
@@ -318,7 +325,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 None
             })
             .or(async {
-                smol::Timer::after(std::time::Duration::from_secs(30)).await;
+                smol::Timer::after(Duration::from_secs(30)).await;
                 None
             })
             .await;
@@ -329,6 +336,49 @@ pub fn run(config: Config) -> Result<(), Error> {
         let _ = std::fs::remove_file(&config.volume.nbd_socket);
     });
     Ok(())
+}
+
+/// Keeps systemd's STATUS= current and pings its watchdog, but only while
+/// the volume task answers: a hung volume stops the pings and systemd
+/// restarts hadb.
+async fn tell_systemd(notifier: Arc<crate::run::systemd::Notifier>, daemon: Arc<Daemon>) {
+    use smol::future::FutureExt;
+    let every = notifier
+        .watchdog_interval()
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    let mut last_status = String::new();
+    loop {
+        smol::Timer::after(every).await;
+        let answer = async { Some(daemon.ask(Command::Status).await) }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(2)).await;
+                None
+            })
+            .await;
+        let Some(Ok(v)) = answer else {
+            log::warn!("systemd: the volume task does not answer; not pinging the watchdog");
+            continue;
+        };
+        let status = format!(
+            "{} {}, link {}, {}",
+            v["role"].as_str().unwrap_or("?"),
+            v["disk"].as_str().unwrap_or("?"),
+            v["link"].as_str().unwrap_or("?"),
+            crate::run::manager::lock(&daemon.manager).reason()
+        );
+        let mut msg = String::new();
+        if notifier.watchdog_interval().is_some() {
+            msg += "WATCHDOG=1\n";
+        }
+        if status != last_status {
+            msg += &format!("STATUS={status}\n");
+            last_status = status;
+        }
+        if !msg.is_empty() {
+            notifier.notify(msg.trim_end());
+        }
+    }
 }
 
 /// Attaches the kernel block device while primary, detaches it otherwise.

@@ -9,6 +9,7 @@ pub mod nbd;
 pub mod peer;
 pub mod stats;
 pub mod store;
+pub mod systemd;
 pub mod volume;
 
 use std::future::Future;
