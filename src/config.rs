@@ -355,12 +355,16 @@ pub struct ManagerConfig {
 pub struct ControlConfig {
     #[serde(default = "default_control_socket")]
     pub socket: PathBuf,
+    /// A serial port (e.g. /dev/ttyS0) to run the command prompt on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<PathBuf>,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: default_control_socket(),
+            console: None,
         }
     }
 }

@@ -305,6 +305,11 @@ pub fn run(config: Config) -> Result<(), Error> {
             config.node,
             config.cluster
         );
+        let _console = config.control.console.clone().map(|path| {
+            let daemon = daemon.clone();
+            log::info!("console: serving the command prompt on {}", path.display());
+            crate::run::spawn(async move { crate::run::console::serve(&path, daemon).await })
+        });
         let notifier = Arc::new(crate::run::systemd::Notifier::from_env());
         let _systemd = notifier.enabled().then(|| {
             notifier.notify("READY=1\nSTATUS=running");

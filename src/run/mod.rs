@@ -1,9 +1,11 @@
 //! Drivers: the smol tasks and threads that connect the pure cores to
 //! sockets, disks and the kernel.
 
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod heartbeat;
+pub mod human;
 pub mod manager;
 pub mod nbd;
 pub mod peer;

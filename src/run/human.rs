@@ -1,0 +1,195 @@
+//! Status as text for people: the CLI's `hadb status` and the serial
+//! console print the same.
+
+use serde_json::{Value, json};
+
+/// A JSON value as an operator reads it: strings bare, null as "-".
+pub fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// crm_mon-like text: what an operator scans for first comes first.
+pub fn status(st: &Value) -> String {
+    let v = &st["volume"];
+    let mut out = String::new();
+    out += &format!(
+        "cluster {}  node {}  (pid {})\n",
+        s(&st["cluster"]),
+        s(&st["node"]),
+        s(&st["pid"])
+    );
+    let m = &st["manager"];
+    if m.is_object() {
+        out += &format!(
+            "manager: {}{}{}\n",
+            if m["maintenance"] == json!(true) {
+                "MAINTENANCE (watching only)  "
+            } else {
+                ""
+            },
+            if m["standby"] == json!(true) {
+                "STANDBY  "
+            } else {
+                ""
+            },
+            s(&m["reason"])
+        );
+        if let Some(t) = m["transitions"].as_array() {
+            // The last few, newest first: how it got here.
+            for e in t.iter().rev().skip(1).take(4) {
+                out += &format!("  {:>6} s ago: {}\n", s(&e["seconds_ago"]), s(&e["why"]));
+            }
+        }
+        if m["fence"]["state"] == json!("pending") {
+            out += &format!(
+                "FENCE PENDING of {}: make sure it is powered off, then `hadb fence confirm {}`\n",
+                s(&st["volume"]["peer_name"]),
+                s(&st["volume"]["peer_name"])
+            );
+        }
+    }
+    let hb = &st["heartbeat"];
+    if let Some(links) = hb["links"].as_array() {
+        let rings: Vec<String> = links
+            .iter()
+            .map(|l| {
+                format!(
+                    "ring{} {} ({} -> {}{})",
+                    s(&l["ring"]),
+                    if l["up"] == json!(true) { "up" } else { "DOWN" },
+                    s(&l["local"]),
+                    s(&l["peer"]),
+                    match l["silent_ms"].as_u64() {
+                        Some(ms) => format!(", heard {ms} ms ago"),
+                        None => ", never heard".into(),
+                    }
+                )
+            })
+            .collect();
+        out += &format!(
+            "heartbeat: peer {}  {}\n",
+            if hb["peer_alive"] == json!(true) {
+                if hb["peer_hears_me"] == json!(true) {
+                    "alive"
+                } else {
+                    "alive (does not hear this node yet)"
+                }
+            } else {
+                "LOST"
+            },
+            rings.join("  ")
+        );
+    }
+    out += &format!(
+        "volume: {} {}  link {}  mode {}{}{}\n",
+        s(&v["role"]),
+        s(&v["disk"]),
+        s(&v["link"]),
+        s(&v["mode"]),
+        if v["frozen"] == json!(true) {
+            "  I/O FROZEN (peer away; `hadb volume go-alone` to release)"
+        } else {
+            ""
+        },
+        if v["alone"] == json!(true) {
+            "  ALONE (peer behind)"
+        } else {
+            ""
+        },
+    );
+    let peer = &v["peer"];
+    if peer.is_null() {
+        out += &format!("peer {}: not connected\n", s(&v["peer_name"]));
+    } else {
+        out += &format!(
+            "peer {}: {} {}{}\n",
+            s(&peer["name"]),
+            s(&peer["role"]),
+            s(&peer["disk"]),
+            if v["peer_up_to_date"] == json!(true) {
+                ", replicating"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(r) = v["resync"].as_object() {
+        out += &format!(
+            "resync{}: {:.1}% ({} of {} blocks), {:.1} MiB/s, {} s left\n",
+            if r["full"] == json!(true) {
+                " (full)"
+            } else {
+                ""
+            },
+            r["percent"].as_f64().unwrap_or(0.0),
+            s(&r["done_blocks"]),
+            s(&r["total_blocks"]),
+            r["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1048576.0,
+            s(&r["seconds_left"])
+        );
+    }
+    if v["mode"] == json!("async")
+        && v["role"] == json!("primary")
+        && v["out_of_sync_bytes"].as_u64() != Some(0)
+    {
+        out += &format!(
+            "PEER BEHIND: {} bytes not on the peer (async: a failover now would lose them)\n",
+            s(&v["out_of_sync_bytes"])
+        );
+    }
+    out += &format!(
+        "out of sync: {} bytes   pending {}  held {}\n",
+        s(&v["out_of_sync_bytes"]),
+        s(&v["pending_requests"]),
+        s(&v["held_requests"])
+    );
+    out += &format!(
+        "generation {}  (bitmap from {})\n",
+        s(&v["current_gen"]),
+        s(&v["bitmap_gen"])
+    );
+    if let Some(sb) = v["split_brain"].as_object() {
+        out += &format!(
+            "SPLIT BRAIN since generation {}: changed here {} bytes, on the peer {} bytes; `hadb volume discard-my-data` on the node whose changes are to go\n",
+            s(&sb["since_gen"]),
+            s(&sb["my_changed_bytes"]),
+            s(&sb["peer_changed_bytes"])
+        );
+    }
+    if let Some(vf) = v["verify"].as_object() {
+        out += &format!(
+            "verify: {:.1}% ({} of {} blocks), {} differ so far\n",
+            vf["percent"].as_f64().unwrap_or(0.0),
+            s(&vf["checked_blocks"]),
+            s(&vf["total_blocks"]),
+            s(&vf["differing_blocks"])
+        );
+    } else if let Some(lv) = v["last_verify"].as_object() {
+        out += &format!(
+            "last verify: {} blocks checked, {} differed\n",
+            s(&lv["checked_blocks"]),
+            s(&lv["differing_blocks"])
+        );
+    }
+    if !v["last_connect_rule"].is_null() {
+        out += &format!("last connect: {}\n", s(&v["last_connect_rule"]));
+    }
+    if !v["last_link_event"].is_null() {
+        out += &format!("last link event: {}\n", s(&v["last_link_event"]));
+    }
+    if let Some(bad) = v["bad_input"].as_object() {
+        let nonzero: Vec<String> = bad
+            .iter()
+            .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        if !nonzero.is_empty() {
+            out += &format!("refused input: {}\n", nonzero.join(" "));
+        }
+    }
+    out
+}
