@@ -358,6 +358,9 @@ pub struct ControlConfig {
     /// A serial port (e.g. /dev/ttyS0) to run the command prompt on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<PathBuf>,
+    /// Where to serve /probe and /metrics over HTTP (e.g. 0.0.0.0:9200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
 }
 
 impl Default for ControlConfig {
@@ -365,6 +368,7 @@ impl Default for ControlConfig {
         ControlConfig {
             socket: default_control_socket(),
             console: None,
+            http: None,
         }
     }
 }

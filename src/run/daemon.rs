@@ -310,6 +310,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             log::info!("console: serving the command prompt on {}", path.display());
             crate::run::spawn(async move { crate::run::console::serve(&path, daemon).await })
         });
+        let _http = config.control.http.map(|addr| {
+            let daemon = daemon.clone();
+            crate::run::spawn(async move {
+                log::info!("http: /probe and /metrics on {addr}");
+                if let Err(e) = crate::run::http::serve(addr, daemon).await {
+                    log::error!("http: cannot serve on {addr}: {e}; the load balancer will see this node as down");
+                }
+            })
+        });
         let notifier = Arc::new(crate::run::systemd::Notifier::from_env());
         let _systemd = notifier.enabled().then(|| {
             notifier.notify("READY=1\nSTATUS=running");

@@ -5,6 +5,7 @@ pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod heartbeat;
+pub mod http;
 pub mod human;
 pub mod manager;
 pub mod nbd;

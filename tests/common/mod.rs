@@ -31,7 +31,7 @@ pub fn require(tool: &str, package: &str) {
 /// Ports handed out in sequence within this test process, so two tests
 /// running in parallel never pick the same one (asking the kernel for port
 /// 0 and closing it again lets another test be given it too).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let base = 20_000 + (std::process::id() % 20_000) as u16;
