@@ -39,6 +39,9 @@ impl log::Log for Logger {
         };
         // One write per line so lines from threads do not interleave.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        if record.level() <= log::Level::Info {
+            remember(record);
+        }
     }
 
     fn flush(&self) {}
@@ -54,4 +57,38 @@ pub fn init(verbose: bool) {
             log::LevelFilter::Info
         });
     }
+}
+
+/// Lines kept for `hadb log`.
+const RECENT: usize = 500;
+
+static RECENT_LINES: std::sync::Mutex<std::collections::VecDeque<String>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+fn remember(record: &log::Record<'_>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let line = format!(
+        "{}.{:03} {:<5} {}",
+        now.as_secs(),
+        now.subsec_millis(),
+        record.level(),
+        record.args()
+    );
+    let mut recent = RECENT_LINES.lock().unwrap_or_else(|e| e.into_inner());
+    if recent.len() == RECENT {
+        recent.pop_front();
+    }
+    recent.push_back(line);
+}
+
+/// The last `n` informational, warning and error lines, oldest first.
+pub fn recent(n: usize) -> Vec<String> {
+    let recent = RECENT_LINES.lock().unwrap_or_else(|e| e.into_inner());
+    recent
+        .iter()
+        .skip(recent.len().saturating_sub(n))
+        .cloned()
+        .collect()
 }

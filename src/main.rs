@@ -42,8 +42,15 @@ enum Top {
     Fence(FenceCmd),
     Standby(StandbyCmd),
     Switchover(SwitchoverCmd),
+    Log(LogCmd),
     Version(VersionCmd),
 }
+
+/// the daemon's recent events (the last 200 lines of information,
+/// warnings and errors), with their reasons
+#[derive(FromArgs)]
+#[argh(subcommand, name = "log")]
+struct LogCmd {}
 
 /// fencing of the peer
 #[derive(FromArgs)]
@@ -274,6 +281,14 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 json!({"command": "standby", "on": on}),
             )?;
             println!("standby {}", c.state);
+            Ok(())
+        }
+        Top::Log(_) => {
+            let config = load_config(&cli)?;
+            let r = run::control::call(&config.control.socket, json!({"command": "log"}))?;
+            for line in r["lines"].as_array().into_iter().flatten() {
+                println!("{}", line.as_str().unwrap_or(""));
+            }
             Ok(())
         }
         Top::Switchover(_) => {

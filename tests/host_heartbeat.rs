@@ -113,6 +113,11 @@ fn a_killed_peer_is_lost_within_about_the_timeout() {
         "lost after {took:?}: too early"
     );
     assert!(p.log(0).contains("PEER LOST"), "{}", p.log(0));
+    // The same event through the control socket, as an operator reads it.
+    let out = p.hadb(0, &["log"]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && log.contains("PEER LOST"), "{log}");
+    assert!(log.contains("running as node a"), "{log}");
     let hb = heartbeat(&p, 0);
     assert_eq!(hb["links"][0]["up"], false, "{hb}");
 }

@@ -19,6 +19,7 @@ const HELP: &str = "commands:\r
   status [json]                 the pair, as `hadb status`\r
   standby on|off                hand the primary role over / take it back\r
   switchover                    move the primary role to the peer\r
+  log                           the recent events\r
   fence confirm NODE            NODE is powered off: let the pending fence succeed\r
   volume primary [--force]      volume secondary   volume go-alone   volume verify\r
   help\r
@@ -41,6 +42,7 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
             ..req("standby")
         },
         ["switchover"] => req("switchover"),
+        ["log"] => req("log"),
         ["fence", "confirm", node] => Request {
             node: Some((*node).to_owned()),
             ..req("fence.confirm")
@@ -148,6 +150,15 @@ async fn run_line<H: Handler>(line: &str, handler: &Arc<H>) -> String {
         Ok(v) if line.trim_start().starts_with("status") && !json_wanted => {
             crate::run::human::status(&v)
         }
+        Ok(v) if line.trim() == "log" => v["lines"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|x| x.as_str())
+                    .map(|x| format!("{x}\n"))
+                    .collect()
+            })
+            .unwrap_or_default(),
         Ok(v) if v.is_null() => "ok\n".into(),
         Ok(v) => format!("{v}\n"),
         Err(e) => format!("refused: {e}\n"),

@@ -133,6 +133,7 @@ impl control::Handler for Daemon {
                 log::info!("manager: standby {}", if on { "on" } else { "off" });
                 Ok(json!({"standby": on}))
             }
+            "log" => Ok(json!({"lines": crate::logging::recent(200)})),
             "switchover" => {
                 let v = *crate::run::manager::lock(&self.shared.view);
                 crate::run::manager::lock(&self.manager).switchover(&v)?;
@@ -154,7 +155,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, fence.confirm, standby, switchover"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, fence.confirm, standby, switchover, log"
             )),
         }
     }
