@@ -364,21 +364,9 @@ impl Sim {
         let m = node.membership.as_ref().unwrap();
         Inputs {
             now_us: self.now_us,
-            volume: VolumeView {
-                role: r.role(),
-                disk: r.disk(),
-                link: r.link(),
-                frozen: r.frozen(),
-                peer_up_to_date: r.peer_up_to_date(),
-                peer_outdated: r.peer_outdated(),
-            },
+            volume: VolumeView::of(r),
             peer_alive: m.peer_alive(),
-            peer: m.peer_report().map(|p| PeerView {
-                primary: p.role == 1,
-                disk: hadb::core::replica::disk_from_code(p.disk),
-                standby: p.flags & FLAG_STANDBY != 0,
-                asks_outdate: p.flags & FLAG_OUTDATE_REQUEST != 0,
-            }),
+            peer: m.peer_report().as_ref().map(PeerView::of),
         }
     }
 

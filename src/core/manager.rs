@@ -37,6 +37,33 @@ pub struct VolumeView {
     pub peer_outdated: bool,
 }
 
+impl VolumeView {
+    /// What the manager needs of a volume's state machine.
+    pub fn of(r: &crate::core::replica::Replica) -> VolumeView {
+        VolumeView {
+            role: r.role(),
+            disk: r.disk(),
+            link: r.link(),
+            frozen: r.frozen(),
+            peer_up_to_date: r.peer_up_to_date(),
+            peer_outdated: r.peer_outdated(),
+        }
+    }
+}
+
+impl PeerView {
+    /// The peer as a heartbeat report describes it.
+    pub fn of(r: &crate::core::heartbeat::NodeReport) -> PeerView {
+        use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY};
+        PeerView {
+            primary: r.role == 1,
+            disk: crate::core::replica::disk_from_code(r.disk),
+            standby: r.flags & FLAG_STANDBY != 0,
+            asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
+        }
+    }
+}
+
 /// The peer, as its last heartbeat described it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerView {

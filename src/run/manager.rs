@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use smol::channel::Sender;
 
-use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY};
 use crate::core::manager::{Action, Inputs, Manager, PeerView};
-use crate::core::replica::disk_from_code;
 use crate::run::heartbeat::Heartbeat;
 use crate::run::volume::{Command, Event, Shared, ask};
 
@@ -29,12 +27,7 @@ pub fn inputs(hb: &Heartbeat, shared: &Shared) -> Inputs {
         now_us: hb.now_us(),
         volume: *lock(&shared.view),
         peer_alive: alive,
-        peer: report.map(|r| PeerView {
-            primary: r.role == 1,
-            disk: disk_from_code(r.disk),
-            standby: r.flags & FLAG_STANDBY != 0,
-            asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
-        }),
+        peer: report.as_ref().map(PeerView::of),
     }
 }
 

@@ -380,16 +380,8 @@ impl Volume {
             r.current_gen = n.current_gen;
             r.volume_link = link;
         }
-        let r = &self.replica;
         *self.shared.view.lock().unwrap_or_else(|e| e.into_inner()) =
-            crate::core::manager::VolumeView {
-                role: r.role(),
-                disk: r.disk(),
-                link: r.link(),
-                frozen: r.frozen(),
-                peer_up_to_date: r.peer_up_to_date(),
-                peer_outdated: r.peer_outdated(),
-            };
+            crate::core::manager::VolumeView::of(&self.replica);
     }
 
     /// The disk queue is empty: write the bitmap and activity log, and

@@ -167,33 +167,20 @@ impl Net {
     /// Both ends down: packets on the link fail at once (no route) rather
     /// than vanish.
     pub fn link_down(&self, link: usize) {
+        self.set_link(link, "down");
+    }
+
+    fn set_link(&self, link: usize, state: &str) {
         for node in 0..2 {
-            ip_ok(&[
-                "-n",
-                &self.ns[node],
-                "link",
-                "set",
-                "dev",
-                &self.iface(node, link),
-                "down",
-            ]);
+            let iface = self.iface(node, link);
+            ip_ok(&["-n", &self.ns[node], "link", "set", "dev", &iface, state]);
         }
     }
 
     /// Both ends up again; returns once a ping crosses the link (unless a
     /// netem qdisc is on it, which may be there to drop them).
     pub fn link_up(&self, link: usize) {
-        for node in 0..2 {
-            ip_ok(&[
-                "-n",
-                &self.ns[node],
-                "link",
-                "set",
-                "dev",
-                &self.iface(node, link),
-                "up",
-            ]);
-        }
+        self.set_link(link, "up");
         if !self.netem[link].load(Ordering::SeqCst) {
             self.wait_ping(link, "link_up");
         }
