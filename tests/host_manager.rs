@@ -210,3 +210,38 @@ fn standby_and_switchover_move_the_role_with_no_write_lost() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(role(&p, 1), "secondary");
 }
+
+#[test]
+fn replication_down_heartbeat_up_outdates_the_peer_and_goes_on() {
+    require("qemu-io", "qemu-utils");
+    let net = Net::new("mgroutd", 2);
+    let p = pair("mgroutd", &net);
+    qemu_io(&p.uri(0), &["write -P 0x31 0 1m", "flush"]);
+    // ring0 carries the replication link: down, it breaks; ring1 still
+    // carries heartbeats, so the nodes hear each other.
+    net.link_down(0);
+    p.wait(0, "replication link lost", |s| {
+        s.is_some_and(|s| s["volume"]["peer"].is_null())
+    });
+    assert_eq!(p.status(0).unwrap()["heartbeat"]["peer_alive"], true);
+    // A write now waits for the peer; the primary asks it, over the
+    // heartbeat, to outdate itself; it does, and the write completes.
+    let mut w = common::qemu_io_spawn(&p.uri(0), &["write -P 0x32 2m 64k", "flush"]);
+    p.wait(1, "outdated", |s| {
+        s.is_some_and(|s| s["volume"]["disk"] == "outdated")
+    });
+    assert!(w.wait().unwrap().success(), "the write never completed");
+    let s = p.status(0).unwrap();
+    assert_eq!(
+        s["manager"]["fence"]["state"], "none",
+        "no fence while heard: {s}"
+    );
+    assert_eq!(s["volume"]["alone"], true, "{s}");
+    // The outdated secondary never takes over, even once the primary dies.
+    let mut p = p;
+    p.kill(0);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(role(&p, 1), "secondary", "an outdated copy was promoted");
+    assert_eq!(p.status(1).unwrap()["manager"]["fence"]["state"], "none");
+    net.link_up(0);
+}
