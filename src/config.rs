@@ -341,6 +341,27 @@ impl Default for FencingConfig {
     }
 }
 
+/// The data directory on the volume (mysqld's supervision joins later).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// Where the primary mounts the volume's kernel device.
+    #[serde(default = "default_datadir")]
+    pub datadir: PathBuf,
+    #[serde(default = "default_fstype")]
+    pub fstype: String,
+    /// Filesystem-specific mount options (noatime is always set).
+    #[serde(default)]
+    pub mount_options: String,
+}
+
+fn default_datadir() -> PathBuf {
+    PathBuf::from("/var/lib/mysql")
+}
+fn default_fstype() -> String {
+    "ext4".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
@@ -390,6 +411,9 @@ pub struct Config {
     pub fencing: FencingConfig,
     #[serde(default)]
     pub manager: ManagerConfig,
+    /// Present: the primary mounts the volume at `mysql.datadir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<MysqlConfig>,
     #[serde(default)]
     pub control: ControlConfig,
 }

@@ -128,6 +128,17 @@ enum VolumeSub {
     GoAlone(GoAloneCmd),
     DiscardMyData(DiscardMyDataCmd),
     Verify(VerifyCmd),
+    Mkfs(MkfsCmd),
+}
+
+/// make a filesystem ([mysql] fstype) on the primary's volume and mount it
+/// at [mysql] datadir; refused on a device that holds data
+#[derive(FromArgs)]
+#[argh(subcommand, name = "mkfs")]
+struct MkfsCmd {
+    /// make it even over existing data
+    #[argh(switch)]
+    force: bool,
 }
 
 /// compare both copies block by block while the volume is in use; blocks
@@ -401,6 +412,11 @@ fn volume_command(
         VolumeSub::DiscardMyData(_) => {
             run::control::call(socket, json!({"command": "volume.discard-my-data"}))?;
             println!("this node's copy will be replaced by the peer's at the next connect");
+            Ok(())
+        }
+        VolumeSub::Mkfs(m) => {
+            run::control::call(socket, json!({"command": "volume.mkfs", "force": m.force}))?;
+            println!("filesystem made and mounted");
             Ok(())
         }
         VolumeSub::GoAlone(_) => {

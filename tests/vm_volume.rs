@@ -242,3 +242,124 @@ pub fn volume_failover_scenario() {
 fn volume_failover() {
     volume_failover_scenario();
 }
+
+const FS_CONFIG: &str = r#"cluster = "hadb-test"
+key_file = "/etc/hadb/authkey"
+
+[nodes.hadb01]
+address = "10.10.10.4"
+
+[nodes.hadb02]
+address = "10.10.10.5"
+
+[volume]
+device = "/dev/vdb"
+nbd_device = "/dev/nbd0"
+
+[mysql]
+datadir = "/data"
+
+# Roles move by hand here; the filesystem follows them.
+[manager]
+maintenance = true
+"#;
+
+fn mounted(vm: &mut Vm) -> bool {
+    vm.run_ok("grep -c ' /data ' /proc/mounts || true").trim() != "0"
+}
+
+/// The filesystem follows the primary: made once by `hadb volume mkfs`,
+/// mounted by hadb on promotion, unmounted by hadb before demotion (and
+/// the demotion refused, naming the holder, while something uses it).
+#[test]
+fn the_filesystem_follows_the_primary() {
+    let assets = vm::assets();
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).expect("random bytes for the auth key");
+    let (p1, p2) = vm::udp_port_pair();
+    let mut vms = vm::boot_all(
+        assets,
+        vec![
+            VmConfig::new("vm1", "hadb01", "10.10.10.4/24")
+                .link(p1, p2)
+                .data_disk_size(DATA_DISK)
+                .file("/etc/hadb/hadb.toml", 0o644, FS_CONFIG.as_bytes())
+                .file("/etc/hadb/authkey", 0o600, &key),
+            VmConfig::new("vm2", "hadb02", "10.10.10.5/24")
+                .link(p2, p1)
+                .data_disk_size(DATA_DISK)
+                .file("/etc/hadb/hadb.toml", 0o644, FS_CONFIG.as_bytes())
+                .file("/etc/hadb/authkey", 0o600, &key),
+        ],
+    );
+    let vm2 = vms.pop().expect("two VMs");
+    let vm1 = vms.pop().expect("two VMs");
+    let mut pair = Pair { vm1, vm2 };
+    let Pair { vm1, vm2 } = &mut pair;
+    for vm in [&mut *vm1, &mut *vm2] {
+        vm.run_ok("hadb volume create-md");
+        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
+    }
+    for vm in [&mut *vm1, &mut *vm2] {
+        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
+    }
+    vm1.wait_until(
+        "hadb volume primary",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("hadb volume primary on hadb01");
+    wait_status(
+        vm1,
+        "primary and replicating",
+        Duration::from_secs(180),
+        |st| replicating_as(st, "primary"),
+    );
+    wait_nbd(vm1, true);
+    assert!(!mounted(vm1), "mounted before there was a filesystem");
+
+    vm1.run_ok("hadb volume mkfs");
+    assert!(mounted(vm1), "mkfs did not mount /data");
+    vm1.run_ok("echo 'kept across the move' > /data/kept.txt && sync");
+    let (out, rc) = vm1.run("hadb volume mkfs").expect("run mkfs again");
+    assert_ne!(rc, 0, "mkfs over a filesystem was not refused: {out}");
+    assert!(out.contains("already holds"), "{out}");
+
+    // Something holds /data: the demotion is refused and names it.
+    vm1.run_ok("cd /data && (sleep 300 &) && cd /");
+    let (out, rc) = vm1.run("hadb volume secondary").expect("run secondary");
+    assert_ne!(rc, 0, "demoted with /data busy: {out}");
+    assert!(out.contains("busy") && out.contains("sleep"), "{out}");
+    assert!(mounted(vm1));
+    vm1.run_ok("pkill sleep || killall sleep; sleep 1");
+
+    // hadb unmounts, steps down; the peer takes over and hadb mounts there.
+    assert_eq!(vm1.run_ok("hadb volume secondary").trim(), "secondary");
+    assert!(!mounted(vm1), "/data still mounted on the secondary");
+    wait_nbd(vm1, false);
+    wait_status(
+        vm2,
+        "connected to a secondary peer",
+        Duration::from_secs(60),
+        |st| st["volume"]["peer"]["role"] == "secondary",
+    );
+    vm2.wait_until(
+        "hadb volume primary",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("hadb volume primary on hadb02");
+    vm2.wait_until(
+        "grep -c ' /data ' /proc/mounts",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        |out, rc| rc == 0 && out.trim() != "0",
+    )
+    .expect("hadb02 mounted /data after its promotion");
+    assert_eq!(
+        vm2.run_ok("cat /data/kept.txt").trim(),
+        "kept across the move"
+    );
+}

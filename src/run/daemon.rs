@@ -140,6 +140,30 @@ impl control::Handler for Daemon {
                 log::info!("manager: switchover asked: handing the primary role to the peer");
                 Ok(json!({"switchover": "started"}))
             }
+            "volume.secondary" if self.config.mysql.is_some() => {
+                crate::run::filesystem::demote(
+                    &crate::run::filesystem::managed(&self.config),
+                    &self.events,
+                )
+                .await
+            }
+            "volume.mkfs" => {
+                let Some((device, cfg)) = crate::run::filesystem::managed(&self.config) else {
+                    return Err("no [mysql] section with a volume.nbd_device: hadb manages no filesystem here".into());
+                };
+                let v = self.ask(Command::Status).await?;
+                if v["role"] != "primary" {
+                    return Err("mkfs runs on the primary, where the volume is attached".into());
+                }
+                let force = request.force;
+                smol::unblock(move || {
+                    crate::run::filesystem::mkfs(&device, &cfg, force)?;
+                    crate::run::filesystem::mount(&device, &cfg)
+                })
+                .await?;
+                log::info!("filesystem: made and mounted");
+                Ok(json!({"mkfs": "done"}))
+            }
             "volume.secondary" => {
                 if let Some(dev) = &self.config.volume.nbd_device
                     && let Some(at) = mounted_at(dev)
@@ -243,6 +267,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 shared.clone(),
                 events.clone(),
                 peer_name_s.clone(),
+                crate::run::filesystem::managed(&config),
             ))
         });
         if config.manager.maintenance {
@@ -296,6 +321,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         };
         let _roles = crate::run::spawn(follow_roles(
+            crate::run::filesystem::managed(&config),
             config.volume.nbd_device.clone(),
             role_rx,
             nbd_server,
@@ -398,6 +424,7 @@ async fn tell_systemd(notifier: Arc<crate::run::systemd::Notifier>, daemon: Arc<
 
 /// Attaches the kernel block device while primary, detaches it otherwise.
 async fn follow_roles(
+    fs: crate::run::filesystem::Managed,
     device: Option<PathBuf>,
     roles: smol::channel::Receiver<Role>,
     server: Arc<Server>,
@@ -410,6 +437,26 @@ async fn follow_roles(
                 Ok(k) => {
                     log::info!("nbd: volume attached to the kernel as {}", device.display());
                     attached = Some(k);
+                    // Start order: volume primary, then the filesystem.
+                    if let Some((dev, cfg)) = fs.clone() {
+                        let at = cfg.datadir.clone();
+                        // The kernel may take a moment to show the device.
+                        let tries = move || {
+                            let mut last = Ok(());
+                            for _ in 0..15 {
+                                last = crate::run::filesystem::mount(&dev, &cfg);
+                                if last.is_ok() {
+                                    break;
+                                }
+                                std::thread::sleep(std::time::Duration::from_millis(200));
+                            }
+                            last
+                        };
+                        match smol::unblock(tries).await {
+                            Ok(()) => log::info!("filesystem: mounted at {}", at.display()),
+                            Err(e) => log::error!("filesystem: {e}"),
+                        }
+                    }
                 }
                 Err(e) => log::error!("nbd: cannot attach {}: {e}", device.display()),
             },

@@ -37,6 +37,7 @@ pub async fn run(
     shared: Arc<Shared>,
     events: Sender<Event>,
     peer_name: String,
+    fs: crate::run::filesystem::Managed,
 ) {
     loop {
         smol::Timer::after(TICK).await;
@@ -65,7 +66,7 @@ pub async fn run(
                     continue;
                 }
                 Action::Promote => ask(&events, Command::Primary { force: false }).await,
-                Action::Demote => ask(&events, Command::Secondary).await,
+                Action::Demote => crate::run::filesystem::demote(&fs, &events).await,
                 Action::PeerProvenOutdated(why, on_disk) => {
                     ask(
                         &events,
