@@ -122,31 +122,32 @@ fn md5sums(vm: &mut Vm) -> String {
     vm.run_ok(&format!("cd /mnt && md5sum {files}"))
 }
 
-pub fn volume_failover_scenario() {
+/// Two VMs from the test image with `config` as /etc/hadb/hadb.toml:
+/// metadata created, `hadb run` started on both, hadb01 made primary and
+/// its peer caught up, /dev/nbd0 attached on hadb01.
+fn boot_pair(config: &str) -> Pair {
     let assets = vm::assets();
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).expect("random bytes for the auth key");
     let (p1, p2) = vm::udp_port_pair();
+    let vm_config = |name, host, addr, link: (u16, u16)| {
+        VmConfig::new(name, host, addr)
+            .link(link.0, link.1)
+            .data_disk_size(DATA_DISK)
+            .file("/etc/hadb/hadb.toml", 0o644, config.as_bytes())
+            .file("/etc/hadb/authkey", 0o600, &key)
+    };
     let mut vms = vm::boot_all(
         assets,
         vec![
-            VmConfig::new("vm1", "hadb01", "10.10.10.4/24")
-                .link(p1, p2)
-                .data_disk_size(DATA_DISK)
-                .file("/etc/hadb/hadb.toml", 0o644, CONFIG.as_bytes())
-                .file("/etc/hadb/authkey", 0o600, &key),
-            VmConfig::new("vm2", "hadb02", "10.10.10.5/24")
-                .link(p2, p1)
-                .data_disk_size(DATA_DISK)
-                .file("/etc/hadb/hadb.toml", 0o644, CONFIG.as_bytes())
-                .file("/etc/hadb/authkey", 0o600, &key),
+            vm_config("vm1", "hadb01", "10.10.10.4/24", (p1, p2)),
+            vm_config("vm2", "hadb02", "10.10.10.5/24", (p2, p1)),
         ],
     );
     let vm2 = vms.pop().expect("two VMs");
     let vm1 = vms.pop().expect("two VMs");
     let mut pair = Pair { vm1, vm2 };
     let Pair { vm1, vm2 } = &mut pair;
-
     for vm in [&mut *vm1, &mut *vm2] {
         assert_eq!(vm.run_ok("stat -c %a /etc/hadb/authkey"), "600\n");
         vm.run_ok("hadb config check");
@@ -156,8 +157,6 @@ pub fn volume_failover_scenario() {
     for vm in [&mut *vm1, &mut *vm2] {
         wait_status(vm, "answering", Duration::from_secs(30), |_| true);
     }
-
-    // hadb01 becomes primary and the peer catches up.
     vm1.wait_until(
         "hadb volume primary",
         Duration::from_secs(60),
@@ -178,6 +177,12 @@ pub fn volume_failover_scenario() {
         |st| replicating_as(st, "secondary"),
     );
     wait_nbd(vm1, true);
+    pair
+}
+
+pub fn volume_failover_scenario() {
+    let mut pair = boot_pair(CONFIG);
+    let Pair { vm1, vm2 } = &mut pair;
 
     // A filesystem and some files on hadb01.
     vm1.run_ok("mke2fs -t ext4 -q /dev/nbd0");
@@ -273,50 +278,8 @@ fn mounted(vm: &mut Vm) -> bool {
 /// the demotion refused, naming the holder, while something uses it).
 #[test]
 fn the_filesystem_follows_the_primary() {
-    let assets = vm::assets();
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("random bytes for the auth key");
-    let (p1, p2) = vm::udp_port_pair();
-    let mut vms = vm::boot_all(
-        assets,
-        vec![
-            VmConfig::new("vm1", "hadb01", "10.10.10.4/24")
-                .link(p1, p2)
-                .data_disk_size(DATA_DISK)
-                .file("/etc/hadb/hadb.toml", 0o644, FS_CONFIG.as_bytes())
-                .file("/etc/hadb/authkey", 0o600, &key),
-            VmConfig::new("vm2", "hadb02", "10.10.10.5/24")
-                .link(p2, p1)
-                .data_disk_size(DATA_DISK)
-                .file("/etc/hadb/hadb.toml", 0o644, FS_CONFIG.as_bytes())
-                .file("/etc/hadb/authkey", 0o600, &key),
-        ],
-    );
-    let vm2 = vms.pop().expect("two VMs");
-    let vm1 = vms.pop().expect("two VMs");
-    let mut pair = Pair { vm1, vm2 };
+    let mut pair = boot_pair(FS_CONFIG);
     let Pair { vm1, vm2 } = &mut pair;
-    for vm in [&mut *vm1, &mut *vm2] {
-        vm.run_ok("hadb volume create-md");
-        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
-    }
-    for vm in [&mut *vm1, &mut *vm2] {
-        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
-    }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
-    wait_status(
-        vm1,
-        "primary and replicating",
-        Duration::from_secs(180),
-        |st| replicating_as(st, "primary"),
-    );
-    wait_nbd(vm1, true);
     assert!(!mounted(vm1), "mounted before there was a filesystem");
 
     vm1.run_ok("hadb volume mkfs");

@@ -166,7 +166,7 @@ impl control::Handler for Daemon {
             }
             "volume.secondary" => {
                 if let Some(dev) = &self.config.volume.nbd_device
-                    && let Some(at) = mounted_at(dev)
+                    && let Some(at) = crate::run::filesystem::mounted_at(dev)
                 {
                     return Err(format!(
                         "{} is mounted at {at}; unmount it first (the filesystem must be clean before the volume stops taking writes)",
@@ -183,16 +183,6 @@ impl control::Handler for Daemon {
             )),
         }
     }
-}
-
-/// Where `device` is mounted, from /proc/self/mounts.
-fn mounted_at(device: &Path) -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let dev = device.to_string_lossy();
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        (f.next()? == dev).then(|| f.next().unwrap_or("?").to_owned())
-    })
 }
 
 pub fn run(config: Config) -> Result<(), Error> {
