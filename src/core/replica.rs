@@ -1488,6 +1488,9 @@ impl Replica {
     /// The link is authenticated and up: say who we are.
     pub fn link_up(&mut self) -> Vec<Action> {
         self.session += 1;
+        // A promise to end a resync outdated holds for the session it
+        // was made in.
+        self.outdated_at_resync_end = false;
         self.session_first_seq = self.next_seq;
         self.link = LinkState::Connected;
         self.peer = None;
@@ -1666,7 +1669,10 @@ impl Replica {
             }
             Kind::ResyncDone => match payload.as_deref().map(|p| NodeState::decode(p)) {
                 Some(Ok(s)) => {
-                    self.outdated_at_resync_end = false;
+                    // Not clearing `outdated_at_resync_end`: a ResyncDone
+                    // that follows our OutdateAck in this session was sent
+                    // before the source went alone, and its generation is
+                    // already behind.
                     self.volume_id = s.volume_id;
                     self.current_gen = s.current_gen;
                     self.bitmap_gen = 0;
