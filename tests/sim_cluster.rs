@@ -15,7 +15,7 @@
 //! simulated time the pair is one primary plus an up-to-date secondary
 //! with identical copies (promise 3).
 //!
-//! `HADB_SIM_SEEDS=N` runs N seeds (default 10000); `HADB_SIM_SEED=S`
+//! `HADB_SIM_SEEDS=N` runs N seeds (default 30000); `HADB_SIM_SEED=S`
 //! replays one with its trace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]

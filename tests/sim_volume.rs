@@ -13,7 +13,7 @@
 //! converges to identical copies with an up-to-date secondary (promise 3).
 //! Checked at every step: never two primaries (promise 2).
 //!
-//! `HADB_SIM_SEEDS=N` runs N seeds (default 10000, a few seconds);
+//! `HADB_SIM_SEEDS=N` runs N seeds (default 30000, about 20 s);
 //! `HADB_SIM_SEED=S` replays one seed and prints its trace, and
 //! `HADB_SIM_WATCH=BLOCK` adds every write of that block to it.
 //!

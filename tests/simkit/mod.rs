@@ -353,7 +353,7 @@ impl SimVolume {
 
 /// A simulation's seed loop: `HADB_SIM_SEED=S` replays one seed with its
 /// trace printed as it goes; otherwise `HADB_SIM_SEEDS` seeds (default
-/// 10,000) run and the first failure panics with the end of its trace and
+/// 30,000) run and the first failure panics with the end of its trace and
 /// the command that replays it.
 pub fn run_seeds(
     test: &str,
@@ -370,7 +370,7 @@ pub fn run_seeds(
     let seeds: u64 = std::env::var("HADB_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(30_000);
     for seed in 0..seeds {
         if let Err((e, trace)) = run_seed(seed, false) {
             let tail = trace[trace.len().saturating_sub(80)..].join("\n");
