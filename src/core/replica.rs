@@ -449,6 +449,9 @@ pub struct GenView {
     pub has_bitmap: bool,
     /// The node stopped while primary and has not resynchronised since.
     pub crashed_primary: bool,
+    /// The node stopped uncleanly (in any role) and has not been
+    /// resynchronised since: writes it acknowledged may be gone.
+    pub lost_cache: bool,
     /// The node has blocks marked out of sync (or has lost its bitmap).
     pub dirty: bool,
     /// The node's copy is half-written by an unfinished resync.
@@ -502,6 +505,10 @@ pub fn decide(me: GenView, peer: GenView) -> SyncDecision {
                 me.primary
             } else if me.outdated != peer.outdated {
                 peer.outdated
+            } else if me.lost_cache != peer.lost_cache {
+                // A copy whose cache survived holds every write it
+                // acknowledged; the other may not.
+                peer.lost_cache
             } else if me.crashed_primary != peer.crashed_primary {
                 peer.crashed_primary
             } else if me.dirty != peer.dirty {
@@ -692,6 +699,8 @@ pub struct Replica {
     /// The peer outdated its copy on its disk and this node went on
     /// without it; persisted until the peer is current again.
     peer_outdated: bool,
+    /// Stopped uncleanly and not resynchronised since (see GenView).
+    lost_cache: bool,
     /// When the last application write was issued (driver clock, µs).
     last_app_write_us: u64,
     resync: Option<ResyncState>,
@@ -834,6 +843,7 @@ impl Replica {
             peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
             peer_outdated: s.peer_outdated,
+            lost_cache: s.unclean && s.current_gen != 0,
             last_app_write_us: 0,
             resync: None,
             role_request: None,
@@ -965,6 +975,10 @@ impl Replica {
                 wire::STATE_DISCARD_MY_DATA
             } else {
                 0
+            } | if self.lost_cache {
+                wire::STATE_LOST_CACHE
+            } else {
+                0
             },
         }
     }
@@ -976,6 +990,7 @@ impl Replica {
                 bitmap_gen: self.bitmap_gen,
                 has_bitmap: self.dirty.is_some(),
                 crashed_primary: self.crashed_primary,
+                lost_cache: self.lost_cache,
                 dirty: self.dirty.as_ref().is_none_or(|d| !d.is_empty()),
                 inconsistent: self.disk == DiskState::Inconsistent,
                 discard: self.discard_my_data,
@@ -989,6 +1004,7 @@ impl Replica {
                 bitmap_gen: peer.bitmap_gen,
                 has_bitmap: peer.dirty_blocks != u64::MAX,
                 crashed_primary: peer.flags & wire::STATE_CRASHED_PRIMARY != 0,
+                lost_cache: peer.flags & wire::STATE_LOST_CACHE != 0,
                 dirty: peer.dirty_blocks != 0,
                 inconsistent: disk_from_code(peer.disk) == DiskState::Inconsistent,
                 discard: peer.flags & wire::STATE_DISCARD_MY_DATA != 0,
@@ -1433,6 +1449,7 @@ impl Replica {
                         DiskState::UpToDate
                     };
                     self.crashed_primary = false;
+                    self.lost_cache = false;
                     self.link = LinkState::Connected;
                     out.push(Action::Persist(self.meta()));
                     self.sync_bitmap(&mut out);
@@ -2247,6 +2264,7 @@ impl Replica {
         });
         self.link = LinkState::Connected;
         self.crashed_primary = false;
+        self.lost_cache = false;
         if self.disk == DiskState::Outdated {
             // This copy was the reference and the peer now holds it too:
             // whatever outdated it is history.
@@ -3060,6 +3078,7 @@ mod tests {
     #[test]
     fn split_brain_resolution() {
         let v = |discard, changes, first| GenView {
+            lost_cache: false,
             primary: false,
             outdated: false,
             current: 7,
@@ -3152,6 +3171,7 @@ mod tests {
     #[test]
     fn generation_rules() {
         let g = |current, bitmap_gen, has_bitmap| GenView {
+            lost_cache: false,
             crashed_primary: false,
             dirty: false,
             inconsistent: false,

@@ -374,6 +374,9 @@ pub const STATE_CRASHED_PRIMARY: u8 = 1 << 0;
 /// NodeState flag: the operator asked to discard this node's copy at the
 /// next split-brain connect.
 pub const STATE_DISCARD_MY_DATA: u8 = 1 << 1;
+/// The sender stopped uncleanly (its cache may have lost writes it had
+/// acknowledged) and has not been resynchronised since.
+pub const STATE_LOST_CACHE: u8 = 1 << 2;
 
 impl NodeState {
     pub const LEN: usize = 1 + 1 + 8 + 16 + 8 + 8 + 8 + 1;
