@@ -129,22 +129,17 @@ fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: S
             // The writes after a bitmap or log update rely on it: if it
             // failed, so does every later operation, and the copy is
             // failed until repaired.
-            Job::Bitmap(pages) => {
-                if let Err(e) = store.write_bitmap_pages(&pages) {
+            Job::Bitmap(_) | Job::ActivityLog(_) => {
+                let (what, result) = match &job {
+                    Job::Bitmap(pages) => ("bitmap", store.write_bitmap_pages(pages)),
+                    Job::ActivityLog(extents) => {
+                        ("activity log", store.write_activity_log(extents))
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                if let Err(e) = result {
                     log::error!(
-                        "volume: writing the bitmap of {}: {e}; failing all further I/O",
-                        store.path().display()
-                    );
-                    broken = true;
-                }
-                if events.send_blocking(Event::Persisted(!broken)).is_err() {
-                    return;
-                }
-            }
-            Job::ActivityLog(extents) => {
-                if let Err(e) = store.write_activity_log(&extents) {
-                    log::error!(
-                        "volume: writing the activity log of {}: {e}; failing all further I/O",
+                        "volume: writing the {what} of {}: {e}; failing all further I/O",
                         store.path().display()
                     );
                     broken = true;
