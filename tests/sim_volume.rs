@@ -13,7 +13,8 @@
 //! converges to identical copies with an up-to-date secondary (promise 3).
 //! Checked at every step: never two primaries (promise 2).
 //!
-//! `HADB_SIM_SEEDS=N` runs N seeds (default 30000, about 20 s);
+//! `HADB_SIM_SEEDS=N` runs N seeds (default 30000, about 20 s) from
+//! `HADB_SIM_FIRST` (default 0);
 //! `HADB_SIM_SEED=S` replays one seed and prints its trace, and
 //! `HADB_SIM_WATCH=BLOCK` adds every write of that block to it.
 //!
@@ -62,6 +63,7 @@ struct Sim {
     /// Simulated time, µs.
     now_us: u64,
     verbose: bool,
+    last_state: [String; 2],
 }
 
 impl Sim {
@@ -88,6 +90,7 @@ impl Sim {
                 Mode::Semisync
             },
             now_us: 0,
+            last_state: Default::default(),
         };
         sim.start(0);
         sim.start(1);
@@ -169,7 +172,15 @@ impl Sim {
             return;
         }
         match op {
-            Some(_) => self.oracle.write_completed(id, n),
+            Some((block, _)) => {
+                if self.verbose {
+                    let name = self.nodes[n].name;
+                    self.log(format!(
+                        "    write {id} (block {block}) completed on {name}"
+                    ));
+                }
+                self.oracle.write_completed(id, n)
+            }
             None => {
                 if self.verbose {
                     let name = self.nodes[n].name;
@@ -441,6 +452,17 @@ impl Sim {
                 }
             }
             _ => {}
+        }
+        if self.verbose {
+            for n in 0..2 {
+                if let Some(r) = self.nodes[n].replica.as_ref() {
+                    let st = format!("{:?}/{:?}/{:?}", r.role(), r.disk(), r.link());
+                    if self.last_state[n] != st {
+                        self.log(format!("  [{} is {st}]", self.nodes[n].name));
+                        self.last_state[n] = st;
+                    }
+                }
+            }
         }
         // The operator clears "outdated" once the primary sees its peer caught up.
         if let Some(p) = self.primary()

@@ -1547,6 +1547,20 @@ impl Replica {
             // The peer may have finished and adopted the generation its
             // ResyncDone carried.
             self.peer_may_hold = rs.done_gen;
+            if rs.done_gen.is_some() && self.alone {
+                // A peer that finished is up to date and promotable: the
+                // proof that let us go on alone (its outdated mark, or the
+                // operator's word) died with the resync that ended it. Wait
+                // for the peer again until a new proof.
+                self.alone = false;
+                if std::mem::take(&mut self.peer_outdated) {
+                    out.push(Action::Persist(self.meta()));
+                }
+                out.push(Action::Log {
+                    warn: true,
+                    message: "the peer may have finished its resync and be up to date: waiting for it again (I/O holds until it is back, or it acknowledges outdated, or `hadb volume go-alone`)".into(),
+                });
+            }
             // What was read or sent but not acknowledged is still missing
             // on the peer.
             for (first, count) in rs.in_flight() {
@@ -2806,6 +2820,8 @@ mod tests {
         link: [VecDeque<Frame>; 2],
         completed: Vec<(ReqId, Result<(), u32>)>,
         connected: bool,
+        /// The link breaks right after a frame of this kind is delivered.
+        cut_after: Option<Kind>,
     }
 
     impl Pair {
@@ -2819,6 +2835,7 @@ mod tests {
                 link: [VecDeque::new(), VecDeque::new()],
                 completed: Vec::new(),
                 connected: false,
+                cut_after: None,
             }
         }
 
@@ -2862,6 +2879,10 @@ mod tests {
                 for from in 0..2 {
                     if let Some(f) = self.link[from].pop_front() {
                         any = true;
+                        if self.cut_after == Some(f.header.kind) {
+                            self.connected = false;
+                            self.link = [VecDeque::new(), VecDeque::new()];
+                        }
                         let next = self.nodes[1 - from].frame(f.header, f.payload);
                         queue.extend(next.into_iter().map(|a| (1 - from, a)));
                     }
@@ -2958,6 +2979,33 @@ mod tests {
         assert_eq!(p.nodes[0].counters.resync_blocks_sent - before, 2);
         assert_eq!(p.disks[0], p.disks[1]);
         assert_eq!(p.nodes[1].disk(), DiskState::UpToDate);
+    }
+
+    #[test]
+    fn a_resync_that_may_have_ended_on_the_peer_ends_going_alone() {
+        let mut p = Pair::new(0);
+        p.connect();
+        let a = p.nodes[0].promote(false).unwrap();
+        p.run(0, a);
+        p.disconnect();
+        let a = p.nodes[0].go_alone();
+        p.run(0, a);
+        p.write(1, 0, 1, 4096);
+        assert_eq!(p.completed, vec![(1, Ok(()))]);
+        // The peer finishes the resync, but its acknowledgement is lost
+        // with the link: it is up to date, and the primary cannot know.
+        p.cut_after = Some(Kind::ResyncDone);
+        p.connect();
+        p.disconnect();
+        assert_eq!(p.nodes[1].disk(), DiskState::UpToDate);
+        // The operator's go-alone was about a copy that is gone: the next
+        // write waits for the peer (or a new go-alone).
+        p.write(2, 4096, 2, 4096);
+        assert_eq!(p.completed.len(), 1, "a write completed alone");
+        assert!(p.nodes[0].frozen());
+        let a = p.nodes[0].go_alone();
+        p.run(0, a);
+        assert_eq!(p.completed.len(), 2);
     }
 
     #[test]

@@ -371,7 +371,12 @@ pub fn run_seeds(
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30_000);
-    for seed in 0..seeds {
+    // HADB_SIM_FIRST lets a deeper search go on where an earlier one ended.
+    let first: u64 = std::env::var("HADB_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in first..first + seeds {
         if let Err((e, trace)) = run_seed(seed, false) {
             let tail = trace[trace.len().saturating_sub(80)..].join("\n");
             panic!(
