@@ -47,6 +47,11 @@ pub mod flags {
     /// resync from here, so this node may start as primary without
     /// hearing it first.
     pub const PEER_OUTDATED: u32 = 1 << 4;
+    /// This copy stopped uncleanly since its last resync, so its disk may
+    /// have lost acknowledged writes from its cache: at the same
+    /// generation, the peer's copy is the better resync source. Kept
+    /// through clean restarts until a resync ends.
+    pub const LOST_CACHE: u32 = 1 << 5;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -170,6 +170,9 @@ pub struct MetaUpdate {
     pub outdated: bool,
     /// The peer said its copy is outdated and this one went on without it.
     pub peer_outdated: bool,
+    /// This copy stopped uncleanly since its last resync and may have lost
+    /// acknowledged writes from its disk's cache (see `NodeState`).
+    pub lost_cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -573,6 +576,8 @@ pub struct Setup {
     pub outdated: bool,
     /// The metadata says the peer's copy is outdated (see `MetaUpdate`).
     pub peer_outdated: bool,
+    /// The metadata says this copy lost its cache since its last resync.
+    pub lost_cache: bool,
     /// How long semisync waits for the peer before it may go on alone.
     pub ack_timeout_us: u64,
     /// Most resync bytes per second; 0: no limit but the busy window.
@@ -843,7 +848,7 @@ impl Replica {
             peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
             peer_outdated: s.peer_outdated,
-            lost_cache: s.unclean && s.current_gen != 0,
+            lost_cache: s.lost_cache || (s.unclean && s.current_gen != 0),
             last_app_write_us: 0,
             resync: None,
             role_request: None,
@@ -955,6 +960,7 @@ impl Replica {
             primary: self.role == Role::Primary,
             outdated: self.disk == DiskState::Outdated,
             peer_outdated: self.peer_outdated,
+            lost_cache: self.lost_cache,
         }
     }
 
@@ -1147,6 +1153,10 @@ impl Replica {
     pub fn started(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         if std::mem::take(&mut self.unclean) {
+            // Remembered through a clean stop before the next resync.
+            if self.lost_cache {
+                out.push(Action::Persist(self.meta()));
+            }
             self.sync_bitmap(&mut out);
         }
         out
@@ -2278,10 +2288,10 @@ impl Replica {
         });
         self.link = LinkState::Connected;
         self.crashed_primary = false;
-        self.lost_cache = false;
-        if self.disk == DiskState::Outdated {
+        let lost_cache = std::mem::take(&mut self.lost_cache);
+        if self.disk == DiskState::Outdated || lost_cache {
             // This copy was the reference and the peer now holds it too:
-            // whatever outdated it is history.
+            // whatever outdated it, or the cache it lost, is history.
             self.disk = DiskState::UpToDate;
             out.push(Action::Persist(self.meta()));
         }
@@ -2796,6 +2806,7 @@ mod tests {
             consistent: generation != 0,
             outdated: false,
             peer_outdated: false,
+            lost_cache: false,
             ack_timeout_us: 1_000_000,
             resync_rate: 0,
             resync_min_rate: 0,
@@ -3006,6 +3017,27 @@ mod tests {
         let a = p.nodes[0].go_alone();
         p.run(0, a);
         assert_eq!(p.completed.len(), 2);
+    }
+
+    #[test]
+    fn a_lost_cache_is_remembered_until_a_resync_ends() {
+        let mut s = setup("b", "a", 7);
+        s.unclean = true;
+        let mut r = Replica::new(s.clone());
+        let persisted: Vec<_> = r
+            .started()
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Persist(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert!(persisted.iter().any(|m| m.lost_cache), "{persisted:?}");
+        // A clean restart before any resync still knows.
+        s.unclean = false;
+        s.lost_cache = true;
+        let r = Replica::new(s);
+        assert!(r.node_state().flags & wire::STATE_LOST_CACHE != 0);
     }
 
     #[test]

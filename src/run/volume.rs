@@ -262,6 +262,7 @@ impl Volume {
             consistent: sb.has(flags::CONSISTENT),
             outdated: sb.has(flags::OUTDATED),
             peer_outdated: sb.has(flags::PEER_OUTDATED),
+            lost_cache: sb.has(flags::LOST_CACHE),
             ack_timeout_us: config.volume.ack_timeout.0.as_micros() as u64,
             resync_rate: config.volume.resync_rate.0,
             resync_min_rate: config.volume.resync_min_rate.0,
@@ -583,12 +584,14 @@ impl Volume {
                         & !(flags::CONSISTENT
                             | flags::PRIMARY
                             | flags::OUTDATED
-                            | flags::PEER_OUTDATED))
+                            | flags::PEER_OUTDATED
+                            | flags::LOST_CACHE))
                         | if m.peer_outdated {
                             flags::PEER_OUTDATED
                         } else {
                             0
                         }
+                        | if m.lost_cache { flags::LOST_CACHE } else { 0 }
                         | if m.consistent { flags::CONSISTENT } else { 0 }
                         | if m.primary { flags::PRIMARY } else { 0 }
                         | if m.outdated { flags::OUTDATED } else { 0 };

@@ -212,6 +212,7 @@ impl SimVolume {
                 primary: false,
                 outdated: false,
                 peer_outdated: false,
+                lost_cache: false,
             },
             bitmap: vec![0; PAGE_BYTES],
             activity_log: Vec::new(),
@@ -245,6 +246,7 @@ impl SimVolume {
             consistent: m.consistent,
             outdated: m.outdated,
             peer_outdated: m.peer_outdated,
+            lost_cache: m.lost_cache,
             ack_timeout_us,
             resync_rate: 0,
             // Paced while the client writes, as deployed.
