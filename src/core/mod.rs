@@ -8,4 +8,5 @@ pub mod manager;
 pub mod meta;
 pub mod nbd;
 pub mod replica;
+pub mod service;
 pub mod wire;
