@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod heartbeat;
 pub mod manager;
 pub mod meta;
+pub mod mysql_wire;
 pub mod nbd;
 pub mod replica;
 pub mod service;

@@ -9,6 +9,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod human;
 pub mod manager;
+pub mod mysql_health;
 pub mod nbd;
 pub mod peer;
 pub mod stats;

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod mariadb;
+
 pub const NAMES: [&str; 2] = ["a", "b"];
 
 pub fn hadb_bin() -> &'static str {
