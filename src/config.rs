@@ -341,7 +341,8 @@ impl Default for FencingConfig {
     }
 }
 
-/// The data directory on the volume (mysqld's supervision joins later).
+/// mysqld on the volume: where the primary mounts it, and how hadb runs
+/// and checks mysqld there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlConfig {
@@ -353,6 +354,111 @@ pub struct MysqlConfig {
     /// Filesystem-specific mount options (noatime is always set).
     #[serde(default)]
     pub mount_options: String,
+    /// The datadir is the volume's filesystem, mounted by hadb. false: a
+    /// plain directory (hosts without nbd; tests), nothing is mounted.
+    #[serde(default = "yes")]
+    pub on_volume: bool,
+    /// hadb starts, checks and stops mysqld on the primary. false: only
+    /// the filesystem follows the primary.
+    #[serde(default = "yes")]
+    pub supervise: bool,
+    /// mysqld's command line; `{datadir}` and `{socket}` are replaced.
+    #[serde(default = "default_mysqld_command")]
+    pub command: Vec<String>,
+    /// The account mysqld runs as (hadb drops to it before exec).
+    #[serde(default = "default_mysql_user")]
+    pub user: String,
+    /// mysqld's unix socket, where the health check connects.
+    #[serde(default = "default_mysql_socket")]
+    pub socket: PathBuf,
+    /// The account the health check logs in as.
+    #[serde(default = "default_monitor_user")]
+    pub monitor_user: String,
+    /// Its password (mode 0600); none: an empty password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_password_file: Option<PathBuf>,
+    /// A statement each check runs after the ping, e.g.
+    /// "REPLACE INTO hadb.probe VALUES (1, NOW())": proves mysqld can write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_probe: Option<String>,
+    #[serde(default = "default_health_interval")]
+    pub health_interval: HumanDuration,
+    /// A check that gets no answer within this is "hung".
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: HumanDuration,
+    /// Bad checks in a row before mysqld is restarted.
+    #[serde(default = "default_health_failures")]
+    pub health_failures: u32,
+    /// From start to healthy; InnoDB recovery after a crash counts.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout: HumanDuration,
+    /// From SIGTERM to SIGKILL.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: HumanDuration,
+    /// Restarts allowed within `restart_window`; one more failure and
+    /// mysqld is failed on this node and the primary role moves.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "default_restart_window")]
+    pub restart_window: HumanDuration,
+}
+
+impl MysqlConfig {
+    /// The command line with the placeholders filled in.
+    pub fn command_line(&self) -> Vec<String> {
+        self.command
+            .iter()
+            .map(|a| {
+                a.replace("{datadir}", &self.datadir.to_string_lossy())
+                    .replace("{socket}", &self.socket.to_string_lossy())
+            })
+            .collect()
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_mysqld_command() -> Vec<String> {
+    // /usr/sbin/mysqld is MySQL's server on Ubuntu and MariaDB's (a link
+    // to mariadbd) on Debian; the packaged /etc/mysql/my.cnf is read.
+    [
+        "/usr/sbin/mysqld",
+        "--datadir={datadir}",
+        "--socket={socket}",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_mysql_user() -> String {
+    "mysql".into()
+}
+fn default_mysql_socket() -> PathBuf {
+    PathBuf::from("/run/mysqld/mysqld.sock")
+}
+fn default_monitor_user() -> String {
+    "hadb_monitor".into()
+}
+fn default_health_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_health_failures() -> u32 {
+    3
+}
+fn default_start_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_stop_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+fn default_restart_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 fn default_datadir() -> PathBuf {
@@ -739,6 +845,49 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             "volume.al_extents",
             format!("expected 7 to {al_max} extents of 4 MiB"),
         );
+    }
+    if let Some(m) = &config.mysql {
+        if m.on_volume && config.volume.nbd_device.is_none() {
+            bad(
+                "mysql.on_volume",
+                "the datadir is on the volume, but volume.nbd_device is not set: set it (e.g. \"/dev/nbd0\"), or set mysql.on_volume = false for a datadir on a plain directory".into(),
+            );
+        }
+        if m.supervise && m.command.is_empty() {
+            bad(
+                "mysql.command",
+                "expected mysqld's command line, e.g. [\"/usr/sbin/mysqld\", \"--datadir={datadir}\", \"--socket={socket}\"]".into(),
+            );
+        }
+        if m.health_timeout.0 >= m.health_interval.0 * 10 || m.health_timeout.0.is_zero() {
+            bad(
+                "mysql.health_timeout",
+                "expected more than 0 and less than ten health intervals".into(),
+            );
+        }
+        if m.health_failures == 0 {
+            bad(
+                "mysql.health_failures",
+                "expected at least 1 bad check before a restart".into(),
+            );
+        }
+        for (key, path) in [
+            ("mysql.datadir", Some(&m.datadir)),
+            ("mysql.socket", Some(&m.socket)),
+            (
+                "mysql.monitor_password_file",
+                m.monitor_password_file.as_ref(),
+            ),
+        ] {
+            if let Some(path) = path
+                && !path.is_absolute()
+            {
+                bad(
+                    key,
+                    format!("expected an absolute path, got `{}`", path.display()),
+                );
+            }
+        }
     }
     for (key, path) in [
         ("volume.device", &config.volume.device),

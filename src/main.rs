@@ -42,6 +42,7 @@ enum Top {
     Fence(FenceCmd),
     Standby(StandbyCmd),
     Switchover(SwitchoverCmd),
+    Mysql(MysqlCmd),
     Log(LogCmd),
     Version(VersionCmd),
 }
@@ -85,6 +86,27 @@ struct StandbyCmd {
     #[argh(positional)]
     state: String,
 }
+
+/// mysqld as hadb supervises it
+#[derive(FromArgs)]
+#[argh(subcommand, name = "mysql")]
+struct MysqlCmd {
+    #[argh(subcommand)]
+    command: MysqlSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum MysqlSub {
+    Reset(MysqlResetCmd),
+}
+
+/// mysqld failed on this node (restarted too often); its cause is fixed:
+/// forget the failures, start it again if this node is primary, and let
+/// this node take the primary role again
+#[derive(FromArgs)]
+#[argh(subcommand, name = "reset")]
+struct MysqlResetCmd {}
 
 /// move the primary role to the peer, losing no write
 #[derive(FromArgs)]
@@ -300,6 +322,14 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             for line in r["lines"].as_array().into_iter().flatten() {
                 println!("{}", line.as_str().unwrap_or(""));
             }
+            Ok(())
+        }
+        Top::Mysql(MysqlCmd {
+            command: MysqlSub::Reset(_),
+        }) => {
+            let config = load_config(&cli)?;
+            run::control::call(&config.control.socket, json!({"command": "mysql.reset"}))?;
+            println!("mysqld failures reset");
             Ok(())
         }
         Top::Switchover(_) => {

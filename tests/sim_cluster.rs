@@ -367,6 +367,9 @@ impl Sim {
             volume: VolumeView::of(r),
             peer_alive: m.peer_alive(),
             peer: m.peer_report().as_ref().map(PeerView::of),
+            // mysqld is not simulated: its rules are unit-tested in
+            // core::manager and run for real in tests/host_mysqld.rs.
+            service_failed: false,
         }
     }
 

@@ -263,6 +263,8 @@ nbd_device = "/dev/nbd0"
 
 [mysql]
 datadir = "/data"
+# No mysqld in this VM: the filesystem alone follows the primary.
+supervise = false
 
 # Roles move by hand here; the filesystem follows them.
 [manager]

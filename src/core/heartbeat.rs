@@ -34,6 +34,14 @@ pub const FLAG_WITNESS: u8 = 1 << 2;
 /// outdated; I go on without you once you say you have".
 pub const FLAG_OUTDATE_REQUEST: u8 = 1 << 3;
 
+/// The service byte: no service here, or it is starting, stopping, or
+/// between checks.
+pub const SERVICE_UNKNOWN: u8 = 0;
+pub const SERVICE_HEALTHY: u8 = 1;
+/// mysqld failed here (restarted too often): this node will not take the
+/// primary role until the operator resets it.
+pub const SERVICE_FAILED: u8 = 2;
+
 /// What a node says of itself in every heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct NodeReport {
@@ -47,7 +55,8 @@ pub struct NodeReport {
     pub flags: u8,
     /// The volume link state code (0 standalone .. 4 sync_target).
     pub volume_link: u8,
-    /// Local service health: 0 none or unknown, 1 healthy, 2 failing.
+    /// Local service health: SERVICE_UNKNOWN, SERVICE_HEALTHY or
+    /// SERVICE_FAILED.
     pub service: u8,
     pub watchdog_timeout_ms: u32,
     /// The incarnation of the peer this node last heard (0: none), so a

@@ -60,6 +60,7 @@ impl PeerView {
             disk: crate::core::replica::disk_from_code(r.disk),
             standby: r.flags & FLAG_STANDBY != 0,
             asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
+            service_failed: r.service == crate::core::heartbeat::SERVICE_FAILED,
         }
     }
 }
@@ -74,6 +75,9 @@ pub struct PeerView {
     /// The peer, a primary that cannot reach this node's volume, asks this
     /// node to mark its copy outdated.
     pub asks_outdate: bool,
+    /// mysqld failed on the peer (restarted too often): it will not take
+    /// the primary role.
+    pub service_failed: bool,
 }
 
 /// Everything one step decides from.
@@ -85,6 +89,9 @@ pub struct Inputs {
     pub peer_alive: bool,
     /// Its last report (kept after it is lost).
     pub peer: Option<PeerView>,
+    /// mysqld failed on this node (restarted too often); it stays down
+    /// until the operator resets it.
+    pub service_failed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +360,25 @@ impl Manager {
             }
             return;
         }
+        if i.service_failed {
+            if v.peer_up_to_date
+                && peer.is_some_and(|p| {
+                    p.disk == DiskState::UpToDate && !p.standby && !p.service_failed
+                })
+            {
+                self.because(
+                    "mysqld failed here: handing the primary role to the peer",
+                    out,
+                );
+                self.attempt(Action::Demote, now, out);
+            } else {
+                self.because(
+                    "mysqld failed here, but the peer cannot take over (not connected, not up to date, in standby, or its mysqld failed too): staying primary; `hadb mysql reset` retries",
+                    out,
+                );
+            }
+            return;
+        }
         match peer {
             Some(p) if p.primary => {
                 // The volume refuses to connect two primaries; no rule
@@ -420,6 +446,11 @@ impl Manager {
                         out,
                     );
                     self.attempt(Action::OutdateSelf, now, out);
+                } else if i.service_failed {
+                    self.because(
+                        "secondary; the peer is primary; mysqld failed here (`hadb mysql reset` once fixed)",
+                        out,
+                    );
                 } else {
                     self.because("secondary; the peer is primary", out);
                 }
@@ -430,7 +461,11 @@ impl Manager {
                 let mine = v.disk == DiskState::UpToDate
                     && !self.standby
                     && !self.handing_over
-                    && (p.standby || p.disk != DiskState::UpToDate || self.cfg.me_first);
+                    && !i.service_failed
+                    && (p.standby
+                        || p.service_failed
+                        || p.disk != DiskState::UpToDate
+                        || self.cfg.me_first);
                 // A heartbeat report may predate the peer's promotion: only
                 // the volume's role request, over the replication link, is
                 // authoritative. Without that link, no promotion while the
@@ -446,6 +481,11 @@ impl Manager {
                     );
                 } else if self.standby {
                     self.because("standby: secondary, replicating", out);
+                } else if i.service_failed {
+                    self.because(
+                        "secondary; mysqld failed here, so the peer takes the role (`hadb mysql reset` once fixed)",
+                        out,
+                    );
                 } else if v.disk != DiskState::UpToDate {
                     self.because(
                         format!("secondary; this copy is {}", disk_name(v.disk)),
@@ -551,6 +591,7 @@ mod tests {
             disk: DiskState::UpToDate,
             standby: false,
             asks_outdate: false,
+            service_failed: false,
         }
     }
 
@@ -560,6 +601,7 @@ mod tests {
             volume,
             peer_alive: peer.is_some(),
             peer,
+            service_failed: false,
         }
     }
 
@@ -597,6 +639,48 @@ mod tests {
         };
         assert_eq!(
             acts(&b2.step(&at(1, sec, Some(standby_peer)))),
+            vec![Action::Promote]
+        );
+    }
+
+    #[test]
+    fn a_failed_mysqld_hands_the_primary_role_to_the_peer_and_stays_out() {
+        let mut a = Manager::new(cfg(true));
+        let pri = vol(Role::Primary);
+        let failed = |i: Inputs| Inputs {
+            service_failed: true,
+            ..i
+        };
+        assert_eq!(
+            acts(&a.step(&failed(at(1, pri, Some(peer(false)))))),
+            vec![Action::Demote]
+        );
+        // Not while the peer cannot take over: a primary with a failed
+        // mysqld is still the only copy that takes writes.
+        let mut a2 = Manager::new(cfg(true));
+        let behind = PeerView {
+            disk: DiskState::Inconsistent,
+            ..peer(false)
+        };
+        assert!(acts(&a2.step(&failed(at(1, pri, Some(behind))))).is_empty());
+        assert!(a2.reason().contains("cannot take over"), "{}", a2.reason());
+        let dead_too = PeerView {
+            service_failed: true,
+            ..peer(false)
+        };
+        assert!(acts(&a2.step(&failed(at(2, pri, Some(dead_too))))).is_empty());
+        // Secondary now: the first name does not take the role back while
+        // its mysqld is failed; the other node does.
+        let sec = vol(Role::Secondary);
+        assert!(acts(&a.step(&failed(at(3, sec, Some(peer(false)))))).is_empty());
+        assert!(a.reason().contains("mysqld failed here"), "{}", a.reason());
+        let mut b = Manager::new(cfg(false));
+        let failed_peer = PeerView {
+            service_failed: true,
+            ..peer(false)
+        };
+        assert_eq!(
+            acts(&b.step(&at(3, sec, Some(failed_peer)))),
             vec![Action::Promote]
         );
     }

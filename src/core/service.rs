@@ -473,6 +473,7 @@ impl Supervisor {
 
     /// A crash or a failed start: try again after the back-off, or give up.
     fn failure(&mut self, why: String, now_us: u64, out: &mut Vec<Action>) {
+        self.health = "not running".into();
         if self.over_limit(now_us) {
             self.state = State::Failed { why: why.clone() };
             self.give_up(why, out);

@@ -20,6 +20,7 @@ const HELP: &str = "commands:\r
   standby on|off                hand the primary role over / take it back\r
   switchover                    move the primary role to the peer\r
   log                           the recent events\r
+  mysql reset                   mysqld failed here: its cause is fixed, try again\r
   fence confirm NODE            NODE is powered off: let the pending fence succeed\r
   volume primary [--force]      volume secondary   volume go-alone   volume verify\r
   help\r
@@ -43,6 +44,7 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
         },
         ["switchover"] => req("switchover"),
         ["log"] => req("log"),
+        ["mysql", "reset"] => req("mysql.reset"),
         ["fence", "confirm", node] => Request {
             node: Some((*node).to_owned()),
             ..req("fence.confirm")

@@ -52,6 +52,7 @@ struct Daemon {
     heartbeat: Arc<crate::run::heartbeat::Heartbeat>,
     manager: Arc<std::sync::Mutex<crate::core::manager::Manager>>,
     shared: Arc<crate::run::volume::Shared>,
+    resources: crate::run::resources::Resources,
 }
 
 impl Daemon {
@@ -93,6 +94,7 @@ impl control::Handler for Daemon {
                     "heartbeat": self.heartbeat.status(),
                     "manager": self.manager_status(),
                     "volume": volume,
+                    "mysqld": self.resources.mysqld.as_ref().map(|m| m.view()),
                     "nbd_device": self.config.volume.nbd_device,
                     "nbd_socket": self.config.volume.nbd_socket,
                 }))
@@ -141,11 +143,17 @@ impl control::Handler for Daemon {
                 Ok(json!({"switchover": "started"}))
             }
             "volume.secondary" if self.config.mysql.is_some() => {
-                crate::run::filesystem::demote(
-                    &crate::run::filesystem::managed(&self.config),
-                    &self.events,
-                )
-                .await
+                self.resources.demote(&self.events).await
+            }
+            "mysql.reset" => {
+                let m = self
+                    .resources
+                    .mysqld
+                    .as_ref()
+                    .ok_or("hadb does not supervise mysqld here ([mysql] supervise is off)")?;
+                m.reset();
+                log::info!("mysqld: the operator resets its failures");
+                Ok(json!({"mysqld": "reset"}))
             }
             "volume.mkfs" => {
                 let Some((device, cfg)) = crate::run::filesystem::managed(&self.config) else {
@@ -179,7 +187,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, fence.confirm, standby, switchover, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.reset, log"
             )),
         }
     }
@@ -232,12 +240,14 @@ pub fn run(config: Config) -> Result<(), Error> {
             retry_us: 1_000_000,
         },
     )));
+    let resources = crate::run::resources::Resources::new(&config);
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         events: events.clone(),
         heartbeat: heartbeat.clone(),
         manager: manager.clone(),
         shared: shared.clone(),
+        resources: resources.clone(),
     });
     let signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
@@ -257,7 +267,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 shared.clone(),
                 events.clone(),
                 peer_name_s.clone(),
-                crate::run::filesystem::managed(&config),
+                resources.clone(),
             ))
         });
         if config.manager.maintenance {
@@ -267,9 +277,15 @@ pub fn run(config: Config) -> Result<(), Error> {
             let shared = shared.clone();
             let manager = manager.clone();
             let interval = config.heartbeat.interval.0;
+            let mysqld = resources.mysqld.clone();
             crate::run::spawn(async move {
                 let report = || {
                     let mut r = *shared.report.lock().unwrap_or_else(|e| e.into_inner());
+                    r.service = match mysqld.as_ref().map(|m| m.view()) {
+                        Some(v) if v.failed() => crate::core::heartbeat::SERVICE_FAILED,
+                        Some(v) if v.healthy() => crate::core::heartbeat::SERVICE_HEALTHY,
+                        _ => crate::core::heartbeat::SERVICE_UNKNOWN,
+                    };
                     let (standby, ask) = crate::run::manager::lock(&manager).flags();
                     r.flags = (r.flags
                         & !(crate::core::heartbeat::FLAG_STANDBY
@@ -311,7 +327,7 @@ pub fn run(config: Config) -> Result<(), Error> {
             })
         };
         let _roles = crate::run::spawn(follow_roles(
-            crate::run::filesystem::managed(&config),
+            resources.clone(),
             config.volume.nbd_device.clone(),
             role_rx,
             nbd_server,
@@ -346,7 +362,12 @@ pub fn run(config: Config) -> Result<(), Error> {
         if let Some(Ok(sig)) = signals.next().await {
             log::info!("received {sig:?}: stopping");
         }
-        notifier.notify("STOPPING=1\nSTATUS=stopping: draining the disk queue, writing the bitmap");
+        notifier.notify("STOPPING=1\nSTATUS=stopping: mysqld, the filesystem, then the volume");
+        // The reverse of the start order: nothing may hold the volume's
+        // filesystem when the volume stops.
+        if let Err(e) = resources.down().await {
+            log::warn!("stop: {e}");
+        }
         // A clean stop spares the next start a crash's resync; a second
         // signal, or a disk that does not answer, ends it anyway.
         use smol::future::FutureExt;
@@ -412,46 +433,42 @@ async fn tell_systemd(notifier: Arc<crate::run::systemd::Notifier>, daemon: Arc<
     }
 }
 
-/// Attaches the kernel block device while primary, detaches it otherwise.
+/// Attaches the kernel block device while primary, then brings up the
+/// filesystem and mysqld; detaches it when secondary (they came down
+/// before the volume stepped down).
 async fn follow_roles(
-    fs: crate::run::filesystem::Managed,
+    resources: crate::run::resources::Resources,
     device: Option<PathBuf>,
     roles: smol::channel::Receiver<Role>,
     server: Arc<Server>,
 ) {
     let mut attached: Option<KernelNbd> = None;
+    let mut up = false;
     while let Ok(role) = roles.recv().await {
-        let Some(device) = &device else { continue };
         match role {
-            Role::Primary if attached.is_none() => match attach(device, server.clone()).await {
-                Ok(k) => {
-                    log::info!("nbd: volume attached to the kernel as {}", device.display());
-                    attached = Some(k);
-                    // Start order: volume primary, then the filesystem.
-                    if let Some((dev, cfg)) = fs.clone() {
-                        let at = cfg.datadir.clone();
-                        // The kernel may take a moment to show the device.
-                        let tries = move || {
-                            let mut last = Ok(());
-                            for _ in 0..15 {
-                                last = crate::run::filesystem::mount(&dev, &cfg);
-                                if last.is_ok() {
-                                    break;
-                                }
-                                std::thread::sleep(std::time::Duration::from_millis(200));
-                            }
-                            last
-                        };
-                        match smol::unblock(tries).await {
-                            Ok(()) => log::info!("filesystem: mounted at {}", at.display()),
-                            Err(e) => log::error!("filesystem: {e}"),
+            Role::Primary if !up => {
+                if let Some(device) = &device {
+                    match attach(device, server.clone()).await {
+                        Ok(k) => {
+                            log::info!(
+                                "nbd: volume attached to the kernel as {}",
+                                device.display()
+                            );
+                            attached = Some(k);
+                        }
+                        Err(e) => {
+                            log::error!("nbd: cannot attach {}: {e}", device.display());
+                            continue;
                         }
                     }
                 }
-                Err(e) => log::error!("nbd: cannot attach {}: {e}", device.display()),
-            },
+                up = true;
+                // Start order: volume primary, the filesystem, mysqld.
+                resources.up().await;
+            }
             Role::Secondary => {
-                if let Some(k) = attached.take() {
+                up = false;
+                if let (Some(k), Some(device)) = (attached.take(), &device) {
                     match smol::unblock(move || k.detach()).await {
                         Ok(()) => log::info!("nbd: {} detached", device.display()),
                         Err(e) => log::error!("nbd: detaching {} failed: {e}", device.display()),

@@ -83,21 +83,9 @@ pub type Managed = Option<(std::path::PathBuf, MysqlConfig)>;
 
 pub fn managed(config: &crate::config::Config) -> Managed {
     match (&config.volume.nbd_device, &config.mysql) {
-        (Some(d), Some(m)) => Some((d.clone(), m.clone())),
+        (Some(d), Some(m)) if m.on_volume => Some((d.clone(), m.clone())),
         _ => None,
     }
-}
-
-/// Steps the volume down the way round: the filesystem first (refused if
-/// it is busy), then the volume.
-pub async fn demote(
-    fs: &Managed,
-    events: &smol::channel::Sender<crate::run::volume::Event>,
-) -> Result<serde_json::Value, String> {
-    if let Some((device, cfg)) = fs.clone() {
-        smol::unblock(move || unmount(&device, &cfg)).await?;
-    }
-    crate::run::volume::ask(events, crate::run::volume::Command::Secondary).await
 }
 
 /// Unmounts the data directory if the device is mounted there; refuses,

@@ -124,8 +124,8 @@ async fn one<H: Handler>(mut stream: TcpStream, handler: &Arc<H>) -> std::io::Re
 }
 
 /// Whether this node should take the load balancer's traffic: it is the
-/// primary and its volume takes writes (not frozen). mysqld's health joins
-/// this once hadb supervises it.
+/// primary, its volume takes writes (not frozen), and the mysqld hadb
+/// supervises is healthy.
 pub fn probe(status: &Value) -> Result<String, String> {
     let v = &status["volume"];
     let role = v["role"].as_str().unwrap_or("?");
@@ -134,6 +134,14 @@ pub fn probe(status: &Value) -> Result<String, String> {
     }
     if v["frozen"] == Value::Bool(true) {
         return Err("primary, but I/O is frozen waiting for the peer\n".into());
+    }
+    let m = &status["mysqld"];
+    if m.is_object() && m["state"] != "healthy" {
+        return Err(format!(
+            "primary, but mysqld is {} ({})\n",
+            m["state"].as_str().unwrap_or("?"),
+            m["health"].as_str().unwrap_or("?")
+        ));
     }
     Ok("primary\n".into())
 }
@@ -243,6 +251,26 @@ pub fn metrics(status: &Value) -> String {
             f64::from(u8::from(status["manager"]["fence"]["state"] == "pending")),
         )],
     );
+    let mysqld = &status["mysqld"];
+    if mysqld.is_object() {
+        gauge(
+            "hadb_mysqld_state",
+            "1 for the state of the mysqld hadb supervises",
+            &one_of(
+                &mysqld["state"],
+                &[
+                    "stopped",
+                    "waiting",
+                    "starting",
+                    "healthy",
+                    "unhealthy",
+                    "stopping",
+                    "failed",
+                ],
+                "state",
+            ),
+        );
+    }
     let mut counter = |name: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (labels, value) in samples {
@@ -324,6 +352,13 @@ pub fn metrics(status: &Value) -> String {
         "bad input refused, by kind",
         &bad,
     );
+    if mysqld.is_object() {
+        counter(
+            "hadb_mysqld_restarts_total",
+            "mysqld restarts after a crash, a failed start or failed checks",
+            &[(String::new(), num(&mysqld["restarts_total"]))],
+        );
+    }
     out
 }
 
@@ -367,8 +402,19 @@ mod tests {
         let mut sec = st.clone();
         sec["volume"]["role"] = json!("secondary");
         assert!(probe(&sec).unwrap_err().contains("not the primary"));
-        let mut frozen = st;
+        let mut frozen = st.clone();
         frozen["volume"]["frozen"] = json!(true);
         assert!(probe(&frozen).unwrap_err().contains("frozen"));
+        let mut starting = st;
+        starting["mysqld"] = json!({"state": "starting", "health": "not started (no socket)",
+            "restarts_total": 2});
+        assert!(probe(&starting).unwrap_err().contains("mysqld is starting"));
+        assert!(
+            metrics(&starting).contains("hadb_mysqld_restarts_total{node=\"a\"} 2"),
+            "{}",
+            metrics(&starting)
+        );
+        starting["mysqld"]["state"] = json!("healthy");
+        assert!(probe(&starting).is_ok());
     }
 }

@@ -101,6 +101,28 @@ pub fn status(st: &Value) -> String {
             ""
         },
     );
+    let my = &st["mysqld"];
+    if my.is_object() {
+        out += &format!(
+            "mysqld: {}{}  health: {}  restarts {} in the window, {} in all{}\n",
+            if my["state"] == json!("failed") {
+                "FAILED (`hadb mysql reset` once fixed)".to_owned()
+            } else {
+                s(&my["state"])
+            },
+            match my["pid"].as_u64() {
+                Some(pid) => format!(" (pid {pid})"),
+                None => String::new(),
+            },
+            s(&my["health"]),
+            s(&my["restarts"]),
+            s(&my["restarts_total"]),
+            match my["last_failure"].as_str() {
+                Some(f) => format!("; last failure: {f}"),
+                None => String::new(),
+            }
+        );
+    }
     let peer = &v["peer"];
     if peer.is_null() {
         out += &format!("peer {}: not connected\n", s(&v["peer_name"]));

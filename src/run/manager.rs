@@ -18,7 +18,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The inputs as they are now.
-pub fn inputs(hb: &Heartbeat, shared: &Shared) -> Inputs {
+pub fn inputs(hb: &Heartbeat, shared: &Shared, service_failed: bool) -> Inputs {
     let (alive, report) = {
         let m = lock(&hb.membership);
         (m.peer_alive(), m.peer_report())
@@ -28,6 +28,7 @@ pub fn inputs(hb: &Heartbeat, shared: &Shared) -> Inputs {
         volume: *lock(&shared.view),
         peer_alive: alive,
         peer: report.as_ref().map(PeerView::of),
+        service_failed,
     }
 }
 
@@ -37,11 +38,12 @@ pub async fn run(
     shared: Arc<Shared>,
     events: Sender<Event>,
     peer_name: String,
-    fs: crate::run::filesystem::Managed,
+    resources: crate::run::resources::Resources,
 ) {
     loop {
         smol::Timer::after(TICK).await;
-        let i = inputs(&hb, &shared);
+        let failed = resources.mysqld.as_ref().is_some_and(|m| m.view().failed());
+        let i = inputs(&hb, &shared, failed);
         let actions = lock(&manager).step(&i);
         for a in actions {
             let result = match a {
@@ -66,7 +68,7 @@ pub async fn run(
                     continue;
                 }
                 Action::Promote => ask(&events, Command::Primary { force: false }).await,
-                Action::Demote => crate::run::filesystem::demote(&fs, &events).await,
+                Action::Demote => resources.demote(&events).await,
                 Action::PeerProvenOutdated(why, on_disk) => {
                     ask(
                         &events,

@@ -1,0 +1,316 @@
+//! mysqld's driver: carries out what the supervision core
+//! (`core::service`) decides. It starts mysqld as its own user with the
+//! configured command line, copies its stderr into hadb's log, runs the
+//! health checks off the event loop, signals it, and reports its exit.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use smol::channel::{Receiver, Sender};
+
+use crate::config::MysqlConfig;
+use crate::core::service::{Action, Health, Policy, Signal, Supervisor, View};
+use crate::run::mysql_health::{self, HealthCheck};
+
+const TICK: Duration = Duration::from_millis(100);
+
+enum Msg {
+    Start,
+    /// Answered once nothing of mysqld runs.
+    Stop(Sender<()>),
+    Reset,
+    Spawned(Result<u32, String>),
+    Exited(u32, String),
+    Health(u32, Health),
+}
+
+/// The handle the rest of hadb holds.
+pub struct Mysqld {
+    tx: Sender<Msg>,
+    view: Arc<Mutex<View>>,
+}
+
+impl Mysqld {
+    /// What status, the probe, the heartbeat and the manager see.
+    pub fn view(&self) -> View {
+        crate::run::manager::lock(&self.view).clone()
+    }
+
+    /// Run mysqld (the filesystem is mounted).
+    pub fn start(&self) {
+        let _ = self.tx.try_send(Msg::Start);
+    }
+
+    /// Stop mysqld and wait until it is gone (SIGKILL after
+    /// `stop_timeout`), so the filesystem can be unmounted.
+    pub async fn stop(&self) {
+        let (tx, rx) = smol::channel::bounded(1);
+        if self.tx.send(Msg::Stop(tx)).await.is_ok() {
+            let _ = rx.recv().await;
+        }
+    }
+
+    /// The operator fixed what made mysqld fail here.
+    pub fn reset(&self) {
+        let _ = self.tx.try_send(Msg::Reset);
+    }
+}
+
+fn policy(cfg: &MysqlConfig) -> Policy {
+    let us = |d: Duration| d.as_micros() as u64;
+    Policy {
+        start_timeout_us: us(cfg.start_timeout.0),
+        stop_timeout_us: us(cfg.stop_timeout.0),
+        health_interval_us: us(cfg.health_interval.0),
+        health_failures: cfg.health_failures,
+        max_restarts: cfg.max_restarts,
+        restart_window_us: us(cfg.restart_window.0),
+    }
+}
+
+/// Starts the supervision task; mysqld itself starts on [`Mysqld::start`].
+pub fn spawn(cfg: MysqlConfig) -> Arc<Mysqld> {
+    let (tx, rx) = smol::channel::unbounded();
+    let sup = Supervisor::new(policy(&cfg));
+    let view = Arc::new(Mutex::new(sup.view()));
+    let m = Arc::new(Mysqld {
+        tx: tx.clone(),
+        view: view.clone(),
+    });
+    crate::run::spawn(run(cfg, sup, rx, tx, view)).detach();
+    m
+}
+
+async fn run(
+    cfg: MysqlConfig,
+    mut sup: Supervisor,
+    rx: Receiver<Msg>,
+    tx: Sender<Msg>,
+    view: Arc<Mutex<View>>,
+) {
+    use smol::future::FutureExt;
+    let epoch = Instant::now();
+    let now = || epoch.elapsed().as_micros() as u64;
+    let mut waiting_stop: Vec<Sender<()>> = Vec::new();
+    loop {
+        let msg = async { rx.recv().await.ok() }
+            .or(async {
+                smol::Timer::after(TICK).await;
+                None
+            })
+            .await;
+        let t = now();
+        let actions = match msg {
+            Some(Msg::Start) => sup.start(t),
+            Some(Msg::Stop(reply)) => {
+                waiting_stop.push(reply);
+                sup.stop(t)
+            }
+            Some(Msg::Reset) => sup.reset(t),
+            Some(Msg::Spawned(Ok(pid))) => sup.spawned(pid, t),
+            Some(Msg::Spawned(Err(e))) => sup.spawn_failed(&e, t),
+            Some(Msg::Exited(pid, how)) => sup.exited(pid, &how, t),
+            Some(Msg::Health(pid, h)) => sup.health(pid, h, t),
+            None => sup.tick(t),
+        };
+        for a in actions {
+            match a {
+                Action::Spawn => {
+                    let r = start_mysqld(&cfg, &tx);
+                    let _ = tx.send(Msg::Spawned(r)).await;
+                }
+                Action::Signal(pid, s) => signal(pid, s),
+                Action::Check(pid) => {
+                    let check = health_check(&cfg);
+                    let tx = tx.clone();
+                    crate::run::spawn(async move {
+                        let h = smol::unblock(move || {
+                            check.map_or_else(Health::Failing, |c| from_check(c.check()))
+                        })
+                        .await;
+                        let _ = tx.send(Msg::Health(pid, h)).await;
+                    })
+                    .detach();
+                }
+                Action::Stopped => {
+                    for reply in waiting_stop.drain(..) {
+                        let _ = reply.try_send(());
+                    }
+                }
+                Action::Log {
+                    warn: true,
+                    message,
+                } => log::warn!("{message}"),
+                Action::Log {
+                    warn: false,
+                    message,
+                } => log::info!("{message}"),
+            }
+        }
+        *crate::run::manager::lock(&view) = sup.view();
+    }
+}
+
+fn from_check(h: mysql_health::Health) -> Health {
+    match h {
+        mysql_health::Health::NotStarted(_) => Health::NotStarted,
+        mysql_health::Health::Starting(_) => Health::Starting,
+        mysql_health::Health::Healthy { .. } => Health::Healthy,
+        mysql_health::Health::Hung(why) => {
+            log::debug!("mysqld health: {why}");
+            Health::Hung
+        }
+        mysql_health::Health::Failing(why) => Health::Failing(why),
+    }
+}
+
+/// The check as configured; the password file is read each time, so a
+/// changed password needs no restart.
+fn health_check(cfg: &MysqlConfig) -> Result<HealthCheck, String> {
+    let password = match &cfg.monitor_password_file {
+        Some(path) => read_password(path)?,
+        None => String::new(),
+    };
+    Ok(HealthCheck {
+        socket: cfg.socket.clone(),
+        user: cfg.monitor_user.clone(),
+        password,
+        timeout: cfg.health_timeout.0,
+        write_probe: cfg.write_probe.clone(),
+    })
+}
+
+/// The monitor's password, refused if others could read it.
+fn read_password(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "cannot read mysql.monitor_password_file {}: {e}",
+            path.display()
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mysql.monitor_password_file {} has mode {mode:03o}; it must be readable by root only: `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read mysql.monitor_password_file {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+fn signal(pid: u32, s: Signal) {
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let sig = match s {
+        Signal::Term => rustix::process::Signal::TERM,
+        Signal::Kill => rustix::process::Signal::KILL,
+    };
+    if let Err(e) = rustix::process::kill_process(p, sig) {
+        log::warn!("mysqld: cannot signal pid {pid}: {e}");
+    }
+}
+
+/// The account's uid and gid, from /etc/passwd.
+fn lookup_user(name: &str) -> Result<(u32, u32), String> {
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| format!("cannot read /etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        })
+        .flatten()
+        .ok_or_else(|| {
+            format!("no user `{name}` in /etc/passwd; install the MySQL server package or set mysql.user")
+        })
+}
+
+/// Spawns mysqld; a thread copies its output into the log and another
+/// waits for its exit.
+fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
+    let args = cfg.command_line();
+    let (program, rest) = args
+        .split_first()
+        .ok_or("mysql.command is empty; set mysqld's command line")?;
+    let (uid, gid) = lookup_user(&cfg.user)?;
+    // mysqld creates its socket but not the directory it lives in
+    // (/run is a fresh tmpfs at each boot), and a new filesystem's top
+    // directory belongs to root.
+    for dir in [cfg.socket.parent(), Some(cfg.datadir.as_path())]
+        .into_iter()
+        .flatten()
+    {
+        prepare_dir(dir, uid, gid)?;
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .current_dir(&cfg.datadir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if uid != 0 {
+        // std drops the supplementary groups when root sets a uid.
+        cmd.uid(uid).gid(gid);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let pid = child.id();
+    for out in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let _ = std::thread::Builder::new()
+            .name("hadb-mysqld-log".into())
+            .spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    log::info!("mysqld[{pid}]: {line}");
+                }
+            });
+    }
+    let tx = tx.clone();
+    std::thread::Builder::new()
+        .name("hadb-mysqld-wait".into())
+        .spawn(move || {
+            let how = match child.wait() {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => format!("exit status {c}"),
+                    (_, Some(sig)) => format!("killed by signal {sig}"),
+                    _ => s.to_string(),
+                },
+                Err(e) => format!("lost track of it: {e}"),
+            };
+            let _ = tx.send_blocking(Msg::Exited(pid, how));
+        })
+        .map_err(|e| format!("cannot start the thread that waits for mysqld: {e}"))?;
+    Ok(pid)
+}
+
+fn prepare_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        .map_err(|e| format!("cannot give {} to uid {uid}: {e}", dir.display()))
+}
