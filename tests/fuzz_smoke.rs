@@ -384,3 +384,52 @@ fn nbd_request() {
     ];
     run("nbd_request", &corpus, 4, checks::nbd_request);
 }
+
+#[test]
+fn mysql_server_bytes() {
+    use hadb::core::mysql_wire::frame;
+    let stream = |payloads: &[&[u8]]| {
+        let mut out = Vec::new();
+        let mut seq = 0;
+        for p in payloads {
+            let (b, next) = frame(p, seq);
+            out.extend_from_slice(&b);
+            seq = next;
+        }
+        out
+    };
+    let mut greeting = vec![10];
+    greeting.extend_from_slice(b"10.11.6-MariaDB\0");
+    greeting.extend_from_slice(&9u32.to_le_bytes());
+    greeting.extend_from_slice(b"ABCDEFGH\0");
+    greeting.extend_from_slice(&[0xfe, 0xf7, 45, 2, 0, 0xff, 0x81, 21]);
+    greeting.extend_from_slice(&[0; 10]);
+    greeting.extend_from_slice(b"IJKLMNOPQRST\0mysql_native_password\0");
+    let mut column = Vec::new();
+    for s in ["def", "hadb", "probe", "probe", "at", "at"] {
+        column.push(s.len() as u8);
+        column.extend_from_slice(s.as_bytes());
+    }
+    column.push(0x0c);
+    column.extend_from_slice(&[45, 0, 19, 0, 0, 0, 12, 0x81, 0, 0, 0, 0]);
+    let ok: &[u8] = &[0, 1, 0, 2, 0, 0, 0];
+    let eof: &[u8] = &[0xfe, 0, 0, 2, 0];
+    let corpus = vec![
+        stream(&[&greeting]),
+        stream(&[ok]),
+        stream(&[b"\xff\x15\x04#28000Access denied for user 'hadb_monitor'@'localhost'"]),
+        stream(&[b"\xfemysql_native_password\0ZYXWVUTSRQPONMLKJIHG\0"]),
+        stream(&[&[1, 4]]),
+        // A result set: count, two columns, EOF, two rows, EOF.
+        stream(&[
+            &[2],
+            &column,
+            &column,
+            eof,
+            b"\x011\xfb",
+            b"\x132024-01-01 00:00:00\x01x",
+            eof,
+        ]),
+    ];
+    run("mysql_server_bytes", &corpus, 5, checks::mysql_server_bytes);
+}

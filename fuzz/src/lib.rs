@@ -1016,3 +1016,113 @@ fn check_validate(req: &Request, size: u64, writable: bool) -> u64 {
     }
     payload
 }
+
+/// Target `mysql_server_bytes`: the bytes as what a "mysqld" sends the
+/// health check (`core::mysql_wire`): (1) a packet stream, split as
+/// `decode` splits it, each packet's sequence id taken as right so the
+/// payloads are reached; (2) each payload, and the whole input, through
+/// every parser of server packets; (3) the payloads fed to a result-set
+/// skipper, with and without CLIENT_DEPRECATE_EOF; (4) the input framed
+/// by `frame` and read back.
+pub fn mysql_server_bytes(data: &[u8]) {
+    use hadb::core::mysql_wire as my;
+    let mut payloads = vec![data.to_vec()];
+    let mut rest = data;
+    while rest.len() >= my::HEADER_LEN {
+        let seq = rest[3];
+        match my::decode(rest, seq, 1 << 20) {
+            Ok(Some(d)) => {
+                assert!(d.used >= my::HEADER_LEN && d.used <= rest.len());
+                assert_eq!(d.next_seq, seq.wrapping_add(1), "one short packet");
+                assert_eq!(d.payload, rest[my::HEADER_LEN..d.used]);
+                payloads.push(d.payload);
+                rest = &rest[d.used..];
+            }
+            Ok(None) => {
+                let len =
+                    usize::from(rest[0]) | usize::from(rest[1]) << 8 | usize::from(rest[2]) << 16;
+                assert!(
+                    rest.len() < my::HEADER_LEN + len,
+                    "decode waits for bytes it has"
+                );
+                break;
+            }
+            Err(e) => {
+                assert!(matches!(e, my::Error::TooLarge { .. }), "{e}");
+                break;
+            }
+        }
+    }
+    let caps41 = my::CLIENT_PROTOCOL_41 | my::CLIENT_TRANSACTIONS;
+    for p in &payloads {
+        mysql_payload(p, caps41);
+        mysql_payload(p, caps41 | my::CLIENT_DEPRECATE_EOF);
+    }
+    for caps in [caps41, caps41 | my::CLIENT_DEPRECATE_EOF] {
+        let columns = u64::from(data.first().copied().unwrap_or(0) % 4) + 1;
+        let mut rs = my::ResultSetSkipper::new(columns, caps);
+        for p in &payloads[1..] {
+            match rs.feed(p) {
+                Ok(my::Step::More) => {}
+                Ok(my::Step::Done { .. } | my::Step::Err(_)) => {
+                    assert!(rs.feed(p).is_err(), "fed past the end");
+                    break;
+                }
+                Err(e) => assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+    let (framed, next) = my::frame(data, 7);
+    match my::decode(&framed, 7, data.len()) {
+        Ok(Some(d)) => assert_eq!(
+            (d.payload.as_slice(), d.used, next),
+            (data, framed.len(), d.next_seq)
+        ),
+        other => panic!("a framed payload does not decode: {other:?}"),
+    }
+}
+
+fn mysql_payload(p: &[u8], caps: u32) {
+    use hadb::core::mysql_wire as my;
+    if let Ok(h) = my::parse_handshake(p) {
+        assert_eq!(p[0], 10);
+        assert!(!h.server_version.contains('\0'));
+        assert!(h.nonce.len() >= 20 && h.nonce.len() < p.len());
+        assert_ne!(h.capabilities & my::CLIENT_PROTOCOL_41, 0);
+        assert_ne!(h.capabilities & my::CLIENT_SECURE_CONNECTION, 0);
+    }
+    if let Ok(e) = my::parse_err(p) {
+        assert_eq!((p[0], e.code), (0xff, u16::from_le_bytes([p[1], p[2]])));
+        assert!(
+            e.sql_state
+                .as_ref()
+                .is_none_or(|s| p[3] == b'#' && s.len() <= 5 * 3)
+        );
+    }
+    assert_eq!(
+        my::parse_eof(p).is_ok(),
+        my::is_eof(p) && p.len() >= 5,
+        "an EOF packet is 0xfe and 5 to 8 bytes"
+    );
+    if let Ok(ok) = my::parse_ok(p, caps) {
+        assert!(p[0] == 0 || p[0] == 0xfe);
+        assert!(ok.info.len() + 7 <= p.len());
+    }
+    match my::parse_response(p, caps) {
+        Ok(my::Response::ResultSet { columns }) => {
+            assert!((1..=my::MAX_COLUMNS).contains(&columns))
+        }
+        Ok(my::Response::Ok(_)) => assert_eq!(p[0], 0),
+        Ok(my::Response::Err(_)) => assert_eq!(p[0], 0xff),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+    match my::parse_auth_reply(p, caps) {
+        Ok(my::AuthReply::MoreData(d)) => assert_eq!((p[0], &p[1..]), (1, d.as_slice())),
+        Ok(my::AuthReply::Switch { plugin, .. }) => {
+            assert_eq!(p[0], 0xfe);
+            assert!(!plugin.contains('\0'));
+        }
+        Ok(_) => assert!(p[0] == 0 || p[0] == 0xff),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}

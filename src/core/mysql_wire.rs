@@ -69,7 +69,7 @@ pub const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 pub const ER_SERVER_SHUTDOWN: u16 = 1053;
 pub const ER_HOST_NOT_PRIVILEGED: u16 = 1130;
 pub const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
-/// MariaDB: the connection was killed (also what a shutdown does to it).
+/// MariaDB: the session was killed (KILL CONNECTION).
 pub const ER_CONNECTION_KILLED: u16 = 1927;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

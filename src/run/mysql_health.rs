@@ -57,10 +57,10 @@ pub enum Health {
     /// serve, after crash recovery.
     NotStarted(String),
     /// mysqld is there but in transition: it accepted and then closed the
-    /// connection without a word, or said it is shutting down (ERROR 1053,
-    /// or MariaDB's 1927 "connection killed", which a shutdown sends to
-    /// every session). Waiting is the right reaction; this never lasts
-    /// for a mysqld that is up.
+    /// connection without a word, or said it is shutting down (ERROR
+    /// 1053), or our session was killed under us (MariaDB's 1927, from a
+    /// KILL). Waiting is the right reaction: none of these lasts for a
+    /// mysqld that is up, and the next check tells.
     Starting(String),
     /// Authenticated, answered the ping, and ran the write probe if there
     /// is one, all within the timeout.
@@ -266,9 +266,9 @@ impl HealthCheck {
     fn classify_err(&self, stage: Stage, err: ErrPacket) -> Health {
         let user = &self.user;
         match err.code {
-            wire::ER_SERVER_SHUTDOWN | wire::ER_CONNECTION_KILLED => {
-                Health::Starting(format!("mysqld is shutting down: {err}"))
-            }
+            wire::ER_SERVER_SHUTDOWN | wire::ER_CONNECTION_KILLED => Health::Starting(format!(
+                "mysqld is shutting down or killed our session: {err}"
+            )),
             wire::ER_CON_COUNT_ERROR => Health::Failing(format!(
                 "mysqld refuses new connections: {err}; max_connections is reached (granting the monitor user CONNECTION ADMIN, CONNECTION_ADMIN on MySQL, lets it past the limit: docs/mysql.md)"
             )),
