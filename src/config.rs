@@ -323,6 +323,9 @@ pub enum FenceMethod {
     /// The operator powers the peer off and says so with
     /// `hadb fence confirm NODE`.
     Manual,
+    /// Azure Resource Manager powers the peer's VM off; confirmed once its
+    /// instance view says stopped or deallocated (`[fencing.azure]`).
+    Azure,
 }
 
 /// How the `azure` fence method gets its Azure AD token.
@@ -409,8 +412,8 @@ pub struct FencingConfig {
     /// primary that lost its peer at the same moment fences first.
     #[serde(default = "default_fence_delay")]
     pub fence_delay: HumanDuration,
-    /// Required by `method = "azure"`; may be set beforehand so that
-    /// `hadb fence test` can try it.
+    /// Required by `method = "azure"`; may be set beforehand, to try it
+    /// before relying on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureConfig>,
 }
@@ -869,6 +872,12 @@ fn validate_azure(config: &Config, bad: &mut dyn FnMut(&str, String)) {
         }
     }
     let Some(az) = &config.fencing.azure else {
+        if config.fencing.method == FenceMethod::Azure {
+            bad(
+                "fencing.method",
+                "method `azure` needs a [fencing.azure] table (see docs/config.md)".into(),
+            );
+        }
         return;
     };
     for (key, value) in [
@@ -1282,6 +1291,8 @@ socket = "/run/hadb/control.sock"
     }
 
     const AZURE: &str = r#"
+[fencing]
+method = "azure"
 [fencing.azure]
 auth = "service-principal"
 tenant_id = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -1300,6 +1311,7 @@ power_timeout = "90s"
             )
         );
         let c = p(&text, None).unwrap();
+        assert_eq!(c.fencing.method, FenceMethod::Azure);
         let az = c.fencing.azure.as_ref().unwrap();
         assert_eq!(az.auth, AzureAuth::ServicePrincipal);
         assert_eq!(az.power_timeout.0, Duration::from_secs(90));
@@ -1311,7 +1323,14 @@ power_timeout = "90s"
     }
 
     #[test]
-    fn a_service_principal_must_be_complete() {
+    fn azure_method_needs_its_table_and_a_complete_principal() {
+        let err = p(&format!("{SEED}\n[fencing]\nmethod = \"azure\"\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fencing.method") && err.contains("[fencing.azure]"),
+            "{err}"
+        );
         let text = format!("{SEED}\n{AZURE}").replace("tenant_id = ", "# tenant_id = ");
         let err = p(&text, None).unwrap_err().to_string();
         assert!(err.contains("fencing.azure.tenant_id"), "{err}");

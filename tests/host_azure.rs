@@ -584,3 +584,84 @@ fn a_service_principal_certificate_signs_its_own_assertion() {
     );
     assert!(err.to_string().contains("signature"), "{err}");
 }
+
+/// The whole path in real daemons: the primary freezes (alive, silent, as
+/// behind a partition), its secondary fences it through the stand-in,
+/// whose power-off kills the frozen daemon, and only then takes over.
+#[test]
+fn a_frozen_primary_is_powered_off_through_azure_before_the_secondary_takes_over() {
+    let s = StandIn::start(
+        "daemons",
+        false,
+        &[
+            "--vm",
+            "a,pidfile={dir}/a.pid",
+            "--vm",
+            "b",
+            "--op-seconds",
+            "1",
+        ],
+    );
+    let mut p = common::Pair::new("azfence-pair", "sync", 16 << 20);
+    for n in 0..2 {
+        let text = p.config_text(n, "sync").replace(
+            "[manager]\nmaintenance = true\n",
+            &format!(
+                r#"[fencing]
+method = "azure"
+fence_delay = "2s"
+[fencing.azure]
+metadata_endpoint = "http://127.0.0.1:{imds}"
+login_endpoint = "https://127.0.0.1:{arm}"
+management_endpoint = "https://127.0.0.1:{arm}"
+ca_file = "{ca}"
+power_timeout = "30s"
+"#,
+                imds = s.imds,
+                arm = s.arm,
+                ca = s.ca.display()
+            ),
+        );
+        assert!(text.contains("method = \"azure\""), "{text}");
+        std::fs::write(p.config(n), text).unwrap();
+    }
+    p.start(0);
+    p.start(1);
+    p.wait(0, "peer connected", |st| {
+        st.is_some_and(|st| !st["volume"]["peer"].is_null())
+    });
+    p.primary(0);
+    p.wait_in_sync(0);
+    let pid = p.procs[0].as_ref().unwrap().id();
+    std::fs::write(s.dir.join("a.pid"), pid.to_string()).unwrap();
+    common::run(Command::new("kill").args(["-STOP", &pid.to_string()]));
+    p.wait(1, "primary", |st| {
+        st.is_some_and(|st| st["volume"]["role"] == "primary")
+    });
+    let a = p.procs[0].as_mut().unwrap().try_wait().unwrap();
+    assert!(
+        killed(a),
+        "the frozen primary was killed by the power-off: {a:?}"
+    );
+    let posts: Vec<String> = s
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("POST /subscriptions"))
+        .collect();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    assert!(
+        posts[0].contains("/virtualMachines/a/powerOff"),
+        "{posts:?}"
+    );
+    let log = p.log(1);
+    let confirmed = log
+        .find("fence confirmed")
+        .unwrap_or_else(|| panic!("b never logged the confirmation:\n{log}"));
+    let promoted = log
+        .find("volume: promoted to primary")
+        .unwrap_or_else(|| panic!("b never promoted:\n{log}"));
+    assert!(
+        confirmed < promoted,
+        "promoted before the fence was confirmed:\n{log}"
+    );
+}
