@@ -250,6 +250,10 @@ pub struct NodeConfig {
     /// Heartbeat port of this node; defaults to `heartbeat.port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_port: Option<u16>,
+    /// The node's virtual machine name in Azure, for the `azure` fence
+    /// method; defaults to the node's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_vm: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +323,84 @@ pub enum FenceMethod {
     /// The operator powers the peer off and says so with
     /// `hadb fence confirm NODE`.
     Manual,
+    /// Azure Resource Manager powers the peer's VM off; confirmed once its
+    /// instance view says stopped or deallocated (`[fencing.azure]`).
+    Azure,
+}
+
+/// How the `azure` fence method gets its Azure AD token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureAuth {
+    /// The VM's own identity, through the instance metadata service: no
+    /// secret on disk.
+    ManagedIdentity,
+    /// An app registration: tenant, client id and a secret or certificate.
+    ServicePrincipal,
+}
+
+/// `[fencing.azure]`: where the peer's VM lives and how to reach Azure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    #[serde(default = "default_azure_auth")]
+    pub auth: AzureAuth,
+    /// Defaults to this VM's subscription, from the instance metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
+    /// Defaults to this VM's resource group, from the instance metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_group: Option<String>,
+    /// The directory (tenant) of a service principal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// A service principal's application id, or a user-assigned managed
+    /// identity's client id (unset: the system-assigned identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// A service principal's client secret, alone in a file of mode 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// A service principal's certificate and its private key (PEM, one
+    /// file of mode 0600), instead of a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_file: Option<PathBuf>,
+    #[serde(default = "default_azure_metadata")]
+    pub metadata_endpoint: String,
+    #[serde(default = "default_azure_login")]
+    pub login_endpoint: String,
+    #[serde(default = "default_azure_management")]
+    pub management_endpoint: String,
+    /// The Microsoft.Compute api-version of every management request.
+    #[serde(default = "default_azure_api_version")]
+    pub api_version: String,
+    /// The whole fence (token, power-off, confirmation) must finish within
+    /// this, or it failed.
+    #[serde(default = "default_azure_power_timeout")]
+    pub power_timeout: HumanDuration,
+    /// More CA certificates (PEM) to trust for the login and management
+    /// endpoints, beside the built-in public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_azure_auth() -> AzureAuth {
+    AzureAuth::ManagedIdentity
+}
+fn default_azure_metadata() -> String {
+    "http://169.254.169.254".into()
+}
+fn default_azure_login() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_azure_management() -> String {
+    "https://management.azure.com".into()
+}
+fn default_azure_api_version() -> String {
+    "2024-07-01".into()
+}
+fn default_azure_power_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,6 +412,10 @@ pub struct FencingConfig {
     /// primary that lost its peer at the same moment fences first.
     #[serde(default = "default_fence_delay")]
     pub fence_delay: HumanDuration,
+    /// Required by `method = "azure"`; may be set beforehand, to try it
+    /// before relying on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureConfig>,
 }
 
 impl Default for FencingConfig {
@@ -337,6 +423,7 @@ impl Default for FencingConfig {
         FencingConfig {
             method: default_fence_method(),
             fence_delay: default_fence_delay(),
+            azure: None,
         }
     }
 }
@@ -583,6 +670,14 @@ impl Config {
 
     pub fn me(&self) -> &NodeConfig {
         &self.nodes[&self.node]
+    }
+
+    /// A node's VM name in Azure: `azure_vm`, or the node's own name.
+    pub fn azure_vm<'a>(&'a self, node: &'a str) -> &'a str {
+        self.nodes
+            .get(node)
+            .and_then(|n| n.azure_vm.as_deref())
+            .unwrap_or(node)
     }
 
     pub fn replication_port(&self, node: &NodeConfig) -> u16 {
@@ -889,6 +984,7 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             }
         }
     }
+    validate_azure(config, &mut bad);
     for (key, path) in [
         ("volume.device", &config.volume.device),
         ("volume.nbd_socket", &config.volume.nbd_socket),
@@ -903,6 +999,155 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
         }
     }
     errors
+}
+
+fn validate_azure(config: &Config, bad: &mut dyn FnMut(&str, String)) {
+    // Names go into management URLs: a character that could change the
+    // path is refused here rather than escaped into a different resource.
+    let azure_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 90
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+    };
+    for (name, node) in &config.nodes {
+        if let Some(vm) = &node.azure_vm
+            && !azure_name(vm)
+        {
+            bad(
+                &format!("nodes.{name}.azure_vm"),
+                format!("`{vm}` is not an Azure VM name; expected letters, digits, '-', '_', '.'"),
+            );
+        }
+    }
+    let Some(az) = &config.fencing.azure else {
+        if config.fencing.method == FenceMethod::Azure {
+            bad(
+                "fencing.method",
+                "method `azure` needs a [fencing.azure] table (see docs/config.md)".into(),
+            );
+        }
+        return;
+    };
+    for (key, value) in [
+        ("fencing.azure.subscription_id", &az.subscription_id),
+        ("fencing.azure.resource_group", &az.resource_group),
+    ] {
+        if let Some(v) = value
+            && !azure_name(v)
+        {
+            bad(
+                key,
+                format!(
+                    "`{v}` is not an Azure name; expected letters, digits, '-', '_', '.', '(', ')'"
+                ),
+            );
+        }
+    }
+    match az.auth {
+        AzureAuth::ServicePrincipal => {
+            for (key, value) in [
+                ("fencing.azure.tenant_id", &az.tenant_id),
+                ("fencing.azure.client_id", &az.client_id),
+            ] {
+                if value.as_deref().is_none_or(|v| !azure_name(v)) {
+                    bad(
+                        key,
+                        "auth `service-principal` needs it: the directory (tenant) id and the application (client) id from the app registration".into(),
+                    );
+                }
+            }
+            if az.client_secret_file.is_some() == az.client_certificate_file.is_some() {
+                bad(
+                    "fencing.azure.client_secret_file",
+                    "auth `service-principal` needs exactly one of client_secret_file and client_certificate_file".into(),
+                );
+            }
+        }
+        AzureAuth::ManagedIdentity => {
+            if az.client_secret_file.is_some() || az.client_certificate_file.is_some() {
+                bad(
+                    "fencing.azure.auth",
+                    "a client secret or certificate is for auth `service-principal`; a managed identity needs none".into(),
+                );
+            }
+            if let Some(id) = &az.client_id
+                && !azure_name(id)
+            {
+                bad(
+                    "fencing.azure.client_id",
+                    format!("`{id}` is not a client id"),
+                );
+            }
+        }
+    }
+    // A bearer token or a client secret must never cross the network in
+    // the clear; the metadata service is link-local and plain HTTP.
+    for (key, url, schemes) in [
+        (
+            "fencing.azure.metadata_endpoint",
+            &az.metadata_endpoint,
+            &["http://", "https://"][..],
+        ),
+        (
+            "fencing.azure.login_endpoint",
+            &az.login_endpoint,
+            &["https://"][..],
+        ),
+        (
+            "fencing.azure.management_endpoint",
+            &az.management_endpoint,
+            &["https://"][..],
+        ),
+    ] {
+        let host = schemes.iter().find_map(|s| url.strip_prefix(s));
+        if host.is_none_or(|h| h.trim_end_matches('/').is_empty() || h.contains(['?', '#', ' '])) {
+            bad(
+                key,
+                format!(
+                    "`{url}` is not a base URL; expected {} followed by a host",
+                    schemes.join(" or ")
+                ),
+            );
+        }
+    }
+    if az.api_version.is_empty()
+        || !az
+            .api_version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        bad(
+            "fencing.azure.api_version",
+            format!(
+                "`{}` is not an api-version; expected e.g. \"2024-07-01\"",
+                az.api_version
+            ),
+        );
+    }
+    if az.power_timeout.0 < Duration::from_secs(1) {
+        bad(
+            "fencing.azure.power_timeout",
+            "expected at least 1s; Azure takes seconds to power a VM off".into(),
+        );
+    }
+    for (key, path) in [
+        ("fencing.azure.client_secret_file", &az.client_secret_file),
+        (
+            "fencing.azure.client_certificate_file",
+            &az.client_certificate_file,
+        ),
+        ("fencing.azure.ca_file", &az.ca_file),
+    ] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            bad(
+                key,
+                format!("expected an absolute path, got `{}`", path.display()),
+            );
+        }
+    }
 }
 
 fn name_char(c: char) -> bool {
@@ -1192,6 +1437,92 @@ socket = "/run/hadb/control.sock"
             HumanDuration(Duration::from_millis(1500)).to_string(),
             "1500ms"
         );
+    }
+
+    const AZURE: &str = r#"
+[fencing]
+method = "azure"
+[fencing.azure]
+auth = "service-principal"
+tenant_id = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+client_id = "0b5d7c9e-1f0a-4c2b-9f3e-6a7d8e9f0a1b"
+client_secret_file = "/etc/hadb/azure-secret"
+power_timeout = "90s"
+"#;
+
+    #[test]
+    fn azure_fencing_parses_with_defaults() {
+        let text = format!(
+            "{}\n{AZURE}",
+            SEED.replace(
+                "address = \"10.10.10.5\"",
+                "address = \"10.10.10.5\"\nazure_vm = \"hadb02-vm\""
+            )
+        );
+        let c = p(&text, None).unwrap();
+        assert_eq!(c.fencing.method, FenceMethod::Azure);
+        let az = c.fencing.azure.as_ref().unwrap();
+        assert_eq!(az.auth, AzureAuth::ServicePrincipal);
+        assert_eq!(az.power_timeout.0, Duration::from_secs(90));
+        assert_eq!(az.management_endpoint, "https://management.azure.com");
+        assert_eq!(az.metadata_endpoint, "http://169.254.169.254");
+        assert_eq!(az.subscription_id, None, "left to the instance metadata");
+        assert_eq!(c.azure_vm("hadb02"), "hadb02-vm");
+        assert_eq!(c.azure_vm("hadb01"), "hadb01", "defaults to the node name");
+    }
+
+    #[test]
+    fn azure_method_needs_its_table_and_a_complete_principal() {
+        let err = p(&format!("{SEED}\n[fencing]\nmethod = \"azure\"\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fencing.method") && err.contains("[fencing.azure]"),
+            "{err}"
+        );
+        let text = format!("{SEED}\n{AZURE}").replace("tenant_id = ", "# tenant_id = ");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("fencing.azure.tenant_id"), "{err}");
+        let text = format!("{SEED}\n{AZURE}").replace(
+            "power_timeout",
+            "client_certificate_file = \"/etc/hadb/sp.pem\"\npower_timeout",
+        );
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("exactly one of"), "{err}");
+    }
+
+    #[test]
+    fn azure_endpoints_must_not_send_secrets_in_the_clear() {
+        let text =
+            format!("{SEED}\n{AZURE}management_endpoint = \"http://management.azure.com\"\n");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(
+            err.contains("fencing.azure.management_endpoint") && err.contains("https://"),
+            "{err}"
+        );
+        let text = format!("{SEED}\n{AZURE}metadata_endpoint = \"http://127.0.0.1:8080\"\n");
+        assert!(
+            p(&text, None).is_ok(),
+            "plain HTTP is fine for the metadata service"
+        );
+    }
+
+    #[test]
+    fn azure_names_cannot_change_the_url_path() {
+        let text = format!("{SEED}\n{AZURE}resource_group = \"rg/../other\"\n");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("fencing.azure.resource_group"), "{err}");
+        let err = p(&format!("{SEED}\n{AZURE}unknown_key = 1\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fencing.azure.unknown_key"), "{err}");
+    }
+
+    #[test]
+    fn a_managed_identity_takes_no_secret() {
+        let text = format!("{SEED}\n{AZURE}").replace("service-principal", "managed-identity");
+        let err = p(&text, None).unwrap_err().to_string();
+        assert!(err.contains("needs none"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub enum Error {
         source: std::io::Error,
     },
     Signals(std::io::Error),
+    Fence(Box<crate::run::fence::azure::AzureError>),
 }
 
 impl fmt::Display for Error {
@@ -40,6 +41,7 @@ impl fmt::Display for Error {
             Error::Store(e) => write!(f, "{e}"),
             Error::Start { what, source } => write!(f, "cannot start {what}: {source}"),
             Error::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            Error::Fence(e) => write!(f, "{e}"),
         }
     }
 }
@@ -233,6 +235,14 @@ pub fn run(config: Config) -> Result<(), Error> {
     });
     let heartbeat = crate::run::heartbeat::new(&config, &key);
     let peer_name_s = config.peer().0.to_owned();
+    // Built now so that an unreadable secret stops the start, not a fence.
+    let azure = match (&config.fencing.method, &config.fencing.azure) {
+        (crate::config::FenceMethod::Azure, Some(az)) => Some(Arc::new(
+            crate::run::fence::azure::AzureFence::new(az, config.azure_vm(&peer_name_s))
+                .map_err(|e| Error::Fence(Box::new(e)))?,
+        )),
+        _ => None,
+    };
     let manager = Arc::new(std::sync::Mutex::new(crate::core::manager::Manager::new(
         crate::core::manager::Config {
             me_first: config.node < peer_name_s,
@@ -268,6 +278,7 @@ pub fn run(config: Config) -> Result<(), Error> {
                 events.clone(),
                 peer_name_s.clone(),
                 resources.clone(),
+                azure.clone(),
             ))
         });
         if config.manager.maintenance {

@@ -4,6 +4,7 @@
 pub mod console;
 pub mod control;
 pub mod daemon;
+pub mod fence;
 pub mod filesystem;
 pub mod heartbeat;
 pub mod http;
