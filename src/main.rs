@@ -269,6 +269,9 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Top::Run(_) => {
+            // Before the configuration: as PID 1 the kernel command line
+            // is not readable until /proc is mounted.
+            run::process::init_as_pid1();
             let config = load_config(&cli)?;
             run::daemon::run(config)?;
             Ok(())

@@ -49,9 +49,12 @@ pub async fn listen<H: Handler>(
     let me = rustix::process::geteuid();
     loop {
         let (stream, _) = listener.accept().await?;
-        let allowed = rustix::net::sockopt::socket_peercred(&stream)
-            .map(|cred| cred.uid.is_root() || cred.uid == me)
-            .unwrap_or(false);
+        let allowed = {
+            use std::os::fd::AsFd;
+            crate::sys::cred::peer_uid(stream.as_fd())
+                .map(|uid| uid == 0 || uid == me.as_raw())
+                .unwrap_or(false)
+        };
         if !allowed {
             Stats::bump(&stats.stats.control_refused);
             log::warn!("control: refused a connection from a user other than root");

@@ -196,6 +196,7 @@ impl control::Handler for Daemon {
 }
 
 pub fn run(config: Config) -> Result<(), Error> {
+    crate::run::process::become_subreaper();
     let key = peer::read_key(&config.key_file).map_err(Error::Key)?;
     if config.volume.nbd_device.is_some() {
         // Before any thread starts: the flag is inherited, not shared.
@@ -265,6 +266,7 @@ pub fn run(config: Config) -> Result<(), Error> {
 
     crate::run::block_on(0, async move {
         let _volume = crate::run::spawn(volume.run());
+        let _reaper = crate::run::spawn(crate::run::process::reaper());
         let _link = if config.node < peer_name {
             crate::run::spawn(peer::connect_loop(setup))
         } else {

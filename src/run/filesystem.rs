@@ -128,12 +128,13 @@ pub fn mkfs(device: &Path, fs: &MysqlConfig, force: bool) -> Result<(), String> 
         "xfs" | "btrfs" => &["-f"],
         _ => &[],
     };
-    let out = std::process::Command::new(format!("mkfs.{}", fs.fstype))
-        .args(quiet)
-        .arg(device)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run mkfs.{}: {e}", fs.fstype))?;
+    let out = crate::run::process::output(
+        std::process::Command::new(format!("mkfs.{}", fs.fstype))
+            .args(quiet)
+            .arg(device)
+            .stdin(std::process::Stdio::null()),
+    )
+    .map_err(|e| format!("cannot run mkfs.{}: {e}", fs.fstype))?;
     if !out.status.success() {
         return Err(format!(
             "mkfs.{} {} failed: {}",

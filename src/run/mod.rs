@@ -14,6 +14,7 @@ pub mod mysql_health;
 pub mod mysqld;
 pub mod nbd;
 pub mod peer;
+pub mod process;
 pub mod resources;
 pub mod stats;
 pub mod store;

@@ -266,9 +266,8 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
         // std drops the supplementary groups when root sets a uid.
         cmd.uid(uid).gid(gid);
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let mut child =
+        crate::run::process::spawn(&mut cmd).map_err(|e| format!("cannot run {program}: {e}"))?;
     let pid = child.id();
     for out in [
         child
@@ -303,6 +302,7 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
                 },
                 Err(e) => format!("lost track of it: {e}"),
             };
+            crate::run::process::release(pid);
             let _ = tx.send_blocking(Msg::Exited(pid, how));
         })
         .map_err(|e| format!("cannot start the thread that waits for mysqld: {e}"))?;

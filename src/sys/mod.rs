@@ -1,3 +1,4 @@
 pub mod alloc;
+pub mod cred;
 pub mod memory;
 pub mod nbd_kernel;
