@@ -711,6 +711,56 @@ impl Default for Sources {
     }
 }
 
+/// Keys a running daemon takes on SIGHUP; every other change waits for
+/// a restart of hadb.
+pub const RELOADABLE: &[&str] = &[
+    "manager.maintenance",
+    "fencing.fence_delay",
+    "mysql.monitor_user",
+    "mysql.monitor_password_file",
+    "mysql.write_probe",
+    "mysql.health_interval",
+    "mysql.health_timeout",
+    "mysql.health_failures",
+    "mysql.start_timeout",
+    "mysql.stop_timeout",
+    "mysql.max_restarts",
+    "mysql.restart_window",
+];
+
+/// The dotted keys whose values differ between two configurations, as
+/// (key, old, new), in key order.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<(String, String, String)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &serde_json::to_value(old).unwrap_or_default(), &mut a);
+    flatten("", &serde_json::to_value(new).unwrap_or_default(), &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or("(unset)".into());
+            (k.clone(), show(&a), show(&b))
+        })
+        .collect()
+}
+
 /// Reads, merges and validates the configuration.
 pub fn load(sources: &Sources) -> Result<Config, Error> {
     let text = std::fs::read_to_string(&sources.file).map_err(|source| Error::Read {
@@ -1351,6 +1401,22 @@ socket = "/run/hadb/control.sock"
             err.starts_with("/etc/hadb/hadb.toml:13: key `volume.port`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn changed_keys_name_each_difference() {
+        let a = p(SEED, None).unwrap();
+        let b = p(
+            &(SEED.replace("mode = \"sync\"", "mode = \"async\"")
+                + "\n[manager]\nmaintenance = true\n"),
+            None,
+        )
+        .unwrap();
+        let keys: Vec<String> = changed_keys(&a, &b).into_iter().map(|(k, ..)| k).collect();
+        assert_eq!(keys, ["manager.maintenance", "volume.mode"]);
+        assert!(RELOADABLE.contains(&"manager.maintenance"));
+        assert!(!RELOADABLE.contains(&"volume.mode"));
+        assert!(changed_keys(&a, &a).is_empty());
     }
 
     #[test]

@@ -247,11 +247,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<config::Config, config::Error> {
-    config::load(&config::Sources {
+fn sources(cli: &Cli) -> config::Sources {
+    config::Sources {
         file: cli.config.clone(),
         cmdline: (cli.cmdline != "none").then(|| PathBuf::from(&cli.cmdline)),
-    })
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<config::Config, config::Error> {
+    config::load(&sources(cli))
 }
 
 fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -273,7 +277,7 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             // is not readable until /proc is mounted.
             run::process::init_as_pid1();
             let config = load_config(&cli)?;
-            run::daemon::run(config)?;
+            run::daemon::run(config, sources(&cli))?;
             Ok(())
         }
         Top::Status(s) => {

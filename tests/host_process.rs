@@ -164,3 +164,51 @@ fn hadb_runs_as_pid_1_and_mounts_a_missing_proc() {
     assert!(status.success(), "{status:?}\n{}", p.log(0));
     assert!(p.log(0).contains("mysqld: stopped"), "{}", p.log(0));
 }
+
+#[test]
+fn sighup_takes_what_can_change_and_names_what_cannot() {
+    let mut p = Pair::new("sighup", "sync", SIZE);
+    p.start(0);
+    let hup = |p: &Pair| {
+        let pid = p.procs[0].as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    assert_eq!(p.status(0).unwrap()["manager"]["maintenance"], true);
+    // A file with an error changes nothing, and hadb goes on.
+    std::fs::write(p.config(0), p.config_text(0, "sync") + "\n[volume2]\n").unwrap();
+    hup(&p);
+    wait_for("the refused reload", &p, 0, |l| {
+        l.contains("reload: the configuration has errors; nothing changed")
+    });
+    assert!(
+        p.procs[0].as_mut().unwrap().try_wait().unwrap().is_none(),
+        "hadb exited on a bad reload:\n{}",
+        p.log(0)
+    );
+    // Maintenance off is taken; a new volume mode waits for a restart.
+    let text = p
+        .config_text(0, "async")
+        .replace("maintenance = true", "maintenance = false");
+    std::fs::write(p.config(0), text).unwrap();
+    hup(&p);
+    wait_for("the reload", &p, 0, |l| {
+        l.contains("reload: manager.maintenance = false")
+    });
+    let log = p.log(0);
+    assert!(
+        log.contains("reload: volume.mode changed but cannot change while hadb runs"),
+        "{log}"
+    );
+    let s = p.status(0).unwrap();
+    assert_eq!(s["manager"]["maintenance"], false, "{s}");
+    assert_eq!(s["volume"]["mode"], "sync", "{s}");
+    wait_for("the manager acting", &p, 0, |l| {
+        l.contains("maintenance mode off: the manager acts again")
+    });
+}

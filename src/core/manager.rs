@@ -202,6 +202,11 @@ impl Manager {
         (self.standby || self.handing_over, self.asks_outdate)
     }
 
+    /// A reloaded configuration (SIGHUP).
+    pub fn set_fence_delay(&mut self, us: u64) {
+        self.cfg.fence_delay_us = us;
+    }
+
     /// `hadb standby on|off`.
     pub fn set_standby(&mut self, on: bool) {
         self.standby = on;

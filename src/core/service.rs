@@ -151,6 +151,11 @@ impl Supervisor {
         }
     }
 
+    /// A reloaded configuration: from the next decision on.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
     pub fn state(&self) -> &State {
         &self.state
     }

@@ -55,6 +55,10 @@ struct Daemon {
     manager: Arc<std::sync::Mutex<crate::core::manager::Manager>>,
     shared: Arc<crate::run::volume::Shared>,
     resources: crate::run::resources::Resources,
+    /// `manager.maintenance`, as reloaded.
+    maintenance: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the configuration came from, for SIGHUP.
+    sources: crate::config::Sources,
 }
 
 impl Daemon {
@@ -68,7 +72,7 @@ impl Daemon {
             )
             .collect();
         json!({
-            "maintenance": self.config.manager.maintenance,
+            "maintenance": self.maintenance.load(std::sync::atomic::Ordering::Relaxed),
             "reason": m.reason(),
             "transitions": history,
             "standby": m.standby(),
@@ -79,6 +83,61 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// SIGHUP: reads the configuration again and takes what can change at
+    /// run time; names every other change, which waits for a restart.
+    fn reload(&self) {
+        let new = match crate::config::load(&self.sources) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload: the configuration has errors; nothing changed:\n{e}");
+                return;
+            }
+        };
+        let changes = crate::config::changed_keys(&self.config, &new);
+        if changes.is_empty() {
+            log::info!("reload: the configuration is unchanged");
+            return;
+        }
+        let mut later = Vec::new();
+        for (key, old, value) in &changes {
+            if crate::config::RELOADABLE.contains(&key.as_str()) {
+                log::info!("reload: {key} = {value} (was {old})");
+            } else {
+                later.push(key.as_str());
+            }
+        }
+        self.maintenance.store(
+            new.manager.maintenance,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        crate::run::manager::lock(&self.manager)
+            .set_fence_delay(new.fencing.fence_delay.0.as_micros() as u64);
+        if let (Some(m), Some(running), Some(cfg)) =
+            (&self.resources.mysqld, &self.config.mysql, &new.mysql)
+        {
+            // The reloadable keys from the new file; the rest as running.
+            m.reconfigure(crate::config::MysqlConfig {
+                monitor_user: cfg.monitor_user.clone(),
+                monitor_password_file: cfg.monitor_password_file.clone(),
+                write_probe: cfg.write_probe.clone(),
+                health_interval: cfg.health_interval,
+                health_timeout: cfg.health_timeout,
+                health_failures: cfg.health_failures,
+                start_timeout: cfg.start_timeout,
+                stop_timeout: cfg.stop_timeout,
+                max_restarts: cfg.max_restarts,
+                restart_window: cfg.restart_window,
+                ..running.clone()
+            });
+        }
+        if !later.is_empty() {
+            log::warn!(
+                "reload: {} changed but cannot change while hadb runs; the running values stay until hadb restarts",
+                later.join(", ")
+            );
+        }
+    }
+
     async fn ask(&self, command: Command) -> Result<serde_json::Value, String> {
         crate::run::volume::ask(&self.events, command).await
     }
@@ -195,7 +254,7 @@ impl control::Handler for Daemon {
     }
 }
 
-pub fn run(config: Config) -> Result<(), Error> {
+pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error> {
     crate::run::process::become_subreaper();
     let key = peer::read_key(&config.key_file).map_err(Error::Key)?;
     if config.volume.nbd_device.is_some() {
@@ -252,6 +311,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         },
     )));
     let resources = crate::run::resources::Resources::new(&config);
+    let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(
+        config.manager.maintenance,
+    ));
     let daemon = Arc::new(Daemon {
         config: config.clone(),
         events: events.clone(),
@@ -259,10 +321,15 @@ pub fn run(config: Config) -> Result<(), Error> {
         manager: manager.clone(),
         shared: shared.clone(),
         resources: resources.clone(),
+        maintenance: maintenance.clone(),
+        sources,
     });
-    let signals =
-        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
-            .map_err(Error::Signals)?;
+    let signals = async_signal::Signals::new([
+        async_signal::Signal::Term,
+        async_signal::Signal::Int,
+        async_signal::Signal::Hup,
+    ])
+    .map_err(Error::Signals)?;
 
     crate::run::block_on(0, async move {
         let _volume = crate::run::spawn(volume.run());
@@ -272,20 +339,16 @@ pub fn run(config: Config) -> Result<(), Error> {
         } else {
             crate::run::spawn(peer::listen_loop(setup))
         };
-        let _manager = (!config.manager.maintenance).then(|| {
-            crate::run::spawn(crate::run::manager::run(
-                manager.clone(),
-                heartbeat.clone(),
-                shared.clone(),
-                events.clone(),
-                peer_name_s.clone(),
-                resources.clone(),
-                azure.clone(),
-            ))
-        });
-        if config.manager.maintenance {
-            log::warn!("manager: maintenance mode: watching only; roles change by hand");
-        }
+        let _manager = crate::run::spawn(crate::run::manager::run(
+            manager.clone(),
+            heartbeat.clone(),
+            shared.clone(),
+            events.clone(),
+            peer_name_s.clone(),
+            resources.clone(),
+            azure.clone(),
+            maintenance.clone(),
+        ));
         let _heartbeat = {
             let shared = shared.clone();
             let manager = manager.clone();
@@ -372,8 +435,13 @@ pub fn run(config: Config) -> Result<(), Error> {
         });
         use smol::stream::StreamExt;
         let mut signals = signals;
-        if let Some(Ok(sig)) = signals.next().await {
+        while let Some(Ok(sig)) = signals.next().await {
+            if sig == async_signal::Signal::Hup {
+                daemon.reload();
+                continue;
+            }
             log::info!("received {sig:?}: stopping");
+            break;
         }
         notifier.notify("STOPPING=1\nSTATUS=stopping: mysqld, the filesystem, then the volume");
         // The reverse of the start order: nothing may hold the volume's

@@ -41,9 +41,23 @@ pub async fn run(
     peer_name: String,
     resources: crate::run::resources::Resources,
     azure: Option<Arc<AzureFence>>,
+    maintenance: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    let mut was_maintenance = None;
     loop {
         smol::Timer::after(TICK).await;
+        let now_maintenance = maintenance.load(std::sync::atomic::Ordering::Relaxed);
+        if was_maintenance != Some(now_maintenance) {
+            if now_maintenance {
+                log::warn!("manager: maintenance mode: watching only; roles change by hand");
+            } else if was_maintenance.is_some() {
+                log::info!("manager: maintenance mode off: the manager acts again");
+            }
+            was_maintenance = Some(now_maintenance);
+        }
+        if now_maintenance {
+            continue;
+        }
         let failed = resources.mysqld.as_ref().is_some_and(|m| m.view().failed());
         let i = inputs(&hb, &shared, failed);
         let actions = lock(&manager).step(&i);

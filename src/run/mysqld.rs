@@ -23,6 +23,8 @@ enum Msg {
     /// Answered once nothing of mysqld runs.
     Stop(Sender<()>),
     Reset,
+    /// A reloaded configuration (SIGHUP).
+    Config(Box<MysqlConfig>),
     Spawned(Result<u32, String>),
     Exited(u32, String),
     Health(u32, Health),
@@ -52,6 +54,12 @@ impl Mysqld {
         if self.tx.send(Msg::Stop(tx)).await.is_ok() {
             let _ = rx.recv().await;
         }
+    }
+
+    /// Takes the reloadable settings of a reloaded configuration: the
+    /// health check and the restart policy.
+    pub fn reconfigure(&self, cfg: MysqlConfig) {
+        let _ = self.tx.try_send(Msg::Config(Box::new(cfg)));
     }
 
     /// The operator fixed what made mysqld fail here.
@@ -86,7 +94,7 @@ pub fn spawn(cfg: MysqlConfig) -> Arc<Mysqld> {
 }
 
 async fn run(
-    cfg: MysqlConfig,
+    mut cfg: MysqlConfig,
     mut sup: Supervisor,
     rx: Receiver<Msg>,
     tx: Sender<Msg>,
@@ -111,6 +119,11 @@ async fn run(
                 sup.stop(t)
             }
             Some(Msg::Reset) => sup.reset(t),
+            Some(Msg::Config(new)) => {
+                cfg = *new;
+                sup.set_policy(policy(&cfg));
+                Vec::new()
+            }
             Some(Msg::Spawned(Ok(pid))) => sup.spawned(pid, t),
             Some(Msg::Spawned(Err(e))) => sup.spawn_failed(&e, t),
             Some(Msg::Exited(pid, how)) => sup.exited(pid, &how, t),
