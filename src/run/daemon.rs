@@ -339,16 +339,16 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         } else {
             crate::run::spawn(peer::listen_loop(setup))
         };
-        let _manager = crate::run::spawn(crate::run::manager::run(
-            manager.clone(),
-            heartbeat.clone(),
-            shared.clone(),
-            events.clone(),
-            peer_name_s.clone(),
-            resources.clone(),
-            azure.clone(),
-            maintenance.clone(),
-        ));
+        let _manager = crate::run::spawn(crate::run::manager::run(crate::run::manager::Driver {
+            manager: manager.clone(),
+            hb: heartbeat.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            peer_name: peer_name_s.clone(),
+            resources: resources.clone(),
+            azure: azure.clone(),
+            maintenance: maintenance.clone(),
+        }));
         let _heartbeat = {
             let shared = shared.clone();
             let manager = manager.clone();

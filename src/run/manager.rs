@@ -33,16 +33,30 @@ pub fn inputs(hb: &Heartbeat, shared: &Shared, service_failed: bool) -> Inputs {
     }
 }
 
-pub async fn run(
-    manager: Arc<Mutex<Manager>>,
-    hb: Arc<Heartbeat>,
-    shared: Arc<Shared>,
-    events: Sender<Event>,
-    peer_name: String,
-    resources: crate::run::resources::Resources,
-    azure: Option<Arc<AzureFence>>,
-    maintenance: Arc<std::sync::atomic::AtomicBool>,
-) {
+/// What the manager's driver works with.
+pub struct Driver {
+    pub manager: Arc<Mutex<Manager>>,
+    pub hb: Arc<Heartbeat>,
+    pub shared: Arc<Shared>,
+    pub events: Sender<Event>,
+    pub peer_name: String,
+    pub resources: crate::run::resources::Resources,
+    pub azure: Option<Arc<AzureFence>>,
+    /// `manager.maintenance`, as reloaded: watch, never act.
+    pub maintenance: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub async fn run(d: Driver) {
+    let Driver {
+        manager,
+        hb,
+        shared,
+        events,
+        peer_name,
+        resources,
+        azure,
+        maintenance,
+    } = d;
     let mut was_maintenance = None;
     loop {
         smol::Timer::after(TICK).await;
