@@ -51,8 +51,40 @@ fn probe_is_200_only_on_the_primary_and_metrics_say_why() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("not the primary"), "{body}");
 
+    common::qemu_io(&p.uri(0), &["write -P 0x11 0 64k", "write -P 0x12 64k 64k"]);
     let (code, body) = get(ports[0], b"GET /metrics HTTP/1.1\r\n\r\n");
     assert_eq!(code, 200);
+    // Prometheus's own text-format parser (the Python client's) reads
+    // every family, and the histogram counts the two writes.
+    let metrics = p.dir.join("metrics.txt");
+    let text = body.split_once("\r\n\r\n").map_or(body.as_str(), |(_, b)| b);
+    std::fs::write(&metrics, text).unwrap();
+    let parsed = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sys\n\
+             from prometheus_client.parser import text_string_to_metric_families as f\n\
+             for fam in f(open(sys.argv[1]).read()):\n\
+             \x20   for s in fam.samples:\n\
+             \x20       print(fam.type, s.name, s.labels.get('le', ''), s.value)\n",
+        ])
+        .arg(&metrics)
+        .output()
+        .expect("run /usr/bin/python3 (apt-get install python3-prometheus-client)");
+    let out = String::from_utf8_lossy(&parsed.stdout).to_string();
+    assert!(
+        parsed.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{body}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    for sample in [
+        "histogram hadb_volume_write_latency_seconds_count  2.0",
+        "histogram hadb_volume_write_latency_seconds_bucket +Inf 2.0",
+        "counter hadb_promotions_total  1.0",
+        "counter hadb_fences_requested_total  0.0",
+    ] {
+        assert!(out.contains(sample), "no `{sample}` in:\n{out}");
+    }
     for line in [
         "hadb_volume_role{node=\"a\",role=\"primary\"} 1",
         "hadb_volume_link{node=\"a\",link=\"connected\"} 1",

@@ -143,6 +143,9 @@ pub enum Fence {
 
 pub struct Manager {
     cfg: Config,
+    /// Fences asked for and confirmed since hadb started, for /metrics.
+    pub fences_requested: u64,
+    pub fences_confirmed: u64,
     /// The peer has been heard since this node started (wait-for-all).
     heard_once: bool,
     /// The operator said to go on without ever hearing the peer.
@@ -171,6 +174,8 @@ impl Manager {
     pub fn new(cfg: Config) -> Manager {
         Manager {
             cfg,
+            fences_requested: 0,
+            fences_confirmed: 0,
             heard_once: false,
             forced: false,
             standby: false,
@@ -238,6 +243,7 @@ impl Manager {
         match self.fence {
             Fence::Pending { .. } => {
                 self.fence = Fence::Confirmed { at_us: now_us };
+                self.fences_confirmed += 1;
                 Ok(())
             }
             Fence::Confirmed { .. } => Ok(()),
@@ -286,6 +292,7 @@ impl Manager {
             Fence::Pending { .. } => false,
             Fence::None => {
                 self.fence = Fence::Pending { since_us: now };
+                self.fences_requested += 1;
                 out.push(Action::Log {
                     warn: true,
                     message: "manager: the peer is lost on every ring: fencing it before going on"

@@ -77,6 +77,8 @@ impl Daemon {
             "transitions": history,
             "standby": m.standby(),
             "fence": m.fence(),
+            "fences_requested": m.fences_requested,
+            "fences_confirmed": m.fences_confirmed,
             "fence_method": self.config.fencing.method,
         })
     }

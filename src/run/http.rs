@@ -352,11 +352,50 @@ pub fn metrics(status: &Value) -> String {
         "bad input refused, by kind",
         &bad,
     );
+    counter(
+        "hadb_promotions_total",
+        "times this node became primary since hadb started",
+        &[(String::new(), num(&v["promotions"]))],
+    );
+    let m = &status["manager"];
+    counter(
+        "hadb_fences_requested_total",
+        "fences of the peer asked for",
+        &[(String::new(), num(&m["fences_requested"]))],
+    );
+    counter(
+        "hadb_fences_confirmed_total",
+        "fences of the peer confirmed",
+        &[(String::new(), num(&m["fences_confirmed"]))],
+    );
     if mysqld.is_object() {
         counter(
             "hadb_mysqld_restarts_total",
             "mysqld restarts after a crash, a failed start or failed checks",
             &[(String::new(), num(&mysqld["restarts_total"]))],
+        );
+    }
+    if let Some(counts) = v["write_latency"]["counts"].as_array() {
+        let _ = writeln!(
+            out,
+            "# HELP hadb_volume_write_latency_seconds application write acknowledge latency\n# TYPE hadb_volume_write_latency_seconds histogram"
+        );
+        let mut total = 0.0;
+        for (i, c) in counts.iter().enumerate() {
+            total += num(c);
+            let le = match crate::run::stats::LATENCY_BOUNDS_US.get(i) {
+                Some(b) => format!("{}", *b as f64 / 1e6),
+                None => "+Inf".into(),
+            };
+            let _ = writeln!(
+                out,
+                "hadb_volume_write_latency_seconds_bucket{{node=\"{node}\",le=\"{le}\"}} {total}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "hadb_volume_write_latency_seconds_sum{{node=\"{node}\"}} {}\nhadb_volume_write_latency_seconds_count{{node=\"{node}\"}} {total}",
+            num(&v["write_latency"]["sum_us"]) / 1e6
         );
     }
     out

@@ -37,3 +37,59 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Upper bounds of the write-acknowledge latency buckets, in µs: from a
+/// page-cache write on one host to a peer that barely keeps up.
+pub const LATENCY_BOUNDS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    10_000_000,
+];
+
+/// Write-acknowledge latencies: from the request's arrival to its
+/// completion (local disk and, when replicating, the peer).
+#[derive(Default)]
+pub struct Latency {
+    /// One per bound, then one for everything slower.
+    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Latency {
+    pub fn record(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BOUNDS_US.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative), the last one unbounded.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "bounds_us": LATENCY_BOUNDS_US,
+            "counts": self.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+            "sum_us": self.sum_us.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_their_buckets() {
+        let l = Latency::default();
+        for us in [1, 50, 51, 999, 20_000_000] {
+            l.record(us);
+        }
+        let s = l.snapshot();
+        let counts: Vec<u64> = serde_json::from_value(s["counts"].clone()).unwrap();
+        assert_eq!(counts[0], 2, "{s}");
+        assert_eq!(counts[1], 1, "{s}");
+        assert_eq!(counts[4], 1, "{s}");
+        assert_eq!(counts[LATENCY_BOUNDS_US.len()], 1, "{s}");
+        assert_eq!(s["sum_us"], 1 + 50 + 51 + 999 + 20_000_000);
+    }
+}

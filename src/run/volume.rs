@@ -102,6 +102,10 @@ pub struct Shared {
     pub report: std::sync::Mutex<crate::core::heartbeat::NodeReport>,
     /// This node's volume as the manager sees it; kept current too.
     pub view: std::sync::Mutex<crate::core::manager::VolumeView>,
+    /// Write-acknowledge latencies, for /metrics.
+    pub write_latency: crate::run::stats::Latency,
+    /// Times this node became primary since hadb started.
+    pub promotions: std::sync::atomic::AtomicU64,
 }
 
 enum Job {
@@ -204,7 +208,9 @@ pub struct Volume {
     events: Receiver<Event>,
     link: Option<Link>,
     next_req: ReqId,
-    waiting: HashMap<ReqId, (Completions, u64)>,
+    /// Open application requests: where to answer, the NBD cookie, and
+    /// for writes when they arrived.
+    waiting: HashMap<ReqId, (Completions, u64, Option<Instant>)>,
     shared: Arc<Shared>,
     peer_name: String,
     mode: crate::config::Mode,
@@ -281,6 +287,8 @@ impl Volume {
             writable: AtomicBool::new(false),
             data_size: store.layout.data_size,
             stats: shared_stats,
+            write_latency: Default::default(),
+            promotions: Default::default(),
             report: std::sync::Mutex::new(Default::default()),
             view: std::sync::Mutex::new(crate::core::manager::VolumeView {
                 role: Role::Secondary,
@@ -432,7 +440,8 @@ impl Volume {
             Event::Request { req, reply, cookie } => {
                 let id = self.next_req;
                 self.next_req += 1;
-                self.waiting.insert(id, (reply, cookie));
+                let arrived = (!matches!(req, replica::Request::Flush)).then(Instant::now);
+                self.waiting.insert(id, (reply, cookie, arrived));
                 let actions = self.replica.request(id, req);
                 self.apply(actions);
             }
@@ -637,7 +646,12 @@ impl Volume {
                     }
                 }
                 Action::Complete { id, result } => {
-                    if let Some((reply, cookie)) = self.waiting.remove(&id) {
+                    if let Some((reply, cookie, arrived)) = self.waiting.remove(&id) {
+                        if let (Some(t), Ok(())) = (arrived, &result) {
+                            self.shared
+                                .write_latency
+                                .record(t.elapsed().as_micros() as u64);
+                        }
                         let _ = reply.try_send(crate::run::nbd::Reply {
                             cookie,
                             error: result.err().unwrap_or(0),
@@ -656,6 +670,9 @@ impl Volume {
                     }
                 }
                 Action::RoleChanged(role) => {
+                    if role == Role::Primary {
+                        self.shared.promotions.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.shared
                         .writable
                         .store(role == Role::Primary, Ordering::SeqCst);
@@ -730,6 +747,8 @@ impl Volume {
                 "extents_marked_at_start": marked,
             },
             "counters": r.counters,
+            "write_latency": self.shared.write_latency.snapshot(),
+            "promotions": self.shared.promotions.load(Ordering::Relaxed),
             "semisync": (self.mode == crate::config::Mode::Semisync).then(|| json!({
                 "status": if r.semisync_on() { "ON" } else { "OFF" },
                 "yes_tx": r.semisync.waited,
