@@ -555,6 +555,41 @@ fn default_fstype() -> String {
     "ext4".into()
 }
 
+/// Self-fencing: a hung hadb reboots its node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// Open (arm) the watchdog device and pet it while hadb is healthy.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_watchdog_device")]
+    pub device: PathBuf,
+    /// A hung hadb reboots the node this long after its last pet.
+    #[serde(default = "default_watchdog_timeout")]
+    pub timeout: HumanDuration,
+    /// Load softdog when the device is missing (no hardware watchdog).
+    #[serde(default = "yes")]
+    pub load_softdog: bool,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            enabled: false,
+            device: default_watchdog_device(),
+            timeout: default_watchdog_timeout(),
+            load_softdog: true,
+        }
+    }
+}
+
+fn default_watchdog_device() -> PathBuf {
+    PathBuf::from("/dev/watchdog")
+}
+fn default_watchdog_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
@@ -604,6 +639,8 @@ pub struct Config {
     pub fencing: FencingConfig,
     #[serde(default)]
     pub manager: ManagerConfig,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
     /// Present: the primary mounts the volume at `mysql.datadir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql: Option<MysqlConfig>,
@@ -989,6 +1026,14 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
         bad(
             "volume.al_extents",
             format!("expected 7 to {al_max} extents of 4 MiB"),
+        );
+    }
+    if config.watchdog.timeout.0 < Duration::from_secs(2)
+        || config.watchdog.timeout.0 > Duration::from_secs(3600)
+    {
+        bad(
+            "watchdog.timeout",
+            "expected 2s to 1h; the watchdog counts whole seconds, and hadb pets it four times per timeout".into(),
         );
     }
     if let Some(m) = &config.mysql {

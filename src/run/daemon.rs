@@ -59,6 +59,7 @@ struct Daemon {
     maintenance: Arc<std::sync::atomic::AtomicBool>,
     /// Where the configuration came from, for SIGHUP.
     sources: crate::config::Sources,
+    watchdog: Option<Arc<crate::run::watchdog::Armed>>,
 }
 
 impl Daemon {
@@ -158,6 +159,7 @@ impl control::Handler for Daemon {
                     "manager": self.manager_status(),
                     "volume": volume,
                     "mysqld": self.resources.mysqld.as_ref().map(|m| m.view()),
+                    "watchdog": self.watchdog.as_ref().map(|w| json!({"armed": true, "timeout_ms": w.timeout.as_millis() as u64})),
                     "nbd_device": self.config.volume.nbd_device,
                     "nbd_socket": self.config.volume.nbd_socket,
                 }))
@@ -312,6 +314,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             retry_us: 1_000_000,
         },
     )));
+    let watchdog = crate::run::watchdog::arm(&config.watchdog).map(Arc::new);
     let resources = crate::run::resources::Resources::new(&config);
     let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(
         config.manager.maintenance,
@@ -325,6 +328,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         resources: resources.clone(),
         maintenance: maintenance.clone(),
         sources,
+        watchdog: watchdog.clone(),
     });
     let signals = async_signal::Signals::new([
         async_signal::Signal::Term,
@@ -356,9 +360,16 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             let manager = manager.clone();
             let interval = config.heartbeat.interval.0;
             let mysqld = resources.mysqld.clone();
+            let watchdog_ms = watchdog
+                .as_ref()
+                .map_or(0, |w| w.timeout.as_millis() as u32);
             crate::run::spawn(async move {
                 let report = || {
                     let mut r = *shared.report.lock().unwrap_or_else(|e| e.into_inner());
+                    r.watchdog_timeout_ms = watchdog_ms;
+                    if watchdog_ms > 0 {
+                        r.flags |= crate::core::heartbeat::FLAG_WATCHDOG;
+                    }
                     r.service = match mysqld.as_ref().map(|m| m.view()) {
                         Some(v) if v.failed() => crate::core::heartbeat::SERVICE_FAILED,
                         Some(v) if v.healthy() => crate::core::heartbeat::SERVICE_HEALTHY,
@@ -430,6 +441,9 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                 }
             })
         });
+        let _watchdog = watchdog
+            .clone()
+            .map(|w| crate::run::spawn(pet_watchdog(w, daemon.clone())));
         let notifier = Arc::new(crate::run::systemd::Notifier::from_env());
         let _systemd = notifier.enabled().then(|| {
             notifier.notify("READY=1\nSTATUS=running");
@@ -467,10 +481,33 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         if !matches!(stopped, Some(Ok(_))) {
             log::warn!("volume: no clean stop; the next start treats this one as a crash");
         }
+        if let Some(w) = &watchdog {
+            w.disarm();
+        }
         let _ = std::fs::remove_file(&config.control.socket);
         let _ = std::fs::remove_file(&config.volume.nbd_socket);
     });
     Ok(())
+}
+
+/// Pets the watchdog while the volume task answers: a hung volume task
+/// (or a hung hadb) stops the pets and the kernel reboots the node.
+async fn pet_watchdog(w: Arc<crate::run::watchdog::Armed>, daemon: Arc<Daemon>) {
+    use smol::future::FutureExt;
+    loop {
+        smol::Timer::after(w.interval()).await;
+        let answer = async { Some(daemon.ask(Command::Status).await) }
+            .or(async {
+                smol::Timer::after(w.interval()).await;
+                None
+            })
+            .await;
+        if matches!(answer, Some(Ok(_))) {
+            w.pet();
+        } else {
+            log::warn!("watchdog: the volume task does not answer; not petting the watchdog");
+        }
+    }
 }
 
 /// Keeps systemd's STATUS= current and pings its watchdog, but only while

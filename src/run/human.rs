@@ -123,6 +123,11 @@ pub fn status(st: &Value) -> String {
             }
         );
     }
+    match st["watchdog"]["timeout_ms"].as_u64() {
+        Some(ms) => out += &format!("watchdog: armed, {} s\n", ms / 1000),
+        None if st.get("watchdog").is_some() => out += "watchdog: off\n",
+        None => {}
+    }
     let peer = &v["peer"];
     if peer.is_null() {
         out += &format!("peer {}: not connected\n", s(&v["peer_name"]));

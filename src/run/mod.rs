@@ -20,6 +20,7 @@ pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod volume;
+pub mod watchdog;
 
 use std::future::Future;
 use std::sync::LazyLock;

@@ -2,3 +2,4 @@ pub mod alloc;
 pub mod cred;
 pub mod memory;
 pub mod nbd_kernel;
+pub mod watchdog;

@@ -713,6 +713,15 @@ impl Vm {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Whether qemu has exited (a power-off, or a reboot under
+    /// `-no-reboot`).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => true,
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+        }
+    }
+
     fn check_alive(&mut self, what: &str) -> Result<(), VmError> {
         let status = match self.child.as_mut() {
             None => None,
