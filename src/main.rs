@@ -151,6 +151,8 @@ enum VolumeSub {
     DiscardMyData(DiscardMyDataCmd),
     Verify(VerifyCmd),
     Mkfs(MkfsCmd),
+    Down(DownCmd),
+    Up(UpCmd),
 }
 
 /// make a filesystem ([mysql] fstype) on the primary's volume and mount it
@@ -210,6 +212,17 @@ struct PrimaryCmd {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "secondary")]
 struct SecondaryCmd {}
+
+/// take this secondary's volume down (its replication link drops); hadb
+/// brings it back up within seconds, as the volume stays up on every node
+#[derive(FromArgs)]
+#[argh(subcommand, name = "down")]
+struct DownCmd {}
+
+/// bring a volume taken down with `hadb volume down` back up now
+#[derive(FromArgs)]
+#[argh(subcommand, name = "up")]
+struct UpCmd {}
 
 /// let a primary whose peer is away go on writing alone
 #[derive(FromArgs)]
@@ -463,6 +476,16 @@ fn volume_command(
         VolumeSub::GoAlone(_) => {
             run::control::call(socket, json!({"command": "volume.go-alone"}))?;
             println!("going on without the peer");
+            Ok(())
+        }
+        VolumeSub::Down(_) => {
+            run::control::call(socket, json!({"command": "volume.down"}))?;
+            println!("volume down; hadb brings it back up within seconds");
+            Ok(())
+        }
+        VolumeSub::Up(_) => {
+            run::control::call(socket, json!({"command": "volume.up"}))?;
+            println!("volume up");
             Ok(())
         }
     }

@@ -56,7 +56,7 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
         },
         [
             "volume",
-            sub @ ("secondary" | "go-alone" | "verify" | "discard-my-data"),
+            sub @ ("secondary" | "go-alone" | "verify" | "discard-my-data" | "down" | "up"),
         ] => req(&format!("volume.{sub}")),
         _ => return Err(format!("unknown command `{line}`; `help` lists them")),
     }))

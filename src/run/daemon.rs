@@ -249,10 +249,12 @@ impl control::Handler for Daemon {
                 self.ask(Command::Secondary).await
             }
             "volume.go-alone" => self.ask(Command::GoAlone).await,
+            "volume.down" => self.ask(Command::Down).await,
+            "volume.up" => self.ask(Command::Up { by_watchdog: false }).await,
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.reset, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.reset, log"
             )),
         }
     }
@@ -441,6 +443,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                 }
             })
         });
+        let _keep_up = crate::run::spawn(keep_volume_up(daemon.clone()));
         let _watchdog = watchdog
             .clone()
             .map(|w| crate::run::spawn(pet_watchdog(w, daemon.clone())));
@@ -488,6 +491,24 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         let _ = std::fs::remove_file(&config.volume.nbd_socket);
     });
     Ok(())
+}
+
+/// The "drbdadm up on every node" rule: a volume taken down on a node
+/// (`hadb volume down`) comes back up by itself within seconds, in every
+/// role, so a standby keeps receiving every write.
+async fn keep_volume_up(daemon: Arc<Daemon>) {
+    const GRACE_S: u64 = 3;
+    loop {
+        smol::Timer::after(Duration::from_secs(1)).await;
+        let Ok(v) = daemon.ask(Command::Status).await else {
+            continue;
+        };
+        if v["down_seconds"].as_u64().is_some_and(|s| s >= GRACE_S)
+            && let Err(e) = daemon.ask(Command::Up { by_watchdog: true }).await
+        {
+            log::error!("watchdog: cannot bring the volume back up: {e}");
+        }
+    }
 }
 
 /// Pets the watchdog while the volume task answers: a hung volume task

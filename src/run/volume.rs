@@ -65,6 +65,14 @@ pub enum Command {
     PeerProvenOutdated(String, bool),
     /// The manager, on the primary's word over the heartbeat.
     OutdateSelf,
+    /// `hadb volume down` (on a secondary): the replication link goes and
+    /// stays down until `Up`.
+    Down,
+    /// The volume comes back up; `by_watchdog` when hadb's own
+    /// enforcement did it.
+    Up {
+        by_watchdog: bool,
+    },
 }
 
 /// Sends a command to the volume task and waits for its answer.
@@ -219,6 +227,10 @@ pub struct Volume {
     /// or close NBD service.
     role_tx: Sender<Role>,
     last_link_event: Option<String>,
+    /// Since when `hadb volume down` holds the link down.
+    down_since: Option<Instant>,
+    /// Times hadb brought a downed volume back up by itself.
+    restored: u64,
     /// An operator's promotion waiting for the peer's consent.
     promote_waiter: Option<Sender<Result<serde_json::Value, String>>>,
     /// A metadata write failed: no more inline I/O.
@@ -326,6 +338,8 @@ impl Volume {
                 started: Instant::now(),
                 role_tx,
                 last_link_event: None,
+                down_since: None,
+                restored: 0,
                 promote_waiter: None,
                 meta_broken: false,
                 stopping: None,
@@ -458,6 +472,12 @@ impl Volume {
                 let actions = self.replica.disk_done(tag, result);
                 self.apply(actions);
             }
+            Event::LinkUp(link) if self.down_since.is_some() => {
+                log::info!(
+                    "volume: refused a link from {}: the volume is down (`hadb volume down`)",
+                    link.peer
+                );
+            }
             Event::LinkUp(link) => {
                 if self.link.is_some() {
                     log::info!("volume: a new link to {} replaces the old one", link.peer);
@@ -561,6 +581,37 @@ impl Volume {
                 Ok(json!({"alone": self.replica.alone()}))
             }
             Command::Stop => Err("stop is handled by the event loop".into()),
+            Command::Down => {
+                if self.replica.role() == Role::Primary {
+                    return Err("the primary's volume holds the filesystem and takes the writes; make this node secondary first (`hadb standby on` or `hadb switchover`)".into());
+                }
+                if self.down_since.is_none() {
+                    self.down_since = Some(Instant::now());
+                    log::warn!(
+                        "volume: down on the operator's word; hadb brings it back up within seconds (the volume stays up on every node)"
+                    );
+                    if let Some(link) = self.link.take() {
+                        log::info!("volume: dropping the link to {}", link.peer);
+                        let actions = self.replica.link_lost();
+                        self.apply(actions);
+                    }
+                }
+                Ok(json!({"down": true}))
+            }
+            Command::Up { by_watchdog } => {
+                if let Some(since) = self.down_since.take() {
+                    if by_watchdog {
+                        self.restored += 1;
+                        log::warn!(
+                            "watchdog: the volume was down for {} s; brought it back up",
+                            since.elapsed().as_secs()
+                        );
+                    } else {
+                        log::info!("volume: up again on the operator's word");
+                    }
+                }
+                Ok(json!({"down": false}))
+            }
             Command::PeerProvenOutdated(why, on_disk) => {
                 let actions = self.replica.peer_proven_outdated(&why, on_disk);
                 self.apply(actions);
@@ -726,6 +777,8 @@ impl Volume {
             "current_gen": format!("{current_gen:016x}"),
             "bitmap_gen": format!("{bitmap_gen:016x}"),
             "last_link_event": self.last_link_event,
+            "down_seconds": self.down_since.map(|t| t.elapsed().as_secs()),
+            "restored_by_watchdog": self.restored,
             "last_connect_rule": r.last_rule(),
             "verify": r.verify_progress().map(|(checked, total, differing)| json!({
                 "checked_blocks": checked, "total_blocks": total, "differing_blocks": differing,
