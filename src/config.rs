@@ -452,6 +452,11 @@ pub struct MysqlConfig {
     /// mysqld's command line; `{datadir}` and `{socket}` are replaced.
     #[serde(default = "default_mysqld_command")]
     pub command: Vec<String>,
+    /// What `hadb mysql init` runs on an empty datadir; none: the
+    /// installed server's own (`mariadb-install-db`, else `mysqld
+    /// --initialize-insecure`). `{datadir}` and `{user}` are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_command: Option<Vec<String>>,
     /// The account mysqld runs as (hadb drops to it before exec).
     #[serde(default = "default_mysql_user")]
     pub user: String,
@@ -491,6 +496,33 @@ pub struct MysqlConfig {
 }
 
 impl MysqlConfig {
+    /// `hadb mysql init`'s command line, placeholders filled in.
+    pub fn init_command_line(&self) -> Vec<String> {
+        let default = if Path::new("/usr/bin/mariadb-install-db").exists() {
+            vec![
+                "/usr/bin/mariadb-install-db".to_owned(),
+                "--datadir={datadir}".into(),
+                "--user={user}".into(),
+            ]
+        } else {
+            vec![
+                "/usr/sbin/mysqld".to_owned(),
+                "--initialize-insecure".into(),
+                "--datadir={datadir}".into(),
+                "--user={user}".into(),
+            ]
+        };
+        self.init_command
+            .clone()
+            .unwrap_or(default)
+            .iter()
+            .map(|a| {
+                a.replace("{datadir}", &self.datadir.to_string_lossy())
+                    .replace("{user}", &self.user)
+            })
+            .collect()
+    }
+
     /// The command line with the placeholders filled in.
     pub fn command_line(&self) -> Vec<String> {
         self.command

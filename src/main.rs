@@ -99,7 +99,14 @@ struct MysqlCmd {
 #[argh(subcommand)]
 enum MysqlSub {
     Reset(MysqlResetCmd),
+    Init(MysqlInitCmd),
 }
+
+/// make the database in the primary's empty datadir (mariadb-install-db,
+/// or mysqld --initialize-insecure), then start mysqld
+#[derive(FromArgs)]
+#[argh(subcommand, name = "init")]
+struct MysqlInitCmd {}
 
 /// mysqld failed on this node (restarted too often); its cause is fixed:
 /// forget the failures, start it again if this node is primary, and let
@@ -350,6 +357,15 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let config = load_config(&cli)?;
             run::control::call(&config.control.socket, json!({"command": "mysql.reset"}))?;
             println!("mysqld failures reset");
+            Ok(())
+        }
+        Top::Mysql(MysqlCmd {
+            command: MysqlSub::Init(_),
+        }) => {
+            let config = load_config(&cli)?;
+            let r = run::control::call(&config.control.socket, json!({"command": "mysql.init"}))?;
+            print!("{}", r["output"].as_str().unwrap_or(""));
+            println!("database made; mysqld starts");
             Ok(())
         }
         Top::Switchover(_) => {

@@ -320,3 +320,77 @@ socket = "{d}/{me}.ctl"
     assert_eq!(a["volume"]["role"], "secondary", "{a}");
     assert_eq!(p.status(1).unwrap()["volume"]["role"], "primary");
 }
+
+#[test]
+fn an_empty_datadir_waits_for_mysql_init_and_then_runs() {
+    // A data directory made like a fresh volume's: empty but lost+found.
+    let m = Mariadb::install("hadbinit");
+    let _reaper = Reaper(vec![m.dir.clone()]);
+    std::fs::remove_dir_all(&m.datadir).unwrap();
+    std::fs::create_dir_all(m.datadir.join("lost+found")).unwrap();
+    let mut p = Pair::new("mysqlinit", "sync", SIZE);
+    let install = mariadb::tool("mariadb-install-db").display().to_string();
+    let section = mysql_section(&m, &p.dir, "a")
+        // Time enough to create the monitor account after the start.
+        .replace("health_failures = 2", "health_failures = 30")
+        + &format!(
+            "init_command = [{install:?}, \"--no-defaults\", \"--datadir={{datadir}}\", \"--user={{user}}\", \"--auth-root-authentication-method=normal\", \"--skip-test-db\"]\n"
+        );
+    let text = p.config_text(0, "sync") + &section;
+    std::fs::write(p.config(0), text).unwrap();
+    p.start(0);
+    p.start(1);
+    p.wait(0, "peer connected", |s| {
+        s.is_some_and(|s| !s["volume"]["peer"].is_null())
+    });
+    // Not initialised: a state of its own, not a failure to count.
+    let early = p.hadb(0, &["mysql", "init"]);
+    assert!(!early.status.success(), "init on a secondary");
+    p.primary(0);
+    let s = wait_long(&p, 0, "mysqld waiting for init", |s| {
+        mysqld(s)["state"] == "uninitialised"
+    });
+    assert_eq!(mysqld(&s)["restarts"], 0, "{s}");
+    assert!(
+        mysqld(&s)["health"]
+            .as_str()
+            .unwrap()
+            .contains("hadb mysql init"),
+        "{s}"
+    );
+    let out = p.hadb(0, &["mysql", "init"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!m.datadir.join("lost+found").exists());
+    // mysqld starts on the new database; the operator adds the monitor.
+    wait_long(&p, 0, "mysqld started", |s| {
+        mysqld(s)["state"] == "starting" || mysqld(s)["state"] == "unhealthy"
+    });
+    let start = Instant::now();
+    loop {
+        let out = m.sql(&format!(
+            "CREATE USER '{}'@'localhost' IDENTIFIED BY '{}'; CREATE DATABASE hadb; CREATE TABLE hadb.probe (id INT PRIMARY KEY, at DATETIME NOT NULL); GRANT INSERT, DELETE ON hadb.probe TO '{}'@'localhost';",
+            mariadb::MONITOR_USER,
+            mariadb::MONITOR_PASSWORD,
+            mariadb::MONITOR_USER
+        ));
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "cannot create the monitor: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    healthy_pid(&p, 0, "mysqld healthy on the new database");
+    // A second init refuses: the datadir holds a database now.
+    let again = p.hadb(0, &["mysql", "init"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a database"));
+}

@@ -60,6 +60,9 @@ pub enum State {
     /// Failed too often here: left down until the operator resets it. The
     /// manager hands the primary role to the peer.
     Failed { why: String },
+    /// Wanted, but the datadir holds no database yet: not a failure, it
+    /// waits for `hadb mysql init`.
+    Uninitialised,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +172,7 @@ impl Supervisor {
             State::Running { pid, .. } => ("unhealthy", Some(*pid)),
             State::Stopping { pid, .. } => ("stopping", Some(*pid)),
             State::Failed { .. } => ("failed", None),
+            State::Uninitialised => ("uninitialised", None),
         };
         let state = if self.failed_after_stop.is_some() {
             "failed"
@@ -214,6 +218,10 @@ impl Supervisor {
         let mut out = Vec::new();
         match self.state.clone() {
             State::Stopped | State::Failed { .. } => out.push(Action::Stopped),
+            State::Uninitialised => {
+                self.state = State::Stopped;
+                out.push(Action::Stopped);
+            }
             State::Waiting { .. } => {
                 self.state = State::Stopped;
                 out.push(Action::Stopped);
@@ -276,6 +284,28 @@ impl Supervisor {
             warn: false,
             message: format!("mysqld: started (pid {pid}); waiting for it to answer"),
         }]
+    }
+
+    /// The datadir holds no database: wait for `hadb mysql init` rather
+    /// than count failures that a restart cannot fix.
+    pub fn uninitialised(&mut self, why: &str) -> Vec<Action> {
+        self.state = State::Uninitialised;
+        self.health = why.to_owned();
+        vec![Action::Log {
+            warn: true,
+            message: format!("mysqld: not started: {why}"),
+        }]
+    }
+
+    /// `hadb mysql init` made the database: start it if wanted.
+    pub fn initialised(&mut self, now_us: u64) -> Vec<Action> {
+        if self.state == State::Uninitialised {
+            self.state = State::Stopped;
+            if self.wanted {
+                return self.start(now_us);
+            }
+        }
+        Vec::new()
     }
 
     pub fn spawn_failed(&mut self, error: &str, now_us: u64) -> Vec<Action> {
@@ -696,6 +726,23 @@ mod tests {
         assert!(has(&out, &Action::Signal(10, Signal::Term)), "{out:?}");
         s.exited(10, "exit status 0", 62 * S);
         assert!(has(&s.tick(63 * S), &Action::Spawn));
+    }
+
+    #[test]
+    fn an_uninitialised_datadir_waits_for_init_without_counting_failures() {
+        let mut s = Supervisor::new(policy());
+        assert!(has(&s.start(0), &Action::Spawn));
+        s.uninitialised("no database in /var/lib/mysql");
+        assert_eq!(s.view().state, "uninitialised");
+        assert!(!has(&s.tick(100 * S), &Action::Spawn));
+        assert_eq!(s.view().restarts, 0);
+        assert!(has(&s.initialised(101 * S), &Action::Spawn));
+        // Stepping down while uninitialised needs no process to stop.
+        let mut s2 = Supervisor::new(policy());
+        s2.start(0);
+        s2.uninitialised("x");
+        assert!(has(&s2.stop(S), &Action::Stopped));
+        assert_eq!(s2.view().state, "stopped");
     }
 
     #[test]

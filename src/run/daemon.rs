@@ -210,6 +210,21 @@ impl control::Handler for Daemon {
             "volume.secondary" if self.config.mysql.is_some() => {
                 self.resources.demote(&self.events).await
             }
+            "mysql.init" => {
+                let m = self
+                    .resources
+                    .mysqld
+                    .as_ref()
+                    .ok_or("hadb does not supervise mysqld here ([mysql] supervise is off)")?;
+                let v = self.ask(Command::Status).await?;
+                if v["role"] != "primary" {
+                    return Err(
+                        "mysql init runs on the primary, where the datadir is mounted".into(),
+                    );
+                }
+                let out = m.init().await?;
+                Ok(json!({"mysql_init": "done", "output": out}))
+            }
             "mysql.reset" => {
                 let m = self
                     .resources
@@ -254,7 +269,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.reset, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.init, mysql.reset, log"
             )),
         }
     }

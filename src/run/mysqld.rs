@@ -25,6 +25,9 @@ enum Msg {
     Reset,
     /// A reloaded configuration (SIGHUP).
     Config(Box<MysqlConfig>),
+    /// `hadb mysql init`, and its end.
+    Init(Sender<Result<String, String>>),
+    InitDone(Result<String, String>, Sender<Result<String, String>>),
     Spawned(Result<u32, String>),
     Exited(u32, String),
     Health(u32, Health),
@@ -60,6 +63,19 @@ impl Mysqld {
     /// health check and the restart policy.
     pub fn reconfigure(&self, cfg: MysqlConfig) {
         let _ = self.tx.try_send(Msg::Config(Box::new(cfg)));
+    }
+
+    /// `hadb mysql init`: makes the database in an empty datadir, then
+    /// starts mysqld.
+    pub async fn init(&self) -> Result<String, String> {
+        let (tx, rx) = smol::channel::bounded(1);
+        self.tx
+            .send(Msg::Init(tx))
+            .await
+            .map_err(|_| "the mysqld task has stopped".to_string())?;
+        rx.recv()
+            .await
+            .map_err(|_| "the mysqld task has stopped".to_string())?
     }
 
     /// The operator fixed what made mysqld fail here.
@@ -119,6 +135,38 @@ async fn run(
                 sup.stop(t)
             }
             Some(Msg::Reset) => sup.reset(t),
+            Some(Msg::Init(reply)) => {
+                match initialised(&cfg.datadir) {
+                    Ok(true) => {
+                        let _ = reply.try_send(Err(format!(
+                            "{} already holds a database; nothing to do",
+                            cfg.datadir.display()
+                        )));
+                    }
+                    Err(e) => {
+                        let _ = reply.try_send(Err(e));
+                    }
+                    Ok(false) => {
+                        let (cfg, tx) = (cfg.clone(), tx.clone());
+                        crate::run::spawn(async move {
+                            let r = smol::unblock(move || init_database(&cfg)).await;
+                            let _ = tx.send(Msg::InitDone(r, reply)).await;
+                        })
+                        .detach();
+                    }
+                }
+                Vec::new()
+            }
+            Some(Msg::InitDone(r, reply)) => {
+                let ok = r.is_ok();
+                let _ = reply.try_send(r);
+                if ok {
+                    log::info!("mysqld: the database is made in {}", cfg.datadir.display());
+                    sup.initialised(t)
+                } else {
+                    Vec::new()
+                }
+            }
             Some(Msg::Config(new)) => {
                 cfg = *new;
                 sup.set_policy(policy(&cfg));
@@ -132,10 +180,23 @@ async fn run(
         };
         for a in actions {
             match a {
-                Action::Spawn => {
-                    let r = start_mysqld(&cfg, &tx);
-                    let _ = tx.send(Msg::Spawned(r)).await;
-                }
+                Action::Spawn => match initialised(&cfg.datadir) {
+                    Ok(false) => {
+                        let why = format!(
+                            "{} holds no database yet; `hadb mysql init` on the primary makes one",
+                            cfg.datadir.display()
+                        );
+                        for a in sup.uninitialised(&why) {
+                            if let Action::Log { message, .. } = a {
+                                log::warn!("{message}");
+                            }
+                        }
+                    }
+                    _ => {
+                        let r = start_mysqld(&cfg, &tx);
+                        let _ = tx.send(Msg::Spawned(r)).await;
+                    }
+                },
                 Action::Signal(pid, s) => signal(pid, s),
                 Action::Check(pid) => {
                     let check = health_check(&cfg);
@@ -320,6 +381,72 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
         })
         .map_err(|e| format!("cannot start the thread that waits for mysqld: {e}"))?;
     Ok(pid)
+}
+
+/// Whether the datadir holds a database (its `mysql` system schema).
+fn initialised(datadir: &Path) -> Result<bool, String> {
+    match std::fs::metadata(datadir.join("mysql")) {
+        Ok(m) => Ok(m.is_dir()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if datadir.is_dir() {
+                Ok(false)
+            } else {
+                Err(format!(
+                    "{} does not exist or is not a directory (is the volume mounted?)",
+                    datadir.display()
+                ))
+            }
+        }
+        Err(e) => Err(format!("cannot look into {}: {e}", datadir.display())),
+    }
+}
+
+/// Runs the configured (or the installed server's) initialisation on an
+/// empty datadir.
+fn init_database(cfg: &MysqlConfig) -> Result<String, String> {
+    let (uid, gid) = lookup_user(&cfg.user)?;
+    // ext4's lost+found makes MySQL 8's --initialize refuse the directory;
+    // e2fsck makes a new one when it needs it.
+    let lost = cfg.datadir.join("lost+found");
+    if lost.is_dir() && std::fs::remove_dir(&lost).is_ok() {
+        log::info!("mysqld: removed the empty {}", lost.display());
+    }
+    let extra: Vec<_> = std::fs::read_dir(&cfg.datadir)
+        .map_err(|e| format!("cannot read {}: {e}", cfg.datadir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !extra.is_empty() {
+        return Err(format!(
+            "{} is not empty ({}); hadb initialises only an empty datadir",
+            cfg.datadir.display(),
+            extra.join(", ")
+        ));
+    }
+    prepare_dir(&cfg.datadir, uid, gid)?;
+    let args = cfg.init_command_line();
+    let (program, rest) = args.split_first().ok_or("mysql.init_command is empty")?;
+    log::info!("mysqld: initialising the database: {}", args.join(" "));
+    let out = crate::run::process::output(
+        Command::new(program)
+            .args(rest)
+            .current_dir(&cfg.datadir)
+            .stdin(Stdio::null()),
+    )
+    .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(format!(
+            "{program} failed ({}):\n{}",
+            out.status,
+            text.trim()
+        ));
+    }
+    Ok(text)
 }
 
 fn prepare_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
