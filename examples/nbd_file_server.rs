@@ -59,6 +59,10 @@ struct Args {
     /// print what NBD_CMD_STATUS says about the device and exit
     #[argh(switch)]
     status: bool,
+    /// once this file exists, read requests but answer none (logging each
+    /// one): a server that dies holding unanswered requests
+    #[argh(option)]
+    hold_when: Option<PathBuf>,
 }
 
 /// The backend identifier this tool gives its devices; a reattach must
@@ -151,13 +155,20 @@ fn run(args: Args) -> Result<(), String> {
     ));
     println!("serving /dev/nbd{index}");
     let _ = io::stdout().flush();
-    let served = serve(&mut file, size, sock).map_err(|e| format!("serving: {e}"))?;
+    let served = serve(&mut file, size, sock, args.hold_when.as_deref())
+        .map_err(|e| format!("serving: {e}"))?;
     log(&format!("connection ended after {served} requests"));
     Ok(())
 }
 
 /// Answers the kernel's requests until it disconnects; returns how many.
-fn serve(file: &mut File, size: u64, sock: UnixStream) -> io::Result<u64> {
+/// Once `hold_when` exists, requests are read and logged but not answered.
+fn serve(
+    file: &mut File,
+    size: u64,
+    sock: UnixStream,
+    hold_when: Option<&Path>,
+) -> io::Result<u64> {
     let mut input = io::BufReader::new(sock.try_clone()?);
     let mut output = sock;
     let mut buf = Vec::new();
@@ -181,6 +192,19 @@ fn serve(file: &mut File, size: u64, sock: UnixStream) -> io::Result<u64> {
             ));
         }
         served += 1;
+        if hold_when.is_some_and(Path::exists) {
+            if req.command == proto::CMD_WRITE {
+                io::copy(
+                    &mut (&mut input).take(u64::from(req.length)),
+                    &mut io::sink(),
+                )?;
+            }
+            log(&format!(
+                "holding request: command {} offset {} length {}",
+                req.command, req.offset, req.length
+            ));
+            continue;
+        }
         let error = match proto::validate(&req, size, true) {
             Err(refusal) => {
                 io::copy(&mut (&mut input).take(refusal.drain), &mut io::sink())?;
