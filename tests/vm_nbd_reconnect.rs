@@ -264,6 +264,12 @@ fn the_device_survives_a_killed_server() {
         .expect("run a third server");
     assert_ne!(rc, 0, "a second reattach was accepted: {out}");
     assert!(out.contains("still has a live connection"), "{out}");
+    // Nor connect it afresh.
+    let (out, rc) = vm
+        .run(&format!("{SERVER} /dev/vdb --index 0 2>&1"))
+        .expect("run a connecting server");
+    assert_ne!(rc, 0, "a second connect was accepted: {out}");
+    assert!(out.contains("/dev/nbd0 is in use"), "{out}");
 
     // Let the writer go on well past the resend of the requests that were in
     // flight at the kill (one io_timeout after the reconnect).
@@ -370,6 +376,12 @@ fn the_device_survives_a_killed_server() {
         |out, _| out.contains("connection ended"),
     )
     .unwrap_or_else(|e| panic!("server2 did not see the disconnect: {e}"));
+    // A disconnected device is no longer there to reattach.
+    let (out, rc) = vm
+        .run(&format!("{SERVER} /dev/vdb --index 0 --reattach 2>&1"))
+        .expect("run a late server");
+    assert_ne!(rc, 0, "reattached a disconnected device: {out}");
+    assert!(out.contains("not connected over netlink"), "{out}");
     eprintln!("vm_nbd_reconnect: survived in {:.1?}", started.elapsed());
 }
 
