@@ -44,9 +44,10 @@
 //!   requests that were in flight complete within one `io_timeout` of being
 //!   sent ([`Settings::io_timeout`] shortens that). In the VM test a write in
 //!   flight at the kill took 30.8 s with the default 30 s (the new server
-//!   was up after 2.1 s), and at most about 5 s with `io_timeout` 5 s.
-//!   Without a dead-connection timeout such a request never ends at all
-//!   until `NBD_CMD_DISCONNECT` fails it.
+//!   was up after 2.1 s), and 5.1 s with `io_timeout` 5 s. Without a
+//!   dead-connection timeout such a request never ends at all until
+//!   `NBD_CMD_DISCONNECT` fails it, while the next ones fail at once (ext4
+//!   aborted its journal at its next commit).
 //! - With `NBD_ATTR_TIMEOUT` set and one connection, a request older than the
 //!   timeout is requeued *and the connection is declared dead* if it was sent
 //!   on the current one: a live server that is merely slow (hadb waiting for
