@@ -8,6 +8,10 @@
 //! then on `/dev/nbdN` is a block device whose every request arrives on the
 //! server's end of the socket.
 //!
+//! The device lives only as long as that thread: when the serving process
+//! dies, the device goes down under whatever is mounted on it. For a device
+//! that outlives its server, see [`crate::sys::nbd_netlink`].
+//!
 //! Facts about the kernel driver (Linux 6.1) this module relies on:
 //!
 //! - Setting the socket records the calling thread as the one setting the

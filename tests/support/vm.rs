@@ -208,6 +208,9 @@ pub struct VmConfig {
     pub append: Vec<String>,
     /// Files written into the guest right after boot: (guest path, mode, contents).
     pub files: Vec<(String, u32, Vec<u8>)>,
+    /// Files packed into this VM's initramfs: (guest path, mode, host file).
+    /// For binaries, which would take long through the console.
+    pub initrd_files: Vec<(String, u32, PathBuf)>,
     /// Let the guest reboot (a watchdog reset reboots); otherwise qemu exits.
     pub allow_reboot: bool,
     pub boot_timeout: Duration,
@@ -225,6 +228,7 @@ impl VmConfig {
             links: Vec::new(),
             append: Vec::new(),
             files: Vec::new(),
+            initrd_files: Vec::new(),
             allow_reboot: false,
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
         }
@@ -252,6 +256,14 @@ impl VmConfig {
 
     pub fn file(mut self, path: &str, mode: u32, contents: &[u8]) -> VmConfig {
         self.files.push((path.to_owned(), mode, contents.to_vec()));
+        self
+    }
+
+    /// Puts the host file `host` at `path` in the guest, through the
+    /// initramfs (fast, for binaries such as [`static_example`]).
+    pub fn initrd_file(mut self, path: &str, mode: u32, host: &Path) -> VmConfig {
+        self.initrd_files
+            .push((path.to_owned(), mode, host.to_owned()));
         self
     }
 }
@@ -428,6 +440,104 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// A cpio archive ("newc" format, as the kernel's initramfs unpacker reads
+/// it) holding `files` (guest path, mode, contents) and their parent
+/// directories.
+fn newc_archive(files: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    let mut out = Vec::new();
+    let mut ino = 1;
+    let mut dirs: Vec<String> = Vec::new();
+    for (path, mode, data) in files {
+        let name = path.trim_start_matches('/');
+        let mut parent = String::new();
+        for part in name
+            .split('/')
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .skip(1)
+            .rev()
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !dirs.contains(&parent) {
+                dirs.push(parent.clone());
+                entry(&mut out, ino, &parent, 0o040755, &[]);
+                ino += 1;
+            }
+        }
+        entry(&mut out, ino, name, 0o100000 | (mode & 0o7777), data);
+        ino += 1;
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out.resize(out.len().next_multiple_of(512), 0);
+    out
+}
+
+/// Builds a static (musl) example of this crate (`examples/NAME.rs`) for use
+/// inside the VMs, and returns its path.
+pub fn static_example(name: &str) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--release",
+            "--example",
+            name,
+            "--target",
+            MUSL_TARGET,
+        ])
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} build: {e}"));
+    assert!(
+        out.status.success(),
+        "`cargo build --release --example {name} --target {MUSL_TARGET}` failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = target_dir()
+        .join(MUSL_TARGET)
+        .join("release")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.is_file(),
+        "cargo build succeeded but {} is missing",
+        bin.display()
+    );
+    bin
+}
+
 /// Quotes a string for sh.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -504,6 +614,29 @@ impl Vm {
         }
         append.extend(cfg.append.iter().cloned());
 
+        // Extra files travel as a second cpio archive after the shared
+        // initramfs: the kernel unpacks the archives of an initrd in turn.
+        let initrd = if cfg.initrd_files.is_empty() {
+            assets.initrd.clone()
+        } else {
+            let mut image =
+                fs::read(&assets.initrd).map_err(|e| io_err("reading the initramfs", e))?;
+            let mut files = Vec::new();
+            for (path, mode, host) in &cfg.initrd_files {
+                let data = fs::read(host).map_err(|e| {
+                    io_err(&format!("reading {} for the initramfs", host.display()), e)
+                })?;
+                files.push((path.as_str(), *mode, data));
+            }
+            // The kernel takes an uncompressed archive only at an offset
+            // that is a multiple of 4 in the image, and skips zeros.
+            image.resize(image.len().next_multiple_of(512), 0);
+            image.extend_from_slice(&newc_archive(&files));
+            let path = dir.join("initrd.img");
+            fs::write(&path, image).map_err(|e| io_err("writing initrd.img", e))?;
+            path
+        };
+
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
@@ -518,7 +651,7 @@ impl Vm {
         .arg("-kernel")
         .arg(&assets.kernel)
         .arg("-initrd")
-        .arg(&assets.initrd)
+        .arg(&initrd)
         .args(["-append", &append.join(" ")])
         .arg("-chardev")
         .arg(format!(
@@ -1076,6 +1209,30 @@ mod harness_tests {
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn newc_archive_has_parents_padding_and_trailer() {
+        let a = newc_archive(&[("/usr/local/bin/x", 0o755, b"hello".to_vec())]);
+        assert_eq!(a.len() % 512, 0);
+        let text = String::from_utf8_lossy(&a);
+        for name in [
+            "usr\0",
+            "usr/local\0",
+            "usr/local/bin\0",
+            "usr/local/bin/x\0",
+            "TRAILER!!!\0",
+        ] {
+            assert!(text.contains(name), "{name:?} missing");
+        }
+        // Header of the file: mode 0100755, size 5, name length 16.
+        let at = find(&a, b"usr/local/bin/x\0", 0).unwrap() - 110;
+        assert_eq!(&a[at..at + 6], b"070701");
+        assert_eq!(&a[at + 14..at + 22], b"000081ed");
+        assert_eq!(&a[at + 54..at + 62], b"00000005");
+        assert_eq!(&a[at + 94..at + 102], b"00000010");
+        let data = find(&a, b"hello", 0).unwrap();
+        assert_eq!(data % 4, 0);
     }
 
     #[test]
