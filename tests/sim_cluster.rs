@@ -50,6 +50,9 @@ struct Node {
     app: HashMap<u64, Option<usize>>,
     next_hb_us: u64,
     next_tick_us: u64,
+    /// mysqld failed here (restarted too often), until the operator's
+    /// `hadb mysql reset` or a restart of hadb.
+    service_failed: bool,
 }
 
 struct Datagram {
@@ -90,6 +93,7 @@ impl Sim {
             app: HashMap::new(),
             next_hb_us: 0,
             next_tick_us: 0,
+            service_failed: false,
         };
         let mut sim = Sim {
             rng: Rng::new(seed),
@@ -167,6 +171,8 @@ impl Sim {
             retry_us: 1_000_000,
         }));
         node.up = true;
+        // A new hadb process: its supervisor has counted nothing yet.
+        node.service_failed = false;
         node.next_hb_us = self.now_us;
         node.next_tick_us = self.now_us;
         let meta = node.vol.meta;
@@ -289,7 +295,11 @@ impl Sim {
             flags: if standby { FLAG_STANDBY } else { 0 }
                 | if ask { FLAG_OUTDATE_REQUEST } else { 0 },
             volume_link: 0,
-            service: 0,
+            service: if node.service_failed {
+                hadb::core::heartbeat::SERVICE_FAILED
+            } else {
+                0
+            },
             watchdog_timeout_ms: 0,
             hears: 0,
         }
@@ -367,9 +377,7 @@ impl Sim {
             volume: VolumeView::of(r),
             peer_alive: m.peer_alive(),
             peer: m.peer_report().as_ref().map(PeerView::of),
-            // mysqld is not simulated: its rules are unit-tested in
-            // core::manager and run for real in tests/host_mysqld.rs.
-            service_failed: false,
+            service_failed: node.service_failed,
         }
     }
 
@@ -559,6 +567,21 @@ impl Sim {
                 }
             }
             840..=844 => self.replay_old_datagram(),
+            // mysqld gives up on a node (its supervisor's verdict), or the
+            // operator resets it.
+            860..=861 if faults => {
+                let n = self.rng.below(2) as usize;
+                if self.nodes[n].up && self.rng.chance(300) {
+                    let on = !self.nodes[n].service_failed;
+                    self.nodes[n].service_failed = on;
+                    let name = self.nodes[n].name;
+                    self.log(if on {
+                        format!("mysqld FAILED on {name}")
+                    } else {
+                        format!("operator: mysql reset on {name}")
+                    });
+                }
+            }
             // Once the faults stop, a fenced (powered-off) node boots again,
             // as a VM does.
             845..=859 if !faults => {
@@ -658,13 +681,16 @@ impl Sim {
         for _ in 0..steps {
             self.step(true)?;
         }
-        self.log("--- faults stop: every node up, every ring whole, standby off".into());
+        self.log(
+            "--- faults stop: every node up, every ring whole, standby off, mysqld reset".into(),
+        );
         self.cut = [[false; 2]; RINGS];
         for n in 0..2 {
             if !self.nodes[n].up {
                 self.start(n);
             }
             self.nodes[n].manager.as_mut().unwrap().set_standby(false);
+            self.nodes[n].service_failed = false;
         }
         let deadline = self.now_us + HEAL_US;
         while self.now_us < deadline {
