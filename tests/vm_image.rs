@@ -286,6 +286,10 @@ fn image_boots_through_bios_and_uefi() {
         );
     }
     vm.run_ok("test -b /dev/nbd0 && test -c /dev/watchdog");
+    assert_eq!(
+        out(&mut vm, "cat /sys/module/softdog/parameters/soft_margin"),
+        "10"
+    );
 
     // mysqld is hadb's: the packaged service masked, nothing running.
     vm.run_ok("test -x /usr/sbin/mariadbd");
@@ -337,6 +341,10 @@ fn image_boots_through_bios_and_uefi() {
     assert_eq!(
         vm.run("/usr/lib/hadb-image/console-free ttyS1").unwrap().1,
         1
+    );
+    assert_eq!(
+        vm.run("/usr/lib/hadb-image/console-free ttyS0").unwrap().1,
+        0
     );
 
     // hadb runs from the config disk's configuration once the volume has
