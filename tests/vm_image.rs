@@ -287,8 +287,9 @@ fn image_boots_through_bios_and_uefi() {
     }
     vm.run_ok("test -b /dev/nbd0 && test -c /dev/watchdog");
     assert_eq!(
-        out(&mut vm, "cat /sys/module/softdog/parameters/soft_margin"),
-        "10"
+        out(&mut vm, "cat /sys/class/watchdog/watchdog0/timeout"),
+        "10",
+        "softdog's soft_margin from /etc/modprobe.d/hadb.conf"
     );
 
     // mysqld is hadb's: the packaged service masked, nothing running.
@@ -365,6 +366,11 @@ fn image_boots_through_bios_and_uefi() {
 
     let failed = vm.run_ok("systemctl list-units --failed --no-legend --plain");
     assert_eq!(failed.trim(), "", "failed units");
+    let cycles = out(
+        &mut vm,
+        "journalctl -b --no-pager | grep -i 'ordering cycle'",
+    );
+    assert_eq!(cycles, "", "systemd found ordering cycles");
     drop(vm);
 
     // ---------------------------------------------------------- UEFI ----
