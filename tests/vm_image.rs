@@ -147,20 +147,35 @@ fn hadb_toml(console: Option<&str>) -> String {
     t
 }
 
-fn host_sha256(path: &Path) -> String {
-    run(Command::new("sha256sum").arg(path))
-        .split_whitespace()
-        .next()
-        .expect("sha256sum printed a hash")
-        .to_owned()
-}
-
 /// `vm.run(script)`'s output, trimmed, whatever its exit code.
 fn out(vm: &mut Vm, script: &str) -> String {
     match vm.run(script) {
         Ok((out, _)) => out.trim().to_owned(),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// Waits until `systemctl is-active UNIT` says active.
+fn wait_active(vm: &mut Vm, unit: &str, timeout: Duration) {
+    vm.wait_until(
+        &format!("systemctl is-active {unit}"),
+        timeout,
+        Duration::from_secs(1),
+        |out, _| out.trim() == "active",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Waits until `dev` has the IPv4 address `addr` (a prefix of `ip -o`'s
+/// ADDR/LEN).
+fn wait_address(vm: &mut Vm, dev: &str, addr: &str) {
+    vm.wait_until(
+        &format!("ip -4 -o addr show dev {dev}"),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |out, _| out.contains(addr),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Talks to hadb's prompt on the VM's second serial port: sends `line`,
@@ -199,7 +214,7 @@ fn serial1_command(vm: &Vm, line: &str) -> String {
 fn image_boots_through_bios_and_uefi() {
     let started = Instant::now();
     let hadb = vm::static_hadb_binary();
-    let hadb_sha = host_sha256(&hadb);
+    let hadb_sha = vm::host_sha256(&hadb);
     let image = build_image(&hadb);
     let built = started.elapsed();
     let tmp = TempDir::new();
@@ -258,13 +273,7 @@ fn image_boots_through_bios_and_uefi() {
     );
 
     // systemd reached multi-user.
-    vm.wait_until(
-        "systemctl is-active multi-user.target",
-        Duration::from_secs(180),
-        Duration::from_secs(2),
-        |out, _| out.trim() == "active",
-    )
-    .unwrap();
+    wait_active(&mut vm, "multi-user.target", Duration::from_secs(180));
     let multi_user = boot_started.elapsed();
 
     // hadb: the binary just built, and its unit enabled.
@@ -315,20 +324,8 @@ fn image_boots_through_bios_and_uefi() {
     let check = vm.run_ok("hadb config check");
     assert!(check.contains("node = \"hadb01\""), "{check}");
     assert!(check.contains("cluster = \"lab\""), "{check}");
-    vm.wait_until(
-        "ip -4 -o addr show dev eth1",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |out, _| out.contains("10.10.10.4/24"),
-    )
-    .unwrap();
-    vm.wait_until(
-        "ip -4 -o addr show dev eth0",
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-        |out, _| out.contains("10.0.2.15/"),
-    )
-    .unwrap();
+    wait_address(&mut vm, "eth1", "10.10.10.4/24");
+    wait_address(&mut vm, "eth0", "10.0.2.15/");
 
     // The root file system grew into the larger disk.
     let root_size: u64 = out(&mut vm, "findmnt -bno SIZE /").parse().unwrap();
@@ -352,13 +349,7 @@ fn image_boots_through_bios_and_uefi() {
     // metadata, and serves its prompt on ttyS1.
     vm.run_ok("hadb volume create-md");
     vm.run_ok("systemctl reset-failed hadb; systemctl restart hadb");
-    vm.wait_until(
-        "systemctl is-active hadb",
-        Duration::from_secs(90),
-        Duration::from_secs(1),
-        |out, _| out.trim() == "active",
-    )
-    .unwrap();
+    wait_active(&mut vm, "hadb", Duration::from_secs(90));
     let status = vm.run_ok("hadb status");
     assert!(status.contains("node hadb01"), "{status}");
     let answer = serial1_command(&vm, "status");
@@ -406,20 +397,8 @@ fn image_boots_through_bios_and_uefi() {
     assert!(vm.run_ok("cat /proc/cmdline").contains("console=ttyS0"));
     assert_eq!(out(&mut vm, "hostname"), "hadb02");
     assert!(vm.run_ok("hadb config check").contains("node = \"hadb02\""));
-    vm.wait_until(
-        "ip -4 -o addr show dev eth0",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |out, _| out.contains("10.10.10.5/24"),
-    )
-    .unwrap();
-    vm.wait_until(
-        "systemctl is-active multi-user.target",
-        Duration::from_secs(180),
-        Duration::from_secs(2),
-        |out, _| out.trim() == "active",
-    )
-    .unwrap();
+    wait_address(&mut vm, "eth0", "10.10.10.5/24");
+    wait_active(&mut vm, "multi-user.target", Duration::from_secs(180));
     assert_eq!(out(&mut vm, "systemctl is-active hadb"), "inactive");
     assert_eq!(out(&mut vm, "systemctl show -P ConditionResult hadb"), "no");
     drop(vm);

@@ -166,6 +166,20 @@ pub fn prepare(hadb: &Path) -> Assets {
     assets
 }
 
+/// The sha256 of a host file, as `sha256sum` prints it.
+pub fn host_sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum on the host");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum printed a hash")
+        .to_owned()
+}
+
 /// Two free UDP ports on 127.0.0.1, for a link between two VMs: give
 /// `NetLink { local: a, remote: b }` to one and `{ local: b, remote: a }` to
 /// the other.
