@@ -16,7 +16,7 @@ fn two_vms_boot_and_talk() {
     let started = Instant::now();
     let assets = vm::assets();
     let prepared = started.elapsed();
-    let hadb_sha = host_sha256(&assets.hadb);
+    let hadb_sha = vm::host_sha256(&assets.hadb);
 
     let (p1, p2) = vm::udp_port_pair();
     let mut vms = vm::boot_all(
@@ -152,17 +152,4 @@ fn two_vms_boot_and_talk() {
         booted - prepared,
         started.elapsed()
     );
-}
-
-fn host_sha256(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("run sha256sum on the host");
-    assert!(out.status.success(), "sha256sum {} failed", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("sha256sum printed a hash")
-        .to_owned()
 }

@@ -59,11 +59,11 @@ pub fn assets() -> &'static Assets {
     })
 }
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
@@ -164,6 +164,20 @@ pub fn prepare(hadb: &Path) -> Assets {
     };
     eprintln!("vm: prepared in {:.1?}: {assets:?}", started.elapsed());
     assets
+}
+
+/// The sha256 of a host file, as `sha256sum` prints it.
+pub fn host_sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum on the host");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum printed a hash")
+        .to_owned()
 }
 
 /// Two free UDP ports on 127.0.0.1, for a link between two VMs: give
@@ -268,6 +282,114 @@ impl VmConfig {
     }
 }
 
+/// A VM booted from a disk image ([`Vm::boot_disk`]).
+#[derive(Debug, Clone)]
+pub struct DiskVmConfig {
+    /// Short name used in messages and the temp dir.
+    pub name: String,
+    /// The raw image; the VM writes to a qcow2 overlay of it.
+    pub image: PathBuf,
+    /// The overlay's size in bytes, when larger than the image.
+    pub system_disk_size: Option<u64>,
+    /// Further raw disks (vdb, vdc, ...), e.g. a config disk.
+    pub disks: Vec<PathBuf>,
+    pub memory_mib: u32,
+    /// eth0 on qemu's user network (slirp: DHCP, 10.0.2.15).
+    pub user_net: bool,
+    /// Network links after it (eth1, ... with `user_net`).
+    pub links: Vec<NetLink>,
+    /// A second serial port (ttyS1) on `serial1.sock` in the VM's dir,
+    /// logged to `serial1.log`.
+    pub second_serial: bool,
+    /// Boot through UEFI with this OVMF code file (its VARS file beside it
+    /// is copied); `None`: SeaBIOS.
+    pub uefi_code: Option<PathBuf>,
+    /// Kernel command line words typed at syslinux's `boot:` prompt (as
+    /// `hadb WORDS`): how a BIOS boot of the image gets per-boot words
+    /// without -kernel.
+    pub boot_words: Option<String>,
+    /// Who logs in on the serial console.
+    pub user: String,
+    pub password: String,
+    pub allow_reboot: bool,
+    /// From qemu's start to the command loop.
+    pub boot_timeout: Duration,
+}
+
+impl DiskVmConfig {
+    pub fn new(name: &str, image: &Path, password: &str) -> DiskVmConfig {
+        DiskVmConfig {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            system_disk_size: None,
+            disks: Vec::new(),
+            memory_mib: 2048,
+            user_net: false,
+            links: Vec::new(),
+            second_serial: false,
+            uefi_code: None,
+            boot_words: None,
+            user: "root".to_owned(),
+            password: password.to_owned(),
+            allow_reboot: false,
+            boot_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The console command loop for VMs booted from a disk: the protocol of
+/// tests/vm/init, run by root's login shell on ttyS0 (bash; the guest's
+/// kernel messages are kept off the console, as there).
+const DISK_LOOP: &str = r#"stty -echo
+dmesg -n 1
+run_script() {
+    id=$1 secs=$2
+    script=/tmp/.hadb-cmd.$id
+    out=/tmp/.hadb-out.$id
+    if [ -f "$script.b64" ]; then
+        base64 -d "$script.b64" >"$script" 2>/dev/null
+    else
+        : >"$script"
+    fi
+    case "$secs" in ''|*[!0-9]*) secs=600 ;; esac
+    timeout -s KILL "$secs" bash "$script" </dev/null >"$out" 2>&1
+    rc=$?
+    printf '\n@@HADB-BEGIN %s@@\n' "$id"
+    cat "$out"
+    printf '\n@@HADB-END %s %s@@\n' "$id" "$rc"
+    rm -f "$script" "$script.b64" "$out"
+}
+cd /
+echo "@@HADB-READY@@"
+while IFS= read -r line; do
+    case "$line" in
+        "@@C "*) set -- $line; printf '%s' "$3" >>"/tmp/.hadb-cmd.$2.b64" ;;
+        "@@R "*) set -- $line; run_script "$2" "$3" ;;
+        "") ;;
+        *) ( eval "$line" ) </dev/null 2>&1 ;;
+    esac
+done
+"#;
+
+/// Adds one virtio NIC per link, at PCI slots from `first_addr` on.
+fn add_links(cmd: &mut Command, links: &[NetLink], first_addr: usize) {
+    let vm_index = VM_COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff;
+    for (i, link) in links.iter().enumerate() {
+        cmd.arg("-netdev").arg(format!(
+            "dgram,id=n{i},local.type=inet,local.host=127.0.0.1,local.port={},\
+             remote.type=inet,remote.host=127.0.0.1,remote.port={}",
+            link.local, link.remote
+        ));
+        cmd.arg("-device").arg(format!(
+            "virtio-net-pci,netdev=n{i},mac=52:54:00:{:02x}:{:02x}:{:02x},addr=0x{:x}",
+            (std::process::id() & 0xff) as u8,
+            vm_index,
+            i,
+            first_addr + i
+        ));
+    }
+}
+
 // ------------------------------------------------------------------- error --
 
 #[derive(Debug)]
@@ -354,6 +476,7 @@ pub struct Vm {
     cursor: usize,
     nonce: String,
     next_id: u64,
+    boot_times: Vec<(&'static str, Duration)>,
 }
 
 static VM_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -546,18 +669,237 @@ pub fn shell_quote(s: &str) -> String {
 impl Vm {
     /// Starts qemu and waits until the guest's command loop is ready.
     pub fn boot(assets: &Assets, cfg: VmConfig) -> Result<Vm, VmError> {
-        let name = cfg.name.clone();
-        let io_err = |what: &str, source: io::Error| VmError::Io {
-            vm: name.clone(),
-            what: what.to_owned(),
-            source,
-        };
-        let dir = make_temp_dir(&cfg.name).map_err(|e| io_err("creating its temp dir", e))?;
-
         // From here on, Drop cleans up (kills qemu, removes the dir).
-        let mut vm = Vm {
-            name: cfg.name.clone(),
-            dir: dir.clone(),
+        let mut vm = Vm::create(&cfg.name)?;
+        let dir = vm.dir.clone();
+
+        // The first disk (vda) stands in for the system disk of a real
+        // deployment, so the data disk is /dev/vdb as there.
+        let system = dir.join("system.raw");
+        fs::File::create(&system)
+            .and_then(|f| f.set_len(1 << 20))
+            .map_err(|e| vm.io_err("creating system.raw", e))?;
+        vm.data_disk = match &cfg.data_disk {
+            Some(p) => p.clone(),
+            None => {
+                let p = dir.join("data.raw");
+                fs::File::create(&p)
+                    .and_then(|f| f.set_len(cfg.data_disk_size))
+                    .map_err(|e| vm.io_err("creating data.raw", e))?;
+                p
+            }
+        };
+
+        let mut append = vec![
+            "console=ttyS0".to_owned(),
+            "quiet".to_owned(),
+            "panic=-1".to_owned(),
+            format!("hadb_test.hostname={}", cfg.hostname),
+        ];
+        if let Some(ip) = &cfg.ip {
+            append.push(format!("hadb_test.ip={ip}"));
+        }
+        append.extend(cfg.append.iter().cloned());
+
+        // Extra files travel as a second cpio archive after the shared
+        // initramfs: the kernel unpacks the archives of an initrd in turn.
+        let initrd = if cfg.initrd_files.is_empty() {
+            assets.initrd.clone()
+        } else {
+            let mut image =
+                fs::read(&assets.initrd).map_err(|e| vm.io_err("reading the initramfs", e))?;
+            let mut files = Vec::new();
+            for (path, mode, host) in &cfg.initrd_files {
+                let data = fs::read(host).map_err(|e| {
+                    vm.io_err(&format!("reading {} for the initramfs", host.display()), e)
+                })?;
+                files.push((path.as_str(), *mode, data));
+            }
+            // The kernel takes an uncompressed archive only at an offset
+            // that is a multiple of 4 in the image, and skips zeros.
+            image.resize(image.len().next_multiple_of(512), 0);
+            image.extend_from_slice(&newc_archive(&files));
+            let path = dir.join("initrd.img");
+            fs::write(&path, image).map_err(|e| vm.io_err("writing initrd.img", e))?;
+            path
+        };
+
+        let mut cmd = vm.qemu_command(cfg.memory_mib, cfg.allow_reboot);
+        cmd.arg("-kernel")
+            .arg(&assets.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", &append.join(" ")])
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=d0,format=raw,file={}",
+                system.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,addr=0x4"])
+            .arg("-drive")
+            .arg(format!(
+                "if=none,id=d1,format=raw,file={}",
+                vm.data_disk.display()
+            ))
+            .args([
+                "-device",
+                "virtio-blk-pci,drive=d1,addr=0x5,serial=hadb-data",
+            ])
+            .args(["-device", "virtio-rng-pci,addr=0x6"]);
+        add_links(&mut cmd, &cfg.links, 0x8);
+        vm.launch(cmd)?;
+        vm.wait_ready(cfg.boot_timeout)?;
+
+        for (path, mode, contents) in &cfg.files {
+            vm.write_file(path, *mode, contents)?;
+        }
+        Ok(vm)
+    }
+
+    /// Boots a disk image through the firmware and its boot loader (no
+    /// -kernel/-initrd): a qcow2 overlay of `cfg.image` in the VM's dir is
+    /// its first disk, so the image itself is never written. Logs in as
+    /// root on the serial console and starts the same command loop as the
+    /// initramfs has (`DISK_LOOP`), so [`Vm::run`] works as for
+    /// [`Vm::boot`].
+    pub fn boot_disk(cfg: DiskVmConfig) -> Result<Vm, VmError> {
+        let mut vm = Vm::create(&cfg.name)?;
+        let dir = vm.dir.clone();
+        let started = Instant::now();
+
+        let overlay = dir.join("system.qcow2");
+        let mut create = Command::new("qemu-img");
+        create
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&cfg.image)
+            .arg(&overlay);
+        if let Some(size) = cfg.system_disk_size {
+            create.arg(size.to_string());
+        }
+        let out = create
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| vm.io_err("running qemu-img (apt-get install -y qemu-utils)", e))?;
+        if !out.status.success() {
+            return Err(vm.io_err(
+                "qemu-img create of the overlay",
+                io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+            ));
+        }
+        vm.data_disk = cfg.disks.first().cloned().unwrap_or_default();
+
+        let mut cmd = vm.qemu_command(cfg.memory_mib, cfg.allow_reboot);
+        if let Some(code) = &cfg.uefi_code {
+            // OVMF: its code read-only, a private copy of its variables.
+            let vars_src = code.with_file_name(
+                code.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("")
+                    .replace("CODE", "VARS"),
+            );
+            let vars = dir.join("efivars.fd");
+            fs::copy(&vars_src, &vars).map_err(|e| {
+                vm.io_err(
+                    &format!("copying {} (apt-get install -y ovmf)", vars_src.display()),
+                    e,
+                )
+            })?;
+            cmd.arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    code.display()
+                ))
+                .arg("-drive")
+                .arg(format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    vars.display()
+                ));
+        }
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=none,id=d0,format=qcow2,file={}",
+                overlay.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0,addr=0x4,bootindex=0"]);
+        for (i, disk) in cfg.disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "if=none,id=d{n},format=raw,file={}",
+                    disk.display(),
+                    n = i + 1
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-blk-pci,drive=d{n},addr=0x{:x}",
+                    0x5 + i,
+                    n = i + 1
+                ));
+        }
+        cmd.args(["-device", "virtio-rng-pci,addr=0xf"]);
+        if cfg.second_serial {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=ser1,path={},server=on,wait=off,logfile={}",
+                    dir.join("serial1.sock").display(),
+                    dir.join("serial1.log").display()
+                ))
+                .args(["-serial", "chardev:ser1"]);
+        }
+        // NICs: the user network (DHCP, slirp) first if asked, so it is
+        // eth0, then the links.
+        let mut links_at = 0x10;
+        if cfg.user_net {
+            cmd.args(["-netdev", "user,id=u0"])
+                .args(["-device", "virtio-net-pci,netdev=u0,addr=0x10"]);
+            links_at += 1;
+        }
+        add_links(&mut cmd, &cfg.links, links_at);
+        vm.launch(cmd)?;
+
+        let deadline = started + cfg.boot_timeout;
+        let mut at = 0;
+        if let Some(words) = &cfg.boot_words {
+            at = vm.wait_for_text("boot: ", 0, deadline, "waiting for syslinux's boot: prompt")?;
+            vm.send(&format!("hadb {words}\r"))?;
+        }
+        let at = vm.wait_for_text("login: ", at, deadline, "waiting for the login prompt")?;
+        vm.boot_times.push(("login prompt", started.elapsed()));
+        vm.send(&format!("{}\n", cfg.user))?;
+        let at = vm.wait_for_text(
+            "Password: ",
+            at,
+            deadline,
+            "waiting for the password prompt",
+        )?;
+        vm.send(&format!("{}\n", cfg.password))?;
+        // The shell prompt ends in "# " (root); then the command loop,
+        // sent as one line that carries the script in base64.
+        vm.wait_for_text(
+            "# ",
+            at,
+            deadline,
+            "waiting for a root shell after logging in",
+        )?;
+        vm.boot_times.push(("root shell", started.elapsed()));
+        vm.send(&format!(
+            "stty -echo; echo {} | base64 -d > /tmp/.hadb-loop && exec bash /tmp/.hadb-loop\n",
+            base64(DISK_LOOP.as_bytes())
+        ))?;
+        vm.wait_ready(deadline.saturating_duration_since(Instant::now()))?;
+        vm.boot_times.push(("command loop", started.elapsed()));
+        Ok(vm)
+    }
+
+    /// A VM with its temp dir and no qemu yet; Drop cleans up from here on.
+    fn create(name: &str) -> Result<Vm, VmError> {
+        let dir = make_temp_dir(name).map_err(|source| VmError::Io {
+            vm: name.to_owned(),
+            what: "creating its temp dir".into(),
+            source,
+        })?;
+        Ok(Vm {
+            name: name.to_owned(),
+            dir,
             data_disk: PathBuf::new(),
             child: None,
             serial: None,
@@ -579,64 +921,22 @@ impl Vm {
                     .unwrap_or(0)
             ),
             next_id: 0,
-        };
+            boot_times: Vec::new(),
+        })
+    }
 
-        // The first disk (vda) stands in for the system disk of a real
-        // deployment, so the data disk is /dev/vdb as there.
-        let system = dir.join("system.raw");
-        fs::File::create(&system)
-            .and_then(|f| f.set_len(1 << 20))
-            .map_err(|e| io_err("creating system.raw", e))?;
-        vm.data_disk = match &cfg.data_disk {
-            Some(p) => p.clone(),
-            None => {
-                let p = dir.join("data.raw");
-                fs::File::create(&p)
-                    .and_then(|f| f.set_len(cfg.data_disk_size))
-                    .map_err(|e| io_err("creating data.raw", e))?;
-                p
-            }
-        };
-
-        let serial_sock = dir.join("serial.sock");
-        let serial_log = dir.join("serial.log");
-        let monitor_sock = dir.join("monitor.sock");
-        let _ = fs::remove_file(&serial_log);
-
-        let mut append = vec![
-            "console=ttyS0".to_owned(),
-            "quiet".to_owned(),
-            "panic=-1".to_owned(),
-            format!("hadb_test.hostname={}", cfg.hostname),
-        ];
-        if let Some(ip) = &cfg.ip {
-            append.push(format!("hadb_test.ip={ip}"));
+    fn io_err(&self, what: &str, source: io::Error) -> VmError {
+        VmError::Io {
+            vm: self.name.clone(),
+            what: what.to_owned(),
+            source,
         }
-        append.extend(cfg.append.iter().cloned());
+    }
 
-        // Extra files travel as a second cpio archive after the shared
-        // initramfs: the kernel unpacks the archives of an initrd in turn.
-        let initrd = if cfg.initrd_files.is_empty() {
-            assets.initrd.clone()
-        } else {
-            let mut image =
-                fs::read(&assets.initrd).map_err(|e| io_err("reading the initramfs", e))?;
-            let mut files = Vec::new();
-            for (path, mode, host) in &cfg.initrd_files {
-                let data = fs::read(host).map_err(|e| {
-                    io_err(&format!("reading {} for the initramfs", host.display()), e)
-                })?;
-                files.push((path.as_str(), *mode, data));
-            }
-            // The kernel takes an uncompressed archive only at an offset
-            // that is a multiple of 4 in the image, and skips zeros.
-            image.resize(image.len().next_multiple_of(512), 0);
-            image.extend_from_slice(&newc_archive(&files));
-            let path = dir.join("initrd.img");
-            fs::write(&path, image).map_err(|e| io_err("writing initrd.img", e))?;
-            path
-        };
-
+    /// qemu with what every VM has: TCG, no default devices, the serial
+    /// console on a socket (and its log), the monitor on a socket.
+    fn qemu_command(&self, memory_mib: u32, allow_reboot: bool) -> Command {
+        let _ = fs::remove_file(self.dir.join("serial.log"));
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
@@ -647,76 +947,47 @@ impl Vm {
             "-smp",
             "1",
         ])
-        .args(["-m", &cfg.memory_mib.to_string()])
-        .arg("-kernel")
-        .arg(&assets.kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &append.join(" ")])
+        .args(["-m", &memory_mib.to_string()])
         .arg("-chardev")
         .arg(format!(
             "socket,id=ser0,path={},server=on,wait=off,logfile={}",
-            serial_sock.display(),
-            serial_log.display()
+            self.dir.join("serial.sock").display(),
+            self.dir.join("serial.log").display()
         ))
         .args(["-serial", "chardev:ser0"])
         .arg("-monitor")
         .arg(format!(
             "unix:{},server=on,wait=off",
-            monitor_sock.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=none,id=d0,format=raw,file={}",
-            system.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=d0,addr=0x4"])
-        .arg("-drive")
-        .arg(format!(
-            "if=none,id=d1,format=raw,file={}",
-            vm.data_disk.display()
-        ))
-        .args([
-            "-device",
-            "virtio-blk-pci,drive=d1,addr=0x5,serial=hadb-data",
-        ])
-        .args(["-device", "virtio-rng-pci,addr=0x6"]);
-        if !cfg.allow_reboot {
+            self.dir.join("monitor.sock").display()
+        ));
+        if !allow_reboot {
             cmd.arg("-no-reboot");
         }
-        let vm_index = VM_COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff;
-        for (i, link) in cfg.links.iter().enumerate() {
-            cmd.arg("-netdev").arg(format!(
-                "dgram,id=n{i},local.type=inet,local.host=127.0.0.1,local.port={},\
-                 remote.type=inet,remote.host=127.0.0.1,remote.port={}",
-                link.local, link.remote
-            ));
-            cmd.arg("-device").arg(format!(
-                "virtio-net-pci,netdev=n{i},mac=52:54:00:{:02x}:{:02x}:{:02x},addr=0x{:x}",
-                (std::process::id() & 0xff) as u8,
-                vm_index,
-                i,
-                0x8 + i
-            ));
-        }
+        cmd
+    }
+
+    /// Starts qemu and connects to its serial console.
+    fn launch(&mut self, mut cmd: Command) -> Result<(), VmError> {
+        let dir = self.dir.clone();
+        let serial_sock = dir.join("serial.sock");
         cmd.stdin(Stdio::null())
             .stdout(
                 fs::File::create(dir.join("qemu.out"))
-                    .map_err(|e| io_err("creating qemu.out", e))?,
+                    .map_err(|e| self.io_err("creating qemu.out", e))?,
             )
             .stderr(
                 fs::File::create(dir.join("qemu.err"))
-                    .map_err(|e| io_err("creating qemu.err", e))?,
+                    .map_err(|e| self.io_err("creating qemu.err", e))?,
             );
         fs::write(dir.join("qemu.cmdline"), format!("{cmd:?}\n"))
-            .map_err(|e| io_err("writing qemu.cmdline", e))?;
+            .map_err(|e| self.io_err("writing qemu.cmdline", e))?;
         let child = cmd.spawn().map_err(|e| {
-            io_err(
+            self.io_err(
                 "starting qemu-system-x86_64 (apt-get install -y qemu-system-x86)",
                 e,
             )
         })?;
-        vm.child = Some(child);
+        self.child = Some(child);
 
         // Connect to the serial console as soon as qemu has made the socket.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -724,9 +995,9 @@ impl Vm {
             match UnixStream::connect(&serial_sock) {
                 Ok(s) => break s,
                 Err(e) => {
-                    vm.check_alive("while waiting for the serial console socket")?;
+                    self.check_alive("while waiting for the serial console socket")?;
                     if Instant::now() > deadline {
-                        return Err(io_err("connecting to the serial console socket", e));
+                        return Err(self.io_err("connecting to the serial console socket", e));
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -734,11 +1005,11 @@ impl Vm {
         };
         let mut reader_stream = stream
             .try_clone()
-            .map_err(|e| io_err("cloning the console socket", e))?;
-        let console = vm.console.clone();
-        vm.reader = Some(
+            .map_err(|e| self.io_err("cloning the console socket", e))?;
+        let console = self.console.clone();
+        self.reader = Some(
             std::thread::Builder::new()
-                .name(format!("{}-console", cfg.name))
+                .name(format!("{}-console", self.name))
                 .spawn(move || {
                     let mut buf = [0u8; 4096];
                     loop {
@@ -756,50 +1027,104 @@ impl Vm {
                         console.cond.notify_all();
                     }
                 })
-                .map_err(|e| io_err("starting the console reader thread", e))?,
+                .map_err(|e| self.io_err("starting the console reader thread", e))?,
         );
-        vm.serial = Some(stream);
+        self.serial = Some(stream);
+        Ok(())
+    }
 
-        // Wait for the command loop. The marker may have been printed before
-        // we connected: the log file has everything.
-        let deadline = Instant::now() + cfg.boot_timeout;
+    /// Waits for the guest's command loop to say it is ready.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), VmError> {
+        // The marker may have been printed before we connected: the log
+        // file has everything.
+        let serial_log = self.dir.join("serial.log");
+        let deadline = Instant::now() + timeout;
         loop {
             let in_socket = {
-                let c = vm.console.buf.lock().unwrap();
-                find(&c.data, READY_MARKER.as_bytes(), 0).map(|p| p + READY_MARKER.len())
+                let c = self.console.buf.lock().unwrap();
+                find(&c.data, READY_MARKER.as_bytes(), self.cursor).map(|p| p + READY_MARKER.len())
             };
             if let Some(end) = in_socket {
-                vm.cursor = end;
-                break;
+                self.cursor = end;
+                return Ok(());
             }
-            if fs::read(&serial_log)
-                .map(|l| find(&l, READY_MARKER.as_bytes(), 0).is_some())
-                .unwrap_or(false)
+            if self.cursor == 0
+                && fs::read(&serial_log)
+                    .map(|l| find(&l, READY_MARKER.as_bytes(), 0).is_some())
+                    .unwrap_or(false)
             {
-                vm.cursor = vm.console.buf.lock().unwrap().data.len();
-                break;
+                self.cursor = self.console.buf.lock().unwrap().data.len();
+                return Ok(());
             }
-            vm.check_alive("while booting")?;
+            self.check_alive("while booting")?;
             if Instant::now() > deadline {
                 return Err(VmError::Timeout {
-                    vm: vm.name.clone(),
+                    vm: self.name.clone(),
                     what: "waiting for the guest to boot".into(),
-                    after: cfg.boot_timeout,
-                    log_tail: vm.log_tail(60),
+                    after: timeout,
+                    log_tail: self.log_tail(60),
                 });
             }
-            let c = vm.console.buf.lock().unwrap();
-            let _ = vm
+            let c = self.console.buf.lock().unwrap();
+            let _ = self
                 .console
                 .cond
                 .wait_timeout(c, Duration::from_millis(100))
                 .unwrap();
         }
+    }
 
-        for (path, mode, contents) in &cfg.files {
-            vm.write_file(path, *mode, contents)?;
+    /// Waits until `text` appears on the console at or after byte `from`;
+    /// returns the offset just past it.
+    fn wait_for_text(
+        &mut self,
+        text: &str,
+        from: usize,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<usize, VmError> {
+        let started = Instant::now();
+        loop {
+            {
+                let c = self.console.buf.lock().unwrap();
+                if let Some(p) = find(&c.data, text.as_bytes(), from) {
+                    return Ok(p + text.len());
+                }
+                let _ = self
+                    .console
+                    .cond
+                    .wait_timeout(c, Duration::from_millis(200))
+                    .unwrap();
+            }
+            self.check_alive(what)?;
+            if Instant::now() > deadline {
+                return Err(VmError::Timeout {
+                    vm: self.name.clone(),
+                    what: what.to_owned(),
+                    after: started.elapsed(),
+                    log_tail: self.log_tail(60),
+                });
+            }
         }
-        Ok(vm)
+    }
+
+    /// Types `text` on the serial console.
+    fn send(&mut self, text: &str) -> Result<(), VmError> {
+        let name = self.name.clone();
+        let serial = self.serial.as_mut().expect("serial console connected");
+        serial
+            .write_all(text.as_bytes())
+            .map_err(|source| VmError::Io {
+                vm: name,
+                what: "writing to the serial console".into(),
+                source,
+            })
+    }
+
+    /// How long each stage of [`Vm::boot_disk`] took from qemu's start:
+    /// the login prompt, the root shell, the command loop.
+    pub fn boot_times(&self) -> &[(&'static str, Duration)] {
+        &self.boot_times
     }
 
     pub fn name(&self) -> &str {
