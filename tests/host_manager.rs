@@ -22,38 +22,7 @@ const SIZE: u64 = 32 << 20;
 fn pair(test: &str, net: &Net) -> Pair {
     let mut p = Pair::new(test, "sync", SIZE);
     for n in 0..2 {
-        let d = p.dir.display().to_string();
-        let me = ["a", "b"][n];
-        let text = format!(
-            r#"cluster = "test"
-node = "{me}"
-key_file = "{d}/{me}.key"
-
-[nodes.a]
-address = "{a0}"
-links = ["{a1}"]
-
-[nodes.b]
-address = "{b0}"
-links = ["{b1}"]
-
-[volume]
-device = "{d}/{me}.img"
-mode = "sync"
-ack_timeout = "1s"
-nbd_socket = "{d}/{me}.nbd"
-
-[fencing]
-fence_delay = "2s"
-
-[control]
-socket = "{d}/{me}.ctl"
-"#,
-            a0 = net.addr(0, 0),
-            a1 = net.addr(0, 1),
-            b0 = net.addr(1, 0),
-            b1 = net.addr(1, 1),
-        );
+        let text = net.pair_config(&p.dir, n, "");
         std::fs::write(p.config(n), text).unwrap();
         p.netns[n] = Some(net.ns(n).to_owned());
     }

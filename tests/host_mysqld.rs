@@ -232,35 +232,8 @@ fn a_mysqld_that_keeps_failing_hands_the_primary_role_to_the_peer() {
     let _reaper = Reaper(dbs.iter().map(|m| m.dir.clone()).collect());
     let mut p = Pair::new("mysqlho", "sync", SIZE);
     for n in 0..2 {
-        let d = p.dir.display().to_string();
         let me = ["a", "b"][n];
-        let text = format!(
-            r#"cluster = "test"
-node = "{me}"
-key_file = "{d}/{me}.key"
-
-[nodes.a]
-address = "{a0}"
-
-[nodes.b]
-address = "{b0}"
-
-[volume]
-device = "{d}/{me}.img"
-mode = "sync"
-ack_timeout = "1s"
-nbd_socket = "{d}/{me}.nbd"
-
-[fencing]
-fence_delay = "2s"
-
-[control]
-socket = "{d}/{me}.ctl"
-{mysql}"#,
-            a0 = net.addr(0, 0),
-            b0 = net.addr(1, 0),
-            mysql = mysql_section(&dbs[n], &p.dir, me),
-        );
+        let text = net.pair_config(&p.dir, n, &mysql_section(&dbs[n], &p.dir, me));
         std::fs::write(p.config(n), text).unwrap();
         p.netns[n] = Some(net.ns(n).to_owned());
     }

@@ -72,6 +72,49 @@ pub struct Net {
 }
 
 impl Net {
+    /// hadb.toml for node `n` (`a` or `b`) of a pair whose daemons run in
+    /// these namespaces, files under `dir` as `common::Pair` lays them out:
+    /// ring0 carries replication and heartbeats, the other links
+    /// heartbeats only; the manager on, fencing after 2 s. `extra` is
+    /// appended (a `[mysql]` section, say).
+    pub fn pair_config(&self, dir: &std::path::Path, n: usize, extra: &str) -> String {
+        let d = dir.display();
+        let me = ["a", "b"][n];
+        let node = |m: usize| {
+            let links: Vec<String> = (1..self.links)
+                .map(|l| format!("\"{}\"", self.addr(m, l)))
+                .collect();
+            format!(
+                "[nodes.{}]\naddress = \"{}\"\nlinks = [{}]\n",
+                ["a", "b"][m],
+                self.addr(m, 0),
+                links.join(", ")
+            )
+        };
+        format!(
+            r#"cluster = "test"
+node = "{me}"
+key_file = "{d}/{me}.key"
+
+{a}
+{b}
+[volume]
+device = "{d}/{me}.img"
+mode = "sync"
+ack_timeout = "1s"
+nbd_socket = "{d}/{me}.nbd"
+
+[fencing]
+fence_delay = "2s"
+
+[control]
+socket = "{d}/{me}.ctl"
+{extra}"#,
+            a = node(0),
+            b = node(1),
+        )
+    }
+
     /// Namespaces `a` and `b` with `links` working links between them.
     pub fn new(test: &str, links: usize) -> Net {
         assert!(
