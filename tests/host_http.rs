@@ -57,7 +57,9 @@ fn probe_is_200_only_on_the_primary_and_metrics_say_why() {
     // Prometheus's own text-format parser (the Python client's) reads
     // every family, and the histogram counts the two writes.
     let metrics = p.dir.join("metrics.txt");
-    let text = body.split_once("\r\n\r\n").map_or(body.as_str(), |(_, b)| b);
+    let text = body
+        .split_once("\r\n\r\n")
+        .map_or(body.as_str(), |(_, b)| b);
     std::fs::write(&metrics, text).unwrap();
     let parsed = std::process::Command::new("/usr/bin/python3")
         .args([
