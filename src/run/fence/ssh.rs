@@ -399,18 +399,23 @@ impl SshFence {
             }
         };
         let started = Instant::now();
-        let mut lines = Vec::new();
+        let mut lines = std::collections::VecDeque::new();
         let mut accepted_at = None;
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
+        let mut stderr = BufReader::new(stderr);
+        let mut raw = Vec::new();
+        // To the end, whatever it holds (the command's own output may not
+        // be UTF-8): a pipe left unread would stall ssh.
+        while matches!(stderr.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
+            raw.clear();
             if line.contains("exec request accepted on channel") {
                 accepted_at.get_or_insert_with(Instant::now);
             }
             log::debug!("ssh fence: {line}");
             if lines.len() == MAX_LINES {
-                lines.remove(0);
+                lines.pop_front();
             }
-            lines.push(line);
+            lines.push_back(line);
         }
         drop(ended);
         let killed = killer.join().unwrap_or(false);
