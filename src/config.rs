@@ -254,6 +254,11 @@ pub struct NodeConfig {
     /// method; defaults to the node's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure_vm: Option<String>,
+    /// Where the `ssh` fence method reaches this node; defaults to
+    /// `address`. A management network that a heartbeat partition does
+    /// not cut lets the fence through where the rings are down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_address: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,7 +322,7 @@ impl Default for HeartbeatConfig {
 }
 
 /// How a lost peer is fenced before this node takes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FenceMethod {
     /// The operator powers the peer off and says so with
@@ -326,6 +331,109 @@ pub enum FenceMethod {
     /// Azure Resource Manager powers the peer's VM off; confirmed once its
     /// instance view says stopped or deallocated (`[fencing.azure]`).
     Azure,
+    /// OpenSSH runs a command on the peer that stops it at once; confirmed
+    /// once the peer then stays silent (`[fencing.ssh]`).
+    Ssh,
+}
+
+impl FenceMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            FenceMethod::Manual => "manual",
+            FenceMethod::Azure => "azure",
+            FenceMethod::Ssh => "ssh",
+        }
+    }
+}
+
+impl fmt::Display for FenceMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `methods = ["azure", "ssh"]`, or the older one-method spelling
+/// `method = "azure"`, which reads as a list of one.
+fn one_or_many_methods<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<FenceMethod>, D::Error> {
+    struct Methods;
+    impl<'de> serde::de::Visitor<'de> for Methods {
+        type Value = Vec<FenceMethod>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of fence methods, e.g. [\"azure\", \"ssh\"]")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            use serde::de::IntoDeserializer;
+            Ok(vec![FenceMethod::deserialize(v.into_deserializer())?])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(m) = seq.next_element()? {
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Methods)
+}
+
+/// `[fencing.ssh]`: how the `ssh` method logs in to the peer and what it
+/// runs there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfig {
+    /// The account on the peer; the command needs root's rights.
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+    /// The private key (mode 0600); its public half is in the peer's
+    /// `authorized_keys` for `user`.
+    #[serde(default = "default_ssh_identity_file")]
+    pub identity_file: PathBuf,
+    /// The peer's host key, as `ssh-keyscan` prints it; nothing else is
+    /// trusted.
+    #[serde(default = "default_ssh_known_hosts_file")]
+    pub known_hosts_file: PathBuf,
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
+    /// From starting ssh to a logged-in session.
+    #[serde(default = "default_ssh_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// What runs on the peer: it must stop it at once.
+    #[serde(default = "default_ssh_command")]
+    pub command: String,
+    /// After the command, the peer must fall silent on every ring within
+    /// this, or the fence failed.
+    #[serde(default = "default_ssh_confirm_timeout")]
+    pub confirm_timeout: HumanDuration,
+}
+
+fn default_ssh_user() -> String {
+    "root".into()
+}
+fn default_ssh_identity_file() -> PathBuf {
+    PathBuf::from("/etc/hadb/fence_ssh_key")
+}
+fn default_ssh_known_hosts_file() -> PathBuf {
+    PathBuf::from("/etc/hadb/fence_ssh_known_hosts")
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_ssh_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_ssh_command() -> String {
+    // sysrq `b`: reboot at once, no sync, no unmount, no shutdown scripts:
+    // the peer stops writing the instant it runs. Root may write the
+    // trigger whatever kernel.sysrq says.
+    "echo b > /proc/sysrq-trigger".into()
+}
+fn default_ssh_confirm_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 /// How the `azure` fence method gets its Azure AD token.
@@ -406,24 +514,34 @@ fn default_azure_power_timeout() -> HumanDuration {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FencingConfig {
-    #[serde(default = "default_fence_method")]
-    pub method: FenceMethod,
+    /// Tried in order until one confirms the fence (levels); after the
+    /// last, or at `manual`, the operator's `hadb fence confirm`.
+    #[serde(
+        default = "default_fence_methods",
+        alias = "method",
+        deserialize_with = "one_or_many_methods"
+    )]
+    pub methods: Vec<FenceMethod>,
     /// A secondary that lost its peer waits this long before fencing, so a
     /// primary that lost its peer at the same moment fences first.
     #[serde(default = "default_fence_delay")]
     pub fence_delay: HumanDuration,
-    /// Required by `method = "azure"`; may be set beforehand, to try it
+    /// Required by the `azure` method; may be set beforehand, to try it
     /// before relying on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub azure: Option<AzureConfig>,
+    /// Required by the `ssh` method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshConfig>,
 }
 
 impl Default for FencingConfig {
     fn default() -> Self {
         FencingConfig {
-            method: default_fence_method(),
+            methods: default_fence_methods(),
             fence_delay: default_fence_delay(),
             azure: None,
+            ssh: None,
         }
     }
 }
@@ -692,8 +810,8 @@ fn default_heartbeat_interval() -> HumanDuration {
 fn default_heartbeat_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))
 }
-fn default_fence_method() -> FenceMethod {
-    FenceMethod::Manual
+fn default_fence_methods() -> Vec<FenceMethod> {
+    vec![FenceMethod::Manual]
 }
 fn default_fence_delay() -> HumanDuration {
     HumanDuration(Duration::from_secs(5))
@@ -739,6 +857,14 @@ impl Config {
 
     pub fn me(&self) -> &NodeConfig {
         &self.nodes[&self.node]
+    }
+
+    /// Where the `ssh` fence method reaches a node: `ssh_address`, or its
+    /// ring0 address.
+    pub fn ssh_address(&self, node: &str) -> Option<IpAddr> {
+        self.nodes
+            .get(node)
+            .map(|n| n.ssh_address.unwrap_or(n.address))
     }
 
     /// A node's VM name in Azure: `azure_vm`, or the node's own name.
@@ -1111,7 +1237,9 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             }
         }
     }
+    validate_methods(config, &mut bad);
     validate_azure(config, &mut bad);
+    validate_ssh(config, &mut bad);
     for (key, path) in [
         ("volume.device", &config.volume.device),
         ("volume.nbd_socket", &config.volume.nbd_socket),
@@ -1148,9 +1276,9 @@ fn validate_azure(config: &Config, bad: &mut dyn FnMut(&str, String)) {
         }
     }
     let Some(az) = &config.fencing.azure else {
-        if config.fencing.method == FenceMethod::Azure {
+        if config.fencing.methods.contains(&FenceMethod::Azure) {
             bad(
-                "fencing.method",
+                "fencing.methods",
                 "method `azure` needs a [fencing.azure] table (see docs/config.md)".into(),
             );
         }
@@ -1274,6 +1402,95 @@ fn validate_azure(config: &Config, bad: &mut dyn FnMut(&str, String)) {
                 format!("expected an absolute path, got `{}`", path.display()),
             );
         }
+    }
+}
+
+fn validate_methods(config: &Config, bad: &mut dyn FnMut(&str, String)) {
+    let methods = &config.fencing.methods;
+    if methods.is_empty() {
+        bad(
+            "fencing.methods",
+            "expected at least one method, e.g. [\"manual\"] (the operator confirms) or [\"azure\", \"ssh\"]".into(),
+        );
+    }
+    for (i, m) in methods.iter().enumerate() {
+        if methods[..i].contains(m) {
+            bad(
+                "fencing.methods",
+                format!("`{m}` is listed twice; each method is tried once, in order"),
+            );
+        }
+        if *m == FenceMethod::Manual && i + 1 != methods.len() {
+            bad(
+                "fencing.methods",
+                "`manual` (the operator's `hadb fence confirm`) ends the list: no method after it would ever be tried".into(),
+            );
+        }
+    }
+}
+
+fn validate_ssh(config: &Config, bad: &mut dyn FnMut(&str, String)) {
+    let Some(ssh) = &config.fencing.ssh else {
+        if config.fencing.methods.contains(&FenceMethod::Ssh) {
+            bad(
+                "fencing.methods",
+                "method `ssh` needs a [fencing.ssh] table (see docs/config.md)".into(),
+            );
+        }
+        return;
+    };
+    // The user goes on ssh's command line: a leading '-' would be read as
+    // an option.
+    if ssh.user.is_empty()
+        || ssh.user.starts_with('-')
+        || !ssh
+            .user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        bad(
+            "fencing.ssh.user",
+            format!(
+                "`{}` is not a user name; expected letters, digits, '.', '_', '-' (e.g. \"root\")",
+                ssh.user
+            ),
+        );
+    }
+    for (key, path) in [
+        ("fencing.ssh.identity_file", &ssh.identity_file),
+        ("fencing.ssh.known_hosts_file", &ssh.known_hosts_file),
+    ] {
+        if !path.is_absolute() {
+            bad(
+                key,
+                format!("expected an absolute path, got `{}`", path.display()),
+            );
+        }
+    }
+    if ssh.port == 0 {
+        bad("fencing.ssh.port", "expected a port from 1 to 65535".into());
+    }
+    if ssh.connect_timeout.0 < Duration::from_secs(1) {
+        bad(
+            "fencing.ssh.connect_timeout",
+            "expected at least 1s (ssh counts it in whole seconds)".into(),
+        );
+    }
+    if ssh.command.trim().is_empty() {
+        bad(
+            "fencing.ssh.command",
+            "expected the command that stops the peer at once, e.g. \"echo b > /proc/sysrq-trigger\"".into(),
+        );
+    }
+    let hb = config.heartbeat.timeout.0;
+    if ssh.confirm_timeout.0 < hb * 2 {
+        bad(
+            "fencing.ssh.confirm_timeout",
+            format!(
+                "expected at least {} (two heartbeat timeouts): the fence counts only once the peer stayed silent for heartbeat.timeout after the command",
+                HumanDuration(hb * 2)
+            ),
+        );
     }
 }
 
@@ -1603,7 +1820,11 @@ power_timeout = "90s"
             )
         );
         let c = p(&text, None).unwrap();
-        assert_eq!(c.fencing.method, FenceMethod::Azure);
+        assert_eq!(
+            c.fencing.methods,
+            [FenceMethod::Azure],
+            "`method = \"azure\"` reads as a list of one"
+        );
         let az = c.fencing.azure.as_ref().unwrap();
         assert_eq!(az.auth, AzureAuth::ServicePrincipal);
         assert_eq!(az.power_timeout.0, Duration::from_secs(90));
@@ -1666,6 +1887,108 @@ power_timeout = "90s"
         let text = format!("{SEED}\n{AZURE}").replace("service-principal", "managed-identity");
         let err = p(&text, None).unwrap_err().to_string();
         assert!(err.contains("needs none"), "{err}");
+    }
+
+    const SSH: &str = r#"
+[fencing]
+methods = ["azure", "ssh"]
+[fencing.azure]
+[fencing.ssh]
+identity_file = "/etc/hadb/fence_key"
+port = 2222
+"#;
+
+    #[test]
+    fn fence_levels_and_ssh_defaults() {
+        let c = p(&format!("{SEED}\n{SSH}"), None).unwrap();
+        assert_eq!(c.fencing.methods, [FenceMethod::Azure, FenceMethod::Ssh]);
+        let ssh = c.fencing.ssh.as_ref().unwrap();
+        assert_eq!(ssh.user, "root");
+        assert_eq!(ssh.identity_file, Path::new("/etc/hadb/fence_key"));
+        assert_eq!(
+            ssh.known_hosts_file,
+            Path::new("/etc/hadb/fence_ssh_known_hosts")
+        );
+        assert_eq!(ssh.port, 2222);
+        assert_eq!(ssh.connect_timeout.0, Duration::from_secs(5));
+        assert_eq!(ssh.confirm_timeout.0, Duration::from_secs(10));
+        assert_eq!(ssh.command, "echo b > /proc/sysrq-trigger");
+        assert_eq!(c.ssh_address("hadb02"), Some("10.10.10.5".parse().unwrap()));
+        let text = format!("{SEED}\n{SSH}").replace(
+            "address = \"10.10.10.5\"",
+            "address = \"10.10.10.5\"\nssh_address = \"192.168.7.5\"",
+        );
+        let c = p(&text, None).unwrap();
+        assert_eq!(
+            c.ssh_address("hadb02"),
+            Some("192.168.7.5".parse().unwrap())
+        );
+        // The default: the operator confirms.
+        assert_eq!(
+            p(SEED, None).unwrap().fencing.methods,
+            [FenceMethod::Manual]
+        );
+        // The levels print back as a list, and read back the same.
+        let again = toml::to_string(&c).unwrap();
+        assert!(again.contains("methods = [\"azure\", \"ssh\"]"), "{again}");
+    }
+
+    #[test]
+    fn fence_levels_are_refused_when_they_cannot_work() {
+        let with = |methods: &str| {
+            p(
+                &format!("{SEED}\n{SSH}").replace("[\"azure\", \"ssh\"]", methods),
+                None,
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(with("[]").contains("at least one method"));
+        assert!(with("[\"ssh\", \"ssh\"]").contains("listed twice"));
+        assert!(with("[\"manual\", \"ssh\"]").contains("ends the list"));
+        let err = with("[\"ssh\", \"fax\"]");
+        assert!(
+            err.contains("fencing.methods") && err.contains("unknown variant `fax`"),
+            "{err}"
+        );
+        assert!(
+            p(
+                &format!("{SEED}\n{SSH}").replace("[\"azure\", \"ssh\"]", "[\"ssh\", \"manual\"]"),
+                None
+            )
+            .is_ok(),
+            "manual last is fine"
+        );
+        let err = p(&format!("{SEED}\n[fencing]\nmethods = [\"ssh\"]\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[fencing.ssh]"), "{err}");
+    }
+
+    #[test]
+    fn ssh_settings_that_cannot_work_are_refused() {
+        let bad = |from: &str, to: &str| {
+            p(&format!("{SEED}\n{SSH}").replace(from, to), None)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = bad("port = 2222", "port = 2222\nuser = \"-oProxyCommand=x\"");
+        assert!(err.contains("fencing.ssh.user"), "{err}");
+        let err = bad("\"/etc/hadb/fence_key\"", "\"fence_key\"");
+        assert!(
+            err.contains("fencing.ssh.identity_file") && err.contains("absolute"),
+            "{err}"
+        );
+        let err = bad("port = 2222", "port = 2222\nconfirm_timeout = \"1s\"");
+        assert!(
+            err.contains("fencing.ssh.confirm_timeout") && err.contains("2s"),
+            "{err}"
+        );
+        let err = bad("port = 2222", "port = 2222\ncommand = \" \"");
+        assert!(err.contains("fencing.ssh.command"), "{err}");
+        let err = bad("port = 2222", "port = 2222\nconnect_timeout = \"500ms\"");
+        assert!(err.contains("fencing.ssh.connect_timeout"), "{err}");
     }
 
     #[test]

@@ -53,19 +53,34 @@ enum Top {
 #[argh(subcommand, name = "log")]
 struct LogCmd {}
 
-/// fencing of the peer
+/// fencing of the peer: `hadb fence NODE` powers it off now, through
+/// the configured methods, after a confirmation prompt
 #[derive(FromArgs)]
 #[argh(subcommand, name = "fence")]
 struct FenceCmd {
+    /// fence without asking first
+    #[argh(switch)]
+    yes: bool,
+    /// the peer to fence now, even if it is heard
+    #[argh(positional)]
+    node: Option<String>,
     #[argh(subcommand)]
-    command: FenceSub,
+    command: Option<FenceSub>,
 }
 
 #[derive(FromArgs)]
 #[argh(subcommand)]
 enum FenceSub {
     Confirm(FenceConfirmCmd),
+    Test(FenceTestCmd),
 }
+
+/// check each fence method without fencing: a token and the peer VM's
+/// instance view (azure), a login running `true` (ssh); exit 1 if any
+/// fails
+#[derive(FromArgs)]
+#[argh(subcommand, name = "test")]
+struct FenceTestCmd {}
 
 /// confirm that NODE is powered off (after making sure of it), so a
 /// pending fence succeeds and this node may take over
@@ -314,16 +329,9 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let config = load_config(&cli)?;
             volume_command(&config, &v.command)
         }
-        Top::Fence(FenceCmd {
-            command: FenceSub::Confirm(c),
-        }) => {
+        Top::Fence(f) => {
             let config = load_config(&cli)?;
-            run::control::call(
-                &config.control.socket,
-                json!({"command": "fence.confirm", "node": c.node}),
-            )?;
-            println!("fence of {} confirmed", c.node);
-            Ok(())
+            fence_command(&config, f)
         }
         Top::Standby(c) => {
             let on = match c.state.as_str() {
@@ -375,6 +383,71 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
+}
+
+fn fence_command(config: &config::Config, f: &FenceCmd) -> Result<(), Box<dyn std::error::Error>> {
+    let socket = &config.control.socket;
+    match (&f.command, &f.node) {
+        (Some(FenceSub::Confirm(c)), None) => {
+            run::control::call(socket, json!({"command": "fence.confirm", "node": c.node}))?;
+            println!("fence of {} confirmed", c.node);
+            Ok(())
+        }
+        (Some(FenceSub::Test(_)), None) => {
+            let r = run::control::call(socket, json!({"command": "fence.test"}))?;
+            let mut failed = 0;
+            for c in r["methods"].as_array().into_iter().flatten() {
+                let ok = c["ok"] == json!(true);
+                failed += usize::from(!ok);
+                println!(
+                    "{}: {} ({} ms): {}",
+                    s(&c["method"]),
+                    if ok { "ok" } else { "FAILED" },
+                    s(&c["ms"]),
+                    s(&c["detail"])
+                );
+            }
+            if failed > 0 {
+                return Err(format!("{failed} fence method(s) failed the test").into());
+            }
+            Ok(())
+        }
+        (None, Some(node)) => {
+            if !f.yes && !confirmed(&format!("Power off {node} now? [y/N] "))? {
+                println!("nothing done");
+                return Ok(());
+            }
+            let r = run::control::call(socket, json!({"command": "fence", "node": node}))?;
+            for a in r["attempts"].as_array().into_iter().flatten() {
+                println!(
+                    "{}: {} after {:.1}s: {}",
+                    s(&a["method"]),
+                    s(&a["result"]),
+                    a["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                    s(&a["detail"])
+                );
+            }
+            println!("{node} is fenced (confirmed by {})", s(&r["method"]));
+            Ok(())
+        }
+        _ => Err(
+            "say `hadb fence NODE [--yes]`, `hadb fence test` or `hadb fence confirm NODE`".into(),
+        ),
+    }
+}
+
+/// Asks on the terminal; without one there is nobody to answer, so it
+/// refuses rather than guess.
+fn confirmed(question: &str) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Write};
+    if !rustix::termios::isatty(std::io::stdin()) {
+        return Err("stdin is not a terminal, so nobody can answer the question; add --yes to fence without it".into());
+    }
+    print!("{question}");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
 fn volume_command(

@@ -608,7 +608,7 @@ fn a_frozen_primary_is_powered_off_through_azure_before_the_secondary_takes_over
             "[manager]\nmaintenance = true\n",
             &format!(
                 r#"[fencing]
-method = "azure"
+methods = ["azure"]
 fence_delay = "2s"
 [fencing.azure]
 metadata_endpoint = "http://127.0.0.1:{imds}"
@@ -622,7 +622,7 @@ power_timeout = "30s"
                 ca = s.ca.display()
             ),
         );
-        assert!(text.contains("method = \"azure\""), "{text}");
+        assert!(text.contains("methods = [\"azure\"]"), "{text}");
         std::fs::write(p.config(n), text).unwrap();
     }
     p.start(0);

@@ -19,7 +19,8 @@ const SIZE: u64 = 16 << 20;
 /// subreaper, and becomes a zombie there half a second later.
 fn orphaning_mysql(p: &Pair) -> String {
     let dir = p.dir.join("datadir");
-    std::fs::create_dir_all(&dir).unwrap();
+    // What hadb takes for an initialised database.
+    std::fs::create_dir_all(dir.join("mysql")).unwrap();
     format!(
         r#"
 [mysql]

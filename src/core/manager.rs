@@ -134,6 +134,9 @@ pub enum Fence {
     /// Asked for; waiting for confirmation.
     Pending {
         since_us: u64,
+        /// The operator's `hadb fence NODE`: it holds while the peer is
+        /// heard, until the fence methods have run.
+        by_operator: bool,
     },
     /// The peer is known to be off.
     Confirmed {
@@ -238,6 +241,48 @@ impl Manager {
         self.forced = true;
     }
 
+    /// `hadb fence NODE`: fence the peer now, heard or not. A lost-peer
+    /// fence already pending becomes the operator's (its methods run
+    /// again); a confirmed one needs nothing more.
+    pub fn fence_by_operator(&mut self, now_us: u64) -> Result<(), String> {
+        match self.fence {
+            Fence::None => {
+                self.fences_requested += 1;
+                self.fence = Fence::Pending {
+                    since_us: now_us,
+                    by_operator: true,
+                };
+                Ok(())
+            }
+            Fence::Pending { since_us, .. } => {
+                self.fence = Fence::Pending {
+                    since_us,
+                    by_operator: true,
+                };
+                Ok(())
+            }
+            Fence::Confirmed { .. } => {
+                Err("the peer's fence is confirmed already; nothing to do".into())
+            }
+        }
+    }
+
+    /// Every fence method failed. The operator's fence ends with its run:
+    /// a heard peer clears it at the next step; a lost one leaves it
+    /// pending for `hadb fence confirm`, as a lost-peer fence always is.
+    pub fn fence_failed(&mut self) {
+        if let Fence::Pending {
+            since_us,
+            by_operator: true,
+        } = self.fence
+        {
+            self.fence = Fence::Pending {
+                since_us,
+                by_operator: false,
+            };
+        }
+    }
+
     /// The operator (or a fence method) confirms the peer is off.
     pub fn fence_confirmed(&mut self, now_us: u64) -> Result<(), String> {
         match self.fence {
@@ -291,7 +336,10 @@ impl Manager {
             Fence::Confirmed { .. } => true,
             Fence::Pending { .. } => false,
             Fence::None => {
-                self.fence = Fence::Pending { since_us: now };
+                self.fence = Fence::Pending {
+                    since_us: now,
+                    by_operator: false,
+                };
                 self.fences_requested += 1;
                 out.push(Action::Log {
                     warn: true,
@@ -312,8 +360,16 @@ impl Manager {
         if i.peer_alive {
             self.heard_once = true;
             self.lost_since_us = None;
-            if self.fence != Fence::None {
-                // It is back (rebooted): the fence is history.
+            let operators = matches!(
+                self.fence,
+                Fence::Pending {
+                    by_operator: true,
+                    ..
+                }
+            );
+            if self.fence != Fence::None && !operators {
+                // It is back (rebooted): the fence is history. Not the
+                // operator's, which fences a peer that is heard.
                 out.push(Action::Log {
                     warn: false,
                     message: "manager: the peer is heard again; fence cleared".into(),
@@ -440,7 +496,27 @@ impl Manager {
                     );
                 }
             }
-            None => self.because("primary; peer lost", out),
+            // The peer said its copy is outdated (on disk here): it never
+            // takes over before a resync from here, so it fences nobody.
+            None if v.peer_outdated => self.because(
+                "primary; peer lost; its copy is outdated by its own word: no fence needed",
+                out,
+            ),
+            // Not frozen (yet: the replication link takes a few seconds
+            // to time out, or the mode is async). The peer may be alive
+            // behind a partition, and a secondary that lost this node
+            // fences it after fence_delay: fencing it now, first, is what
+            // keeps the role here, which is what the delay is for.
+            None => {
+                if self.fenced(now, out) {
+                    self.because("primary; the peer is fenced", out);
+                } else {
+                    self.because(
+                        "primary; peer lost: fencing it first (`hadb fence confirm PEER` once it is off)",
+                        out,
+                    );
+                }
+            }
         }
     }
 
@@ -763,6 +839,78 @@ mod tests {
         // The old primary comes back: the fence is history.
         b.step(&at(30, pri, Some(peer(false))));
         assert_eq!(b.fence(), Fence::None);
+    }
+
+    #[test]
+    fn a_primary_fences_a_lost_peer_at_once_so_it_wins_the_race() {
+        let mut a = Manager::new(cfg(true));
+        let pri = vol(Role::Primary);
+        a.step(&at(0, pri, Some(peer(false))));
+        // Lost on every ring; the replication link has not timed out, so
+        // I/O is not frozen yet: the primary fences anyway, without the
+        // delay the secondary waits.
+        assert_eq!(acts(&a.step(&at(1, pri, None))), vec![Action::Fence]);
+        assert!(a.reason().contains("fencing it first"), "{}", a.reason());
+        a.fence_confirmed(2 * S).unwrap();
+        a.step(&at(2, pri, None));
+        assert_eq!(a.reason(), "primary; the peer is fenced");
+        // A peer that outdated itself takes over from nobody: no fence.
+        let mut a2 = Manager::new(cfg(true));
+        let alone = VolumeView {
+            peer_outdated: true,
+            peer_up_to_date: false,
+            link: LinkState::Connecting,
+            ..pri
+        };
+        a2.step(&at(0, alone, Some(peer(false))));
+        assert!(acts(&a2.step(&at(1, alone, None))).is_empty());
+        assert_eq!(a2.fence(), Fence::None);
+    }
+
+    #[test]
+    fn the_operators_fence_holds_while_the_peer_is_heard_until_its_methods_ran() {
+        let mut b = Manager::new(cfg(false));
+        let sec = vol(Role::Secondary);
+        b.step(&at(0, sec, Some(peer(true))));
+        b.fence_by_operator(S).unwrap();
+        assert_eq!(b.fences_requested, 1);
+        // Heard: a lost-peer fence would be cleared; this one is not.
+        assert!(acts(&b.step(&at(2, sec, Some(peer(true))))).is_empty());
+        assert!(matches!(
+            b.fence(),
+            Fence::Pending {
+                by_operator: true,
+                ..
+            }
+        ));
+        // Its methods failed: the peer is heard, so it is over.
+        b.fence_failed();
+        b.step(&at(3, sec, Some(peer(true))));
+        assert_eq!(b.fence(), Fence::None);
+        // Again, and this time it works: the peer goes silent and this
+        // node takes over at once, without waiting fence_delay, and
+        // without a second fence.
+        b.fence_by_operator(4 * S).unwrap();
+        b.fence_confirmed(5 * S).unwrap();
+        assert_eq!(acts(&b.step(&at(5, sec, None))), vec![Action::Promote]);
+        assert!(b.fence_by_operator(6 * S).is_err(), "confirmed already");
+        // The methods failing leaves a lost peer's fence pending for the
+        // operator's confirmation.
+        let mut c = Manager::new(cfg(false));
+        c.step(&at(0, sec, Some(peer(true))));
+        c.step(&at(6, sec, None));
+        assert_eq!(acts(&c.step(&at(11, sec, None))), vec![Action::Fence]);
+        c.fence_by_operator(12 * S).unwrap();
+        assert_eq!(c.fences_requested, 1, "the same fence, retried");
+        c.fence_failed();
+        c.step(&at(13, sec, None));
+        assert!(matches!(
+            c.fence(),
+            Fence::Pending {
+                by_operator: false,
+                ..
+            }
+        ));
     }
 
     #[test]

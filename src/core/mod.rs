@@ -3,6 +3,7 @@
 
 pub mod al;
 pub mod bitmap;
+pub mod fence;
 pub mod heartbeat;
 pub mod manager;
 pub mod meta;

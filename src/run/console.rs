@@ -22,6 +22,7 @@ const HELP: &str = "commands:\r
   log                           the recent events\r
   mysql reset                   mysqld failed here: its cause is fixed, try again\r
   fence confirm NODE            NODE is powered off: let the pending fence succeed\r
+  fence test                    check each fence method without fencing\r
   volume primary [--force]      volume secondary   volume go-alone   volume verify\r
   help\r
 ";
@@ -45,6 +46,7 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
         ["switchover"] => req("switchover"),
         ["log"] => req("log"),
         ["mysql", "reset"] => req("mysql.reset"),
+        ["fence", "test"] => req("fence.test"),
         ["fence", "confirm", node] => Request {
             node: Some((*node).to_owned()),
             ..req("fence.confirm")
@@ -161,6 +163,26 @@ async fn run_line<H: Handler>(line: &str, handler: &Arc<H>) -> String {
                     .collect()
             })
             .unwrap_or_default(),
+        Ok(v) if line.split_whitespace().eq(["fence", "test"]) => v["methods"]
+            .as_array()
+            .map(|checks| {
+                checks
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{}: {}: {}\n",
+                            crate::run::human::s(&c["method"]),
+                            if c["ok"] == serde_json::Value::Bool(true) {
+                                "ok"
+                            } else {
+                                "FAILED"
+                            },
+                            crate::run::human::s(&c["detail"])
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         Ok(v) if v.is_null() => "ok\n".into(),
         Ok(v) => format!("{v}\n"),
         Err(e) => format!("refused: {e}\n"),
@@ -179,6 +201,8 @@ mod tests {
         assert_eq!((r.command.as_str(), r.on), ("standby", Some(true)));
         let r = parse("fence confirm hadb01").unwrap().unwrap();
         assert_eq!(r.node.as_deref(), Some("hadb01"));
+        let r = parse("fence test").unwrap().unwrap();
+        assert_eq!(r.command, "fence.test");
         let r = parse("volume primary --force").unwrap().unwrap();
         assert!(r.force);
         assert!(parse("rm -rf /").is_err());

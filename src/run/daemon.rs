@@ -31,7 +31,7 @@ pub enum Error {
         source: std::io::Error,
     },
     Signals(std::io::Error),
-    Fence(Box<crate::run::fence::azure::AzureError>),
+    Fence(Box<crate::run::fence::Error>),
 }
 
 impl fmt::Display for Error {
@@ -57,6 +57,7 @@ struct Daemon {
     resources: crate::run::resources::Resources,
     /// `manager.maintenance`, as reloaded.
     maintenance: Arc<std::sync::atomic::AtomicBool>,
+    fencer: Arc<crate::run::fence::Fencer>,
     /// Where the configuration came from, for SIGHUP.
     sources: crate::config::Sources,
     watchdog: Option<Arc<crate::run::watchdog::Armed>>,
@@ -64,6 +65,7 @@ struct Daemon {
 
 impl Daemon {
     fn manager_status(&self) -> serde_json::Value {
+        let mut fences = self.fencer.status();
         let m = crate::run::manager::lock(&self.manager);
         let now = self.heartbeat.now_us();
         let history: Vec<serde_json::Value> = m
@@ -72,7 +74,7 @@ impl Daemon {
                 |(at, why)| json!({"seconds_ago": now.saturating_sub(*at) / 1_000_000, "why": why}),
             )
             .collect();
-        json!({
+        let mut v = json!({
             "maintenance": self.maintenance.load(std::sync::atomic::Ordering::Relaxed),
             "reason": m.reason(),
             "transitions": history,
@@ -80,8 +82,11 @@ impl Daemon {
             "fence": m.fence(),
             "fences_requested": m.fences_requested,
             "fences_confirmed": m.fences_confirmed,
-            "fence_method": self.config.fencing.method,
-        })
+        });
+        if let (Some(v), Some(f)) = (v.as_object_mut(), fences.as_object_mut()) {
+            v.append(f);
+        }
+        v
     }
 }
 
@@ -144,6 +149,42 @@ impl Daemon {
     async fn ask(&self, command: Command) -> Result<serde_json::Value, String> {
         crate::run::volume::ask(&self.events, command).await
     }
+
+    /// The peer's name, if `node` names it: fence commands are for the
+    /// peer only.
+    fn peer_named(&self, node: Option<&str>, cli: &str) -> Result<&str, String> {
+        let (peer, _) = self.config.peer();
+        match node {
+            Some(n) if n == peer => Ok(peer),
+            Some(n) => Err(format!(
+                "`{n}` is not this node's peer; the peer is `{peer}`"
+            )),
+            None => Err(format!("say which node: `{cli} {peer}`")),
+        }
+    }
+}
+
+/// The attempts of a fence run in one line: "azure failed (...); ssh ...".
+fn summary(attempts: &serde_json::Value) -> String {
+    let parts: Vec<String> = attempts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            format!(
+                "{} {} after {:.1}s ({})",
+                a["method"].as_str().unwrap_or("?"),
+                a["result"].as_str().unwrap_or("?"),
+                a["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                a["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if parts.is_empty() {
+        "no method was tried".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 impl control::Handler for Daemon {
@@ -177,20 +218,47 @@ impl control::Handler for Daemon {
                 .await
             }
             "fence.confirm" => {
-                let (peer, _) = self.config.peer();
-                match request.node.as_deref() {
-                    Some(n) if n == peer => {}
-                    Some(n) => {
-                        return Err(format!(
-                            "`{n}` is not this node's peer; the peer is `{peer}`"
-                        ));
-                    }
-                    None => return Err(format!("say which node: `hadb fence confirm {peer}`")),
-                }
+                let peer = self.peer_named(request.node.as_deref(), "hadb fence confirm")?;
                 let now = self.heartbeat.now_us();
                 crate::run::manager::lock(&self.manager).fence_confirmed(now)?;
                 log::warn!("fence: the operator confirms that {peer} is off");
                 Ok(json!({"fence": "confirmed"}))
+            }
+            "fence" => {
+                let peer = self.peer_named(request.node.as_deref(), "hadb fence")?;
+                if !self.fencer.automatic() {
+                    return Err(format!(
+                        "no fence method runs by itself here (fencing.methods = [\"manual\"]): power {peer} off yourself, then `hadb fence confirm {peer}`"
+                    ));
+                }
+                let now = self.heartbeat.now_us();
+                crate::run::manager::lock(&self.manager).fence_by_operator(now)?;
+                log::warn!("fence: the operator fences {peer} now");
+                let done = self.fencer.start(crate::core::fence::Trigger::Operator)?;
+                let end = done.recv().await.map_err(|_| {
+                    format!("the fence of {peer} ended without a word; see `hadb log`")
+                })?;
+                let attempts = self.fencer.status()["fence_attempts"].clone();
+                match end {
+                    crate::run::fence::RunEnd::Confirmed(method) => Ok(json!({
+                        "fence": "confirmed",
+                        "method": method,
+                        "attempts": attempts,
+                    })),
+                    crate::run::fence::RunEnd::Failed => Err(format!(
+                        "the fence of {peer} FAILED: {}; {peer} is not known to be off",
+                        summary(&attempts)
+                    )),
+                    crate::run::fence::RunEnd::Stopped => Err(format!(
+                        "the fence of {peer} stopped: {}",
+                        summary(&attempts)
+                    )),
+                }
+            }
+            "fence.test" => {
+                let fencer = self.fencer.clone();
+                let checks = smol::unblock(move || fencer.test()).await;
+                Ok(json!({"methods": checks}))
             }
             "standby" => {
                 let on = request
@@ -269,7 +337,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence.confirm, standby, switchover, mysql.init, mysql.reset, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence, fence.test, fence.confirm, standby, switchover, mysql.init, mysql.reset, log"
             )),
         }
     }
@@ -316,14 +384,6 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
     });
     let heartbeat = crate::run::heartbeat::new(&config, &key);
     let peer_name_s = config.peer().0.to_owned();
-    // Built now so that an unreadable secret stops the start, not a fence.
-    let azure = match (&config.fencing.method, &config.fencing.azure) {
-        (crate::config::FenceMethod::Azure, Some(az)) => Some(Arc::new(
-            crate::run::fence::azure::AzureFence::new(az, config.azure_vm(&peer_name_s))
-                .map_err(|e| Error::Fence(Box::new(e)))?,
-        )),
-        _ => None,
-    };
     let manager = Arc::new(std::sync::Mutex::new(crate::core::manager::Manager::new(
         crate::core::manager::Config {
             me_first: config.node < peer_name_s,
@@ -332,6 +392,12 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         },
     )));
     let watchdog = crate::run::watchdog::arm(&config.watchdog).map(Arc::new);
+    // Built now so that an unreadable key or secret stops the start, not a
+    // fence.
+    let fencer = Arc::new(
+        crate::run::fence::Fencer::new(&config, manager.clone(), heartbeat.clone())
+            .map_err(|e| Error::Fence(Box::new(e)))?,
+    );
     let resources = crate::run::resources::Resources::new(&config);
     let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(
         config.manager.maintenance,
@@ -344,6 +410,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         shared: shared.clone(),
         resources: resources.clone(),
         maintenance: maintenance.clone(),
+        fencer: fencer.clone(),
         sources,
         watchdog: watchdog.clone(),
     });
@@ -369,7 +436,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             events: events.clone(),
             peer_name: peer_name_s.clone(),
             resources: resources.clone(),
-            azure: azure.clone(),
+            fencer: fencer.clone(),
             maintenance: maintenance.clone(),
         }));
         let _heartbeat = {

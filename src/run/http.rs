@@ -368,6 +368,35 @@ pub fn metrics(status: &Value) -> String {
         "fences of the peer confirmed",
         &[(String::new(), num(&m["fences_confirmed"]))],
     );
+    // Every attempt of every fence method, by how it ended; with the
+    // seconds they took, an average per method and result.
+    let totals = m["fence_attempt_totals"].as_array();
+    let by = |key: &str| -> Vec<(String, f64)> {
+        totals
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    format!(
+                        ",method=\"{}\",result=\"{}\"",
+                        t["method"].as_str().unwrap_or("?"),
+                        t["result"].as_str().unwrap_or("?")
+                    ),
+                    num(&t[key]),
+                )
+            })
+            .collect()
+    };
+    counter(
+        "hadb_fence_attempts_total",
+        "fence method attempts, by method and result",
+        &by("count"),
+    );
+    counter(
+        "hadb_fence_attempt_seconds_total",
+        "time spent in fence method attempts, by method and result",
+        &by("seconds"),
+    );
     if mysqld.is_object() {
         counter(
             "hadb_mysqld_restarts_total",
@@ -455,5 +484,22 @@ mod tests {
         );
         starting["mysqld"]["state"] = json!("healthy");
         assert!(probe(&starting).is_ok());
+        starting["manager"]["fence_attempt_totals"] = json!([
+            {"method": "azure", "result": "failed", "count": 1, "seconds": 0.25},
+            {"method": "ssh", "result": "confirmed", "count": 1, "seconds": 2.5},
+        ]);
+        let m = metrics(&starting);
+        assert!(
+            m.contains(
+                "hadb_fence_attempts_total{node=\"a\",method=\"azure\",result=\"failed\"} 1"
+            ),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                "hadb_fence_attempt_seconds_total{node=\"a\",method=\"ssh\",result=\"confirmed\"} 2.5"
+            ),
+            "{m}"
+        );
     }
 }

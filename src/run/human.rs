@@ -46,9 +46,32 @@ pub fn status(st: &Value) -> String {
         }
         if m["fence"]["state"] == json!("pending") {
             out += &format!(
-                "FENCE PENDING of {}: make sure it is powered off, then `hadb fence confirm {}`\n",
+                "FENCE PENDING of {}: {}\n",
                 s(&st["volume"]["peer_name"]),
-                s(&st["volume"]["peer_name"])
+                if m["fence_running"] == json!(true) {
+                    "its methods are running".to_owned()
+                } else {
+                    format!(
+                        "make sure it is powered off, then `hadb fence confirm {}`",
+                        s(&st["volume"]["peer_name"])
+                    )
+                }
+            );
+        }
+        // The last run of the fence methods, in order.
+        for a in m["fence_attempts"].as_array().into_iter().flatten() {
+            let result = s(&a["result"]);
+            out += &format!(
+                "  fence {} {} ({:.1}s, {} s ago): {}\n",
+                s(&a["method"]),
+                if result == "failed" {
+                    "FAILED".to_owned()
+                } else {
+                    result
+                },
+                a["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                a["started_ms_ago"].as_u64().unwrap_or(0) / 1000,
+                s(&a["detail"])
             );
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use smol::channel::Sender;
 
 use crate::core::manager::{Action, Inputs, Manager, PeerView};
-use crate::run::fence::azure::AzureFence;
+use crate::run::fence::Fencer;
 use crate::run::heartbeat::Heartbeat;
 use crate::run::volume::{Command, Event, Shared, ask};
 
@@ -41,7 +41,8 @@ pub struct Driver {
     pub events: Sender<Event>,
     pub peer_name: String,
     pub resources: crate::run::resources::Resources,
-    pub azure: Option<Arc<AzureFence>>,
+    /// The fence methods, tried in order when the manager asks.
+    pub fencer: Arc<Fencer>,
     /// `manager.maintenance`, as reloaded: watch, never act.
     pub maintenance: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -54,7 +55,7 @@ pub async fn run(d: Driver) {
         events,
         peer_name,
         resources,
-        azure,
+        fencer,
         maintenance,
     } = d;
     let mut was_maintenance = None;
@@ -92,13 +93,11 @@ pub async fn run(d: Driver) {
                     continue;
                 }
                 Action::Fence => {
-                    match &azure {
-                        Some(azure) => {
-                            fence_by_azure(azure.clone(), manager.clone(), hb.clone(), &peer_name)
-                        }
-                        None => log::warn!(
-                            "fence: {peer_name} must be powered off before this node goes on; make sure it is off, then run `hadb fence confirm {peer_name}`"
-                        ),
+                    // Runs on a thread of its own and confirms through the
+                    // manager, as `hadb fence confirm` does; a failure
+                    // leaves the fence pending, and this node waits.
+                    if let Err(e) = fencer.start(crate::core::fence::Trigger::PeerLost) {
+                        log::warn!("fence: {peer_name}: {e}");
                     }
                     continue;
                 }
@@ -117,35 +116,5 @@ pub async fn run(d: Driver) {
                 log::info!("manager: not done now: {e}");
             }
         }
-    }
-}
-
-/// Powers the peer off through Azure on a thread of its own (it blocks for
-/// up to `power_timeout`), and once Azure says the VM is off confirms the
-/// fence exactly as `hadb fence confirm` does. A failed fence leaves the
-/// fence pending: this node does not take over, and says so.
-fn fence_by_azure(
-    azure: Arc<AzureFence>,
-    manager: Arc<Mutex<Manager>>,
-    hb: Arc<Heartbeat>,
-    peer: &str,
-) {
-    let name = peer.to_owned();
-    let spawned = std::thread::Builder::new()
-        .name("hadb-fence".into())
-        .spawn(move || match azure.power_off() {
-            Ok(state) => match lock(&manager).fence_confirmed(hb.now_us()) {
-                Ok(()) => log::warn!("fence: Azure reports {name} {state}: fence confirmed"),
-                // The peer was heard again meanwhile; nothing is pending.
-                Err(e) => log::warn!("fence: Azure reports {name} {state}; {e}"),
-            },
-            Err(e) => log::error!(
-                "{e}; the fence failed: this node does not take over; make sure {name} is off, then run `hadb fence confirm {name}`"
-            ),
-        });
-    if let Err(e) = spawned {
-        log::error!(
-            "fence: cannot start the Azure fence ({e}); make sure {peer} is off, then run `hadb fence confirm {peer}`"
-        );
     }
 }
