@@ -603,6 +603,16 @@ pub struct Setup {
     /// Extents the activity log keeps, and blocks per extent.
     pub al_extents: usize,
     pub al_extent_blocks: u64,
+    /// A new hadb process takes over from one that died (or re-executed
+    /// itself) while primary, on the same running machine: the kernel
+    /// device it served is still attached and the filesystem on it still
+    /// mounted. The copy starts as primary, not as a crashed primary
+    /// demoted to secondary. The activity log's regions are still marked
+    /// (this copy is the source that resyncs them to the peer), but no
+    /// cache was lost: a process's death keeps the page cache and the
+    /// disk's cache, only the machine's does not. Only the driver knows
+    /// that the device is still there; it must not set this otherwise.
+    pub resume_primary: bool,
 }
 
 /// A write's hold on the activity log, on the node that issued it: kept
@@ -798,6 +808,11 @@ impl Replica {
             (true, true) => DiskState::Outdated,
             (false, _) => DiskState::Inconsistent,
         };
+        // Only an up-to-date copy that says it was primary resumes as one.
+        let resume_primary = s.resume_primary
+            && s.crashed_primary
+            && s.current_gen != 0
+            && disk == DiskState::UpToDate;
         Replica {
             mode: s.mode,
             data_size: s.data_size,
@@ -806,7 +821,11 @@ impl Replica {
             bitmap_gen: s.bitmap_gen,
             gen_state: s.gen_seed | 1,
             me_first: s.me < s.peer,
-            crashed_primary: s.crashed_primary && s.unclean && s.current_gen != 0,
+            // A resumed primary is primary: what it wrote is the data.
+            crashed_primary: s.crashed_primary
+                && s.unclean
+                && s.current_gen != 0
+                && !resume_primary,
             session: 0,
             session_first_seq: 1,
             discard_my_data: false,
@@ -826,7 +845,11 @@ impl Replica {
             semisync: SemisyncCounters::default(),
             peer_volatile: BTreeSet::new(),
             peer_flushes: BTreeMap::new(),
-            role: Role::Secondary,
+            role: if resume_primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
             disk,
             link: LinkState::Connecting,
             peer: None,
@@ -848,7 +871,7 @@ impl Replica {
             peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
             peer_outdated: s.peer_outdated,
-            lost_cache: s.lost_cache || (s.unclean && s.current_gen != 0),
+            lost_cache: s.lost_cache || (s.unclean && s.current_gen != 0 && !resume_primary),
             last_app_write_us: 0,
             resync: None,
             role_request: None,
@@ -1158,6 +1181,16 @@ impl Replica {
                 out.push(Action::Persist(self.meta()));
             }
             self.sync_bitmap(&mut out);
+        }
+        if self.role == Role::Primary {
+            // Resumed (see `Setup::resume_primary`): the kernel device is
+            // served again; writes wait for the peer as after any link loss.
+            out.push(Action::Persist(self.meta()));
+            out.push(Action::Log {
+                warn: false,
+                message: "resumed as primary: the kernel device was still attached".into(),
+            });
+            out.push(Action::RoleChanged(Role::Primary));
         }
         out
     }
@@ -2820,6 +2853,7 @@ mod tests {
             unclean: false,
             al_extents: 4,
             al_extent_blocks: 4,
+            resume_primary: false,
         }
     }
 
@@ -3017,6 +3051,63 @@ mod tests {
         let a = p.nodes[0].go_alone();
         p.run(0, a);
         assert_eq!(p.completed.len(), 2);
+    }
+
+    /// hadb died (or re-executed itself) while primary and a new process
+    /// takes over with the kernel device still attached: primary at once,
+    /// no lost cache, and the activity log's regions go to the peer.
+    #[test]
+    fn a_resumed_primary_is_primary_and_resyncs_its_activity_log() {
+        let mut a = setup("a", "b", 7);
+        a.crashed_primary = true;
+        a.unclean = true;
+        // Extent 1 (blocks 4..8) was being written when the process died.
+        a.activity_log = vec![1];
+        a.resume_primary = true;
+        let mut p = Pair::new(7);
+        p.nodes[0] = Replica::new(a.clone());
+        // A write that reached this disk but never the peer's.
+        p.disks[0][5 * 4096] = 0xcc;
+        let started = p.nodes[0].started();
+        assert!(
+            started.contains(&Action::RoleChanged(Role::Primary)),
+            "{started:?}"
+        );
+        p.run(0, started);
+        let r = &p.nodes[0];
+        assert_eq!(r.role(), Role::Primary);
+        assert_eq!(r.disk(), DiskState::UpToDate);
+        assert_eq!(r.node_state().flags & wire::STATE_LOST_CACHE, 0);
+        assert_eq!(r.out_of_sync_blocks(), Some(4));
+        // Application writes wait for the peer, as after any link loss.
+        p.write(1, 20 * 4096, 0xdd, 4096);
+        assert!(p.completed.is_empty());
+        assert!(p.nodes[0].frozen());
+        p.connect();
+        assert_eq!(p.completed, vec![(1, Ok(()))]);
+        assert_eq!(p.nodes[0].role(), Role::Primary);
+        assert_eq!(p.nodes[1].role(), Role::Secondary);
+        assert!(p.nodes[0].peer_up_to_date());
+        assert_eq!(p.nodes[0].out_of_sync_blocks(), Some(0));
+        assert_eq!(p.disks[0], p.disks[1], "the peer's copy did not converge");
+        p.write(2, 6 * 4096, 0xee, 4096);
+        assert_eq!(p.completed.len(), 2);
+        assert_eq!(p.disks[0], p.disks[1]);
+
+        // Without the "was primary" mark, or on a copy not up to date,
+        // there is nothing to resume: secondary, as after any crash.
+        for change in [0, 1] {
+            let mut s = a.clone();
+            if change == 0 {
+                s.crashed_primary = false;
+            } else {
+                s.outdated = true;
+            }
+            let mut r = Replica::new(s);
+            let acts = r.started();
+            assert_eq!(r.role(), Role::Secondary);
+            assert!(!acts.contains(&Action::RoleChanged(Role::Primary)));
+        }
     }
 
     #[test]

@@ -113,6 +113,30 @@ impl View {
     }
 }
 
+/// Whether a running process (its command line, `/proc/PID/cmdline`
+/// split at NULs) is the service hadb would run with `command` on
+/// `datadir`: the same command line, or the same program (by file name,
+/// so a changed install path still matches) with `--datadir=DATADIR`.
+/// What a new hadb process adopts after a restart in place.
+pub fn is_service(cmdline: &[String], command: &[String], datadir: &str) -> bool {
+    if cmdline.is_empty() {
+        return false;
+    }
+    if cmdline == command {
+        return true;
+    }
+    let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_owned();
+    let (Some(program), Some(theirs)) = (command.first(), cmdline.first()) else {
+        return false;
+    };
+    let datadir = datadir.trim_end_matches('/');
+    name(program) == name(theirs)
+        && cmdline[1..].iter().any(|a| {
+            a.strip_prefix("--datadir=")
+                .is_some_and(|d| d.trim_end_matches('/') == datadir)
+        })
+}
+
 pub struct Supervisor {
     policy: Policy,
     state: State,
@@ -775,5 +799,38 @@ mod tests {
             &Action::Stopped
         ));
         assert!(s.view().failed());
+    }
+
+    #[test]
+    fn recognises_the_service_to_adopt() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cmd = v(&[
+            "/usr/sbin/mysqld",
+            "--datadir=/var/lib/mysql",
+            "--socket=/run/mysqld/mysqld.sock",
+        ]);
+        assert!(is_service(&cmd, &cmd, "/var/lib/mysql"));
+        // Another path to the same program, other options, same datadir.
+        assert!(is_service(
+            &v(&[
+                "/usr/local/sbin/mysqld",
+                "--user=mysql",
+                "--datadir=/var/lib/mysql/"
+            ]),
+            &cmd,
+            "/var/lib/mysql"
+        ));
+        for other in [
+            v(&["/usr/sbin/mysqld", "--datadir=/srv/other"]),
+            v(&["/usr/sbin/mysqld"]),
+            v(&["/bin/sh", "--datadir=/var/lib/mysql"]),
+            v(&[]),
+        ] {
+            assert!(!is_service(&other, &cmd, "/var/lib/mysql"), "{other:?}");
+        }
+        // A stand-in without --datadir matches only by its whole command line.
+        let sh = v(&["/bin/sh", "-c", "while :; do sleep 1; done"]);
+        assert!(is_service(&sh, &sh, "/data"));
+        assert!(!is_service(&v(&["/bin/sh", "-c", "other"]), &sh, "/data"));
     }
 }

@@ -20,7 +20,7 @@ use crate::run::peer::{self, LinkSetup};
 use crate::run::stats::Stats;
 use crate::run::store::{self, Store};
 use crate::run::volume::{Command, Event, Volume};
-use crate::sys::nbd_kernel::KernelNbd;
+use crate::sys::nbd_netlink::{self, NetlinkNbd};
 
 #[derive(Debug)]
 pub enum Error {
@@ -353,6 +353,12 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         }
     }
     let store = Store::open(&config.volume.device).map_err(Error::Store)?;
+    let nbd_settings = nbd_settings(store.layout.data_size, &store.superblock.volume_id);
+    let resumed = config
+        .volume
+        .nbd_device
+        .as_deref()
+        .and_then(|device| take_over(device, &nbd_settings, &store.superblock));
     let reader = Arc::new(store.reader().map_err(Error::Store)?);
     log::info!(
         "volume: {} opened, {} data bytes, generation {:016x}",
@@ -361,11 +367,13 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         store.superblock.current_gen
     );
     let (role_tx, role_rx) = smol::channel::unbounded();
-    let (volume, events, shared) = Volume::open(&config, store, Stats::default(), role_tx)
-        .map_err(|source| Error::Start {
-            what: "the volume",
-            source,
-        })?;
+    let (volume, events, shared) =
+        Volume::open(&config, store, Stats::default(), role_tx, resumed.is_some()).map_err(
+            |source| Error::Start {
+                what: "the volume",
+                source,
+            },
+        )?;
     let peer_name = config.peer().0.to_owned();
     let setup = LinkSetup {
         cluster: config.cluster.clone(),
@@ -502,6 +510,8 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         let _roles = crate::run::spawn(follow_roles(
             resources.clone(),
             config.volume.nbd_device.clone(),
+            nbd_settings,
+            resumed,
             role_rx,
             nbd_server,
         ));
@@ -656,22 +666,143 @@ async fn tell_systemd(notifier: Arc<crate::run::systemd::Notifier>, daemon: Arc<
     }
 }
 
+/// How long the kernel holds application I/O for a new hadb process after
+/// this one dies (a crash, `kill -9`, `hadb restart-in-place`) before it
+/// fails it: long enough for systemd's restart (RestartSec) and a volume
+/// open, short enough that a hadb that never comes back does not hang the
+/// filesystem for ever. See `sys::nbd_netlink` for what the driver does.
+pub const NBD_DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a request that was in flight on the dead connection waits,
+/// after the new process reconnected, before the kernel resends it
+/// (the block layer's request timer; 30 s on a fresh device).
+pub const NBD_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The backend identifier of this volume's kernel device
+/// (`/sys/block/nbdN/backend`): a new hadb process reattaches only a device
+/// that names its own volume.
+pub fn backend_id(volume_id: &[u8; 16]) -> String {
+    let hex: String = volume_id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("hadb:{hex}")
+}
+
+/// The index N of `/dev/nbdN`.
+pub fn nbd_index(device: &Path) -> Result<u32, String> {
+    device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("nbd"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "volume.nbd_device {} is not an NBD device path; use /dev/nbdN",
+                device.display()
+            )
+        })
+}
+
+/// What the kernel is told about the volume's device.
+pub fn nbd_settings(data_size: u64, volume_id: &[u8; 16]) -> nbd_netlink::Settings {
+    nbd_netlink::Settings {
+        size: data_size,
+        block_size: 4096,
+        flags: proto::VOLUME_FLAGS,
+        dead_conn_timeout: NBD_DEAD_CONN_TIMEOUT,
+        // A slow peer must never cost the connection: see the module docs.
+        request_timeout: None,
+        io_timeout: Some(NBD_IO_TIMEOUT),
+        backend: Some(backend_id(volume_id)),
+    }
+}
+
+/// What `/sys/block/nbdN/backend` says, if anything.
+fn backend_of(index: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/backend"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// At start: a kernel device that an earlier hadb process left attached
+/// for this volume (it died, or re-executed itself, while primary). If the
+/// metadata says this node was primary, it gets a new connection here and
+/// the node resumes as primary, the filesystem on it still mounted; the
+/// requests the kernel held for it flow on the returned socket once the
+/// volume is primary. A device of ours on a node that was not primary is
+/// disconnected: nothing may write through it.
+fn take_over(
+    device: &Path,
+    settings: &nbd_netlink::Settings,
+    sb: &crate::core::meta::Superblock,
+) -> Option<(NetlinkNbd, StdUnixStream)> {
+    let index = nbd_index(device).ok()?;
+    let ours = settings.backend.as_deref()?;
+    if backend_of(index).as_deref() != Some(ours) {
+        return None;
+    }
+    match nbd_netlink::status(index) {
+        Ok(nbd_netlink::Status::Connected) => {}
+        _ => return None,
+    }
+    if !sb.has(crate::core::meta::flags::PRIMARY) {
+        log::warn!(
+            "nbd: {} is still attached for this volume but the metadata says this node was not primary; disconnecting it",
+            device.display()
+        );
+        if let Err(e) = nbd_netlink::disconnect(index) {
+            log::error!("nbd: {e}");
+        }
+        return None;
+    }
+    match NetlinkNbd::reattach(index, settings) {
+        Ok(r) => {
+            log::info!(
+                "nbd: {} was left attached by an earlier hadb process; reconnected to it",
+                device.display()
+            );
+            Some(r)
+        }
+        Err(e) => {
+            log::error!(
+                "nbd: {} is still attached for this volume but cannot be reconnected: {e}; starting as after a crash",
+                device.display()
+            );
+            None
+        }
+    }
+}
+
 /// Attaches the kernel block device while primary, then brings up the
 /// filesystem and mysqld; detaches it when secondary (they came down
-/// before the volume stepped down).
+/// before the volume stepped down). `resumed`: the device an earlier hadb
+/// process left attached, reconnected (see [`take_over`]); served at the
+/// first promotion, which the volume reports at once.
 async fn follow_roles(
     resources: crate::run::resources::Resources,
     device: Option<PathBuf>,
+    settings: nbd_netlink::Settings,
+    mut resumed: Option<(NetlinkNbd, StdUnixStream)>,
     roles: smol::channel::Receiver<Role>,
     server: Arc<Server>,
 ) {
-    let mut attached: Option<KernelNbd> = None;
+    let mut attached: Option<NetlinkNbd> = None;
     let mut up = false;
     while let Ok(role) = roles.recv().await {
         match role {
             Role::Primary if !up => {
+                if let Some((nbd, stream)) = resumed.take() {
+                    if let Err(e) = serve(&server, stream) {
+                        log::error!(
+                            "nbd: cannot serve the reconnected {}: {e}",
+                            nbd.device().display()
+                        );
+                    }
+                    attached = Some(nbd);
+                    up = true;
+                    resources.resume().await;
+                    continue;
+                }
                 if let Some(device) = &device {
-                    match attach(device, server.clone()).await {
+                    match attach(device, &settings, server.clone()).await {
                         Ok(k) => {
                             log::info!(
                                 "nbd: volume attached to the kernel as {}",
@@ -703,16 +834,50 @@ async fn follow_roles(
     }
 }
 
-async fn attach(device: &Path, server: Arc<Server>) -> Result<KernelNbd, String> {
-    let (ours, kernels) = StdUnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let ours = smol::Async::new(ours).map_err(|e| e.to_string())?;
+/// Serves the kernel's requests arriving on `stream`.
+fn serve(server: &Arc<Server>, stream: StdUnixStream) -> Result<(), String> {
+    let ours = smol::Async::new(stream).map_err(|e| e.to_string())?;
     let ours = smol::net::unix::UnixStream::from(ours);
     crate::run::spawn(server.clone().serve_kernel(ours)).detach();
-    let size = server.shared.data_size;
-    let device = device.to_owned();
-    smol::unblock(move || {
-        KernelNbd::attach(&device, kernels.into(), size, 4096, proto::VOLUME_FLAGS)
-            .map_err(|e| e.to_string())
-    })
-    .await
+    Ok(())
+}
+
+async fn attach(
+    device: &Path,
+    settings: &nbd_netlink::Settings,
+    server: Arc<Server>,
+) -> Result<NetlinkNbd, String> {
+    let index = nbd_index(device)?;
+    let settings = settings.clone();
+    let (nbd, ours) = smol::unblock(move || NetlinkNbd::attach(Some(index), &settings))
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = serve(&server, ours) {
+        let _ = smol::unblock(move || nbd.detach()).await;
+        return Err(e);
+    }
+    Ok(nbd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_backend_after_the_volume() {
+        let mut id = [0u8; 16];
+        id[0] = 0xab;
+        id[15] = 0x01;
+        assert_eq!(backend_id(&id), "hadb:ab000000000000000000000000000001");
+    }
+
+    #[test]
+    fn takes_the_index_from_the_device_path() {
+        assert_eq!(nbd_index(Path::new("/dev/nbd0")), Ok(0));
+        assert_eq!(nbd_index(Path::new("/dev/nbd12")), Ok(12));
+        for bad in ["/dev/sdc1", "/dev/nbd", "/dev/nbdx", "/"] {
+            let e = nbd_index(Path::new(bad)).unwrap_err();
+            assert!(e.contains("/dev/nbdN"), "{e}");
+        }
+    }
 }

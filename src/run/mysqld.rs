@@ -20,6 +20,8 @@ const TICK: Duration = Duration::from_millis(100);
 
 enum Msg {
     Start,
+    /// Adopt a running mysqld, else start.
+    Resume,
     /// Answered once nothing of mysqld runs.
     Stop(Sender<()>),
     Reset,
@@ -48,6 +50,12 @@ impl Mysqld {
     /// Run mysqld (the filesystem is mounted).
     pub fn start(&self) {
         let _ = self.tx.try_send(Msg::Start);
+    }
+
+    /// Run mysqld after hadb restarted in place: adopt the one still
+    /// running on the datadir, or start one if there is none.
+    pub fn resume(&self) {
+        let _ = self.tx.try_send(Msg::Resume);
     }
 
     /// Stop mysqld and wait until it is gone (SIGKILL after
@@ -130,6 +138,19 @@ async fn run(
         let t = now();
         let actions = match msg {
             Some(Msg::Start) => sup.start(t),
+            Some(Msg::Resume) => match find_running(&cfg) {
+                Some(pid) => {
+                    watch_adopted(pid, &tx);
+                    sup.adopt(pid, t)
+                }
+                None => {
+                    log::info!(
+                        "mysqld: none is running on {}; starting one",
+                        cfg.datadir.display()
+                    );
+                    sup.start(t)
+                }
+            },
             Some(Msg::Stop(reply)) => {
                 waiting_stop.push(reply);
                 sup.stop(t)
@@ -381,6 +402,93 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
         })
         .map_err(|e| format!("cannot start the thread that waits for mysqld: {e}"))?;
     Ok(pid)
+}
+
+/// The command line of process `pid`, split at NULs.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Process `pid`'s state letter and start time (clock ticks since boot)
+/// from `/proc/PID/stat`; None once it is gone.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name in parentheses may hold spaces and parentheses itself.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    // Field 22 (starttime) is the 20th after the name.
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// A running (not zombie) process that is the configured mysqld on this
+/// datadir, left by an earlier hadb process; the oldest if several.
+fn find_running(cfg: &MysqlConfig) -> Option<u32> {
+    let me = std::process::id();
+    let command = cfg.command_line();
+    let datadir = cfg.datadir.to_string_lossy();
+    let mut found: Option<(u64, u32)> = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Some(args) = cmdline(pid) else { continue };
+        if !crate::core::service::is_service(&args, &command, &datadir) {
+            continue;
+        }
+        if let Some((state, start)) = proc_stat(pid)
+            && state != 'Z'
+            && state != 'X'
+            && found.is_none_or(|(s, _)| start < s)
+        {
+            found = Some((start, pid));
+        }
+    }
+    found.map(|(_, pid)| pid)
+}
+
+/// An adopted mysqld is not this process's child (or was the child of
+/// the image this process replaced): no `wait` for it. A thread looks at
+/// /proc/PID until it is gone, a zombie, or another process with the same
+/// number, and reports the exit.
+fn watch_adopted(pid: u32, tx: &Sender<Msg>) {
+    let Some((_, start)) = proc_stat(pid) else {
+        let _ = tx.try_send(Msg::Exited(pid, "gone before it could be watched".into()));
+        return;
+    };
+    let tx = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("hadb-mysqld-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                match proc_stat(pid) {
+                    Some((state, s)) if s == start && state != 'Z' && state != 'X' => {}
+                    _ => break,
+                }
+            }
+            let _ = tx.send_blocking(Msg::Exited(
+                pid,
+                "exited (adopted: its exit status went to its parent)".into(),
+            ));
+        });
+    if let Err(e) = spawned {
+        log::error!("mysqld: cannot start the thread that watches the adopted pid {pid}: {e}");
+    }
 }
 
 /// Whether the datadir holds a database (its `mysql` system schema).

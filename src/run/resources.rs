@@ -59,6 +59,25 @@ impl Resources {
         }
     }
 
+    /// hadb restarted in place on a primary whose kernel device stayed
+    /// attached: the filesystem should still be mounted (mount is a no-op
+    /// then), and mysqld still running: it is adopted, not started again.
+    pub async fn resume(&self) {
+        if let Some((dev, cfg)) = self.fs.clone() {
+            let at = cfg.datadir.clone();
+            match smol::unblock(move || filesystem::mount(&dev, &cfg)).await {
+                Ok(()) => log::info!("filesystem: mounted at {}", at.display()),
+                Err(e) => {
+                    log::error!("filesystem: {e}; mysqld is not started");
+                    return;
+                }
+            }
+        }
+        if let Some(m) = &self.mysqld {
+            m.resume();
+        }
+    }
+
     /// Stops mysqld and waits for it, unmounts; nothing of the service
     /// holds the volume any more.
     pub async fn down(&self) -> Result<(), String> {

@@ -247,6 +247,7 @@ impl Volume {
         mut store: Store,
         shared_stats: Stats,
         role_tx: Sender<Role>,
+        resume_primary: bool,
     ) -> Result<(Volume, Sender<Event>, Arc<Shared>), std::io::Error> {
         let (tx, rx) = smol::channel::unbounded();
         let unclean = store.superblock.has(flags::ACTIVE);
@@ -291,6 +292,7 @@ impl Volume {
             unclean,
             al_extents: config.volume.al_extents as usize,
             al_extent_blocks: crate::core::al::EXTENT_BLOCKS,
+            resume_primary,
             gen_seed: u64::from_le_bytes(seed),
             me: config.node.clone(),
             peer: peer_name.to_owned(),
@@ -316,7 +318,11 @@ impl Volume {
         std::thread::Builder::new()
             .name("hadb-disk".into())
             .spawn(move || disk_thread(store, jobs_rx, events))?;
-        if sb.has(flags::PRIMARY) && unclean {
+        if sb.has(flags::PRIMARY) && resume_primary {
+            log::info!(
+                "volume: this node was primary and its kernel device is still attached (hadb restarted in place): resuming as primary"
+            );
+        } else if sb.has(flags::PRIMARY) && unclean {
             log::warn!(
                 "volume: the metadata says this node was primary when it stopped (a crash or power-off?); starting as secondary"
             );

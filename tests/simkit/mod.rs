@@ -261,6 +261,7 @@ impl SimVolume {
             unclean,
             al_extents: AL_EXTENTS,
             al_extent_blocks: AL_EXTENT_BLOCKS,
+            resume_primary: false,
         }
     }
 
