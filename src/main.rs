@@ -42,6 +42,7 @@ enum Top {
     Fence(FenceCmd),
     Standby(StandbyCmd),
     Switchover(SwitchoverCmd),
+    RestartInPlace(RestartInPlaceCmd),
     Mysql(MysqlCmd),
     Log(LogCmd),
     Version(VersionCmd),
@@ -129,6 +130,13 @@ struct MysqlInitCmd {}
 #[derive(FromArgs)]
 #[argh(subcommand, name = "reset")]
 struct MysqlResetCmd {}
+
+/// replace the running hadb by the binary now on disk (an upgrade) without
+/// a failover: the volume is parked, hadb re-executes itself and takes the
+/// kernel device back; mysqld and the filesystem stay up
+#[derive(FromArgs)]
+#[argh(subcommand, name = "restart-in-place")]
+struct RestartInPlaceCmd {}
 
 /// move the primary role to the peer, losing no write
 #[derive(FromArgs)]
@@ -374,6 +382,15 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let r = run::control::call(&config.control.socket, json!({"command": "mysql.init"}))?;
             print!("{}", r["output"].as_str().unwrap_or(""));
             println!("database made; mysqld starts");
+            Ok(())
+        }
+        Top::RestartInPlace(_) => {
+            let config = load_config(&cli)?;
+            run::control::call(
+                &config.control.socket,
+                json!({"command": "restart-in-place"}),
+            )?;
+            println!("hadb restarts in place; `hadb status` answers again within seconds");
             Ok(())
         }
         Top::Switchover(_) => {

@@ -19,6 +19,7 @@ const HELP: &str = "commands:\r
   status [json]                 the pair, as `hadb status`\r
   standby on|off                hand the primary role over / take it back\r
   switchover                    move the primary role to the peer\r
+  restart-in-place              re-execute hadb (an upgrade); MySQL stays up\r
   log                           the recent events\r
   mysql reset                   mysqld failed here: its cause is fixed, try again\r
   fence confirm NODE            NODE is powered off: let the pending fence succeed\r
@@ -44,6 +45,7 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
             ..req("standby")
         },
         ["switchover"] => req("switchover"),
+        ["restart-in-place"] => req("restart-in-place"),
         ["log"] => req("log"),
         ["mysql", "reset"] => req("mysql.reset"),
         ["fence", "test"] => req("fence.test"),

@@ -61,6 +61,8 @@ struct Daemon {
     /// Where the configuration came from, for SIGHUP.
     sources: crate::config::Sources,
     watchdog: Option<Arc<crate::run::watchdog::Armed>>,
+    /// `hadb restart-in-place` asked: the main loop re-executes hadb.
+    restart: Sender<()>,
 }
 
 impl Daemon {
@@ -331,13 +333,22 @@ impl control::Handler for Daemon {
                 }
                 self.ask(Command::Secondary).await
             }
+            "restart-in-place" => {
+                self.restart
+                    .try_send(())
+                    .map_err(|_| "a restart or stop is already under way".to_string())?;
+                log::info!(
+                    "restart in place asked: the volume is parked and hadb re-executes itself; mysqld and the filesystem stay"
+                );
+                Ok(json!({"restart": "started"}))
+            }
             "volume.go-alone" => self.ask(Command::GoAlone).await,
             "volume.down" => self.ask(Command::Down).await,
             "volume.up" => self.ask(Command::Up { by_watchdog: false }).await,
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence, fence.test, fence.confirm, standby, switchover, mysql.init, mysql.reset, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence, fence.test, fence.confirm, standby, switchover, restart-in-place, mysql.init, mysql.reset, log"
             )),
         }
     }
@@ -410,7 +421,9 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
     let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(
         config.manager.maintenance,
     ));
+    let (restart_tx, restart_rx) = smol::channel::bounded(1);
     let daemon = Arc::new(Daemon {
+        restart: restart_tx,
         config: config.clone(),
         events: events.clone(),
         heartbeat: heartbeat.clone(),
@@ -544,15 +557,49 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             notifier.notify("READY=1\nSTATUS=running");
             crate::run::spawn(tell_systemd(notifier.clone(), daemon.clone()))
         });
+        use smol::future::FutureExt;
         use smol::stream::StreamExt;
         let mut signals = signals;
-        while let Some(Ok(sig)) = signals.next().await {
-            if sig == async_signal::Signal::Hup {
-                daemon.reload();
-                continue;
+        let mut restart = false;
+        loop {
+            let next = async { Some(signals.next().await) }
+                .or(async { restart_rx.recv().await.ok().map(|()| None) })
+                .await;
+            match next {
+                Some(Some(Ok(async_signal::Signal::Hup))) => daemon.reload(),
+                Some(Some(Ok(sig))) => {
+                    log::info!("received {sig:?}: stopping");
+                    break;
+                }
+                Some(_) => break,
+                None => {
+                    restart = true;
+                    break;
+                }
             }
-            log::info!("received {sig:?}: stopping");
-            break;
+        }
+        if restart {
+            notifier.notify("STATUS=restarting in place");
+            // The answer to the control request goes out first.
+            smol::Timer::after(Duration::from_millis(100)).await;
+            let stopped = async { Some(daemon.ask(Command::Stop { restart: true }).await) }
+                .or(async {
+                    smol::Timer::after(Duration::from_secs(30)).await;
+                    None
+                })
+                .await;
+            if !matches!(stopped, Some(Ok(_))) {
+                log::warn!(
+                    "volume: no clean stop before the restart; the next process treats it as a crash"
+                );
+            }
+            let _ = std::fs::remove_file(&config.control.socket);
+            let _ = std::fs::remove_file(&config.volume.nbd_socket);
+            // The watchdog stays armed: the next process opens it again.
+            let e = reexec();
+            log::error!(
+                "restart in place: {e}; stopping instead (mysqld, the filesystem, the volume)"
+            );
         }
         notifier.notify("STOPPING=1\nSTATUS=stopping: mysqld, the filesystem, then the volume");
         // The reverse of the start order: nothing may hold the volume's
@@ -562,8 +609,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         }
         // A clean stop spares the next start a crash's resync; a second
         // signal, or a disk that does not answer, ends it anyway.
-        use smol::future::FutureExt;
-        let stopped = async { Some(daemon.ask(Command::Stop).await) }
+        let stopped = async { Some(daemon.ask(Command::Stop { restart: false }).await) }
             .or(async {
                 signals.next().await;
                 None
@@ -583,6 +629,23 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         let _ = std::fs::remove_file(&config.volume.nbd_socket);
     });
     Ok(())
+}
+
+/// Replaces this process with the binary now at /proc/self/exe (an
+/// upgraded hadb, if the file was replaced), same arguments and
+/// environment, same pid (so systemd and mysqld's parent link do not
+/// notice). Every descriptor hadb opens is close-on-exec (std, rustix and
+/// async-io all open them so): the old sockets close, and the kernel
+/// device's dead connection is replaced by the next process. Returns only
+/// on failure.
+fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    log::info!("restart in place: executing /proc/self/exe again");
+    std::process::Command::new("/proc/self/exe")
+        .arg0(std::env::args_os().next().unwrap_or_else(|| "hadb".into()))
+        .args(args)
+        .exec()
 }
 
 /// The "drbdadm up on every node" rule: a volume taken down on a node
@@ -753,7 +816,20 @@ fn take_over(
         }
         return None;
     }
-    match NetlinkNbd::reattach(index, settings) {
+    // The old process's end may close a moment after its death is seen
+    // here (a restart in place is quick): the kernel keeps the live-looking
+    // connection until its receive worker reads EOF.
+    let mut tries = 0;
+    let reattached = loop {
+        match NetlinkNbd::reattach(index, settings) {
+            Err(nbd_netlink::Error::StillServed { .. }) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    match reattached {
         Ok(r) => {
             log::info!(
                 "nbd: {} was left attached by an earlier hadb process; reconnected to it",

@@ -58,8 +58,14 @@ pub enum Command {
     DiscardMyData,
     Verify,
     /// A clean stop: the answer comes once the bitmap, activity log and
-    /// superblock say so on disk.
-    Stop,
+    /// superblock say so on disk. `restart`: hadb re-executes itself
+    /// afterwards with the kernel device left attached (`hadb
+    /// restart-in-place`): application requests that arrive meanwhile are
+    /// left unanswered rather than failed; the kernel sends them again on
+    /// the next process's connection.
+    Stop {
+        restart: bool,
+    },
     /// The manager's proof that the peer cannot be promoted with older
     /// data (fenced, or outdated by its own word).
     PeerProvenOutdated(String, bool),
@@ -237,6 +243,11 @@ pub struct Volume {
     meta_broken: bool,
     /// A clean stop asked for, waiting for the disk queue to drain.
     stopping: Option<Sender<Result<serde_json::Value, String>>>,
+    /// That stop is for a restart in place (see `Command::Stop`).
+    restarting: bool,
+    /// Application requests left for the next process, and the ones open
+    /// when the stop was asked.
+    parked: u64,
 }
 
 impl Volume {
@@ -349,6 +360,8 @@ impl Volume {
                 promote_waiter: None,
                 meta_broken: false,
                 stopping: None,
+                restarting: false,
+                parked: 0,
             },
             tx,
             shared,
@@ -422,6 +435,13 @@ impl Volume {
         let (tx, rx) = smol::channel::bounded(1);
         let _ = self.jobs.send(Job::Barrier(tx));
         let _ = rx.recv().await;
+        let open = self.waiting.len() as u64;
+        if self.restarting && open + self.parked > 0 {
+            log::info!(
+                "volume: {} application request(s) left for the next hadb process (the kernel sends them again)",
+                open + self.parked
+            );
+        }
         let answer = if clean {
             log::info!("volume: stopped cleanly; bitmap and activity log written");
             Ok(json!({"stopped": "clean"}))
@@ -438,6 +458,9 @@ impl Volume {
 
     fn handle(&mut self, event: Event) {
         match event {
+            Event::Request { .. } if self.stopping.is_some() && self.restarting => {
+                self.parked += 1;
+            }
             Event::Request { reply, cookie, .. } if self.stopping.is_some() => {
                 let _ = reply.try_send(crate::run::nbd::Reply {
                     cookie,
@@ -447,10 +470,11 @@ impl Volume {
             }
             Event::LinkUp(_) | Event::Frame { .. } if self.stopping.is_some() => {}
             Event::Command {
-                command: Command::Stop,
+                command: Command::Stop { restart },
                 reply,
             } => {
                 log::info!("volume: stopping: the link goes down, then the disk queue drains");
+                self.restarting = restart;
                 if self.link.take().is_some() {
                     let actions = self.replica.link_lost();
                     self.apply(actions);
@@ -586,7 +610,7 @@ impl Volume {
                 self.apply(actions);
                 Ok(json!({"alone": self.replica.alone()}))
             }
-            Command::Stop => Err("stop is handled by the event loop".into()),
+            Command::Stop { .. } => Err("stop is handled by the event loop".into()),
             Command::Down => {
                 if self.replica.role() == Role::Primary {
                     return Err("the primary's volume holds the filesystem and takes the writes; make this node secondary first (`hadb standby on` or `hadb switchover`)".into());
