@@ -82,16 +82,22 @@ impl Drop for Pair {
             return;
         }
         for vm in [&mut self.vm1, &mut self.vm2] {
-            let report = vm
-                .run_timeout(
-                    "echo '--- hadb status'; hadb status 2>&1; \
-                     echo '--- /tmp/hadb.log (tail)'; tail -n 80 /tmp/hadb.log; \
-                     echo '--- writer.log (tail)'; tail -n 20 /tmp/writer.log; \
-                     echo '--- dmesg (tail)'; dmesg | tail -n 40",
-                    Duration::from_secs(20),
-                )
-                .map(|(out, _)| out)
-                .unwrap_or_else(|e| format!("(no report: {e})"));
+            // One command each: a report cut short by the OOM killer still
+            // says the rest.
+            let mut report = String::new();
+            for cmd in [
+                "dmesg | tail -n 60",
+                "tail -n 100 /tmp/hadb.log",
+                "tail -n 20 /tmp/writer.log",
+                "ps; free",
+                "hadb status 2>&1",
+            ] {
+                let out = vm
+                    .run_timeout(cmd, Duration::from_secs(20))
+                    .map(|(out, rc)| format!("{out}(rc {rc})"))
+                    .unwrap_or_else(|e| format!("(no answer: {e})"));
+                report += &format!("--- {cmd}\n{out}\n");
+            }
             eprintln!("===== {} =====\n{report}", vm.name());
         }
     }

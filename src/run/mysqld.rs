@@ -157,7 +157,7 @@ async fn run(
             }
             Some(Msg::Reset) => sup.reset(t),
             Some(Msg::Init(reply)) => {
-                match initialised(&cfg.datadir) {
+                match initialised_off_loop(&cfg).await {
                     Ok(true) => {
                         let _ = reply.try_send(Err(format!(
                             "{} already holds a database; nothing to do",
@@ -201,7 +201,9 @@ async fn run(
         };
         for a in actions {
             match a {
-                Action::Spawn => match initialised(&cfg.datadir) {
+                // The datadir is looked at and prepared off the event loop
+                // (see `initialised_off_loop`).
+                Action::Spawn => match initialised_off_loop(&cfg).await {
                     Ok(false) => {
                         let why = format!(
                             "{} holds no database yet; `hadb mysql init` on the primary makes one",
@@ -214,7 +216,8 @@ async fn run(
                         }
                     }
                     _ => {
-                        let r = start_mysqld(&cfg, &tx);
+                        let (c, t) = (cfg.clone(), tx.clone());
+                        let r = smol::unblock(move || start_mysqld(&c, &t)).await;
                         let _ = tx.send(Msg::Spawned(r)).await;
                     }
                 },
@@ -489,6 +492,14 @@ fn watch_adopted(pid: u32, tx: &Sender<Msg>) {
     if let Err(e) = spawned {
         log::error!("mysqld: cannot start the thread that watches the adopted pid {pid}: {e}");
     }
+}
+
+/// [`initialised`] on a blocking thread: the datadir is on the volume this
+/// process serves, and a look that misses the page cache must not stall
+/// the event loop that answers the kernel's reads.
+async fn initialised_off_loop(cfg: &MysqlConfig) -> Result<bool, String> {
+    let datadir = cfg.datadir.clone();
+    smol::unblock(move || initialised(&datadir)).await
 }
 
 /// Whether the datadir holds a database (its `mysql` system schema).
