@@ -442,6 +442,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
     ])
     .map_err(Error::Signals)?;
 
+    let nbd_settings_stop = nbd_settings.clone();
     crate::run::block_on(0, async move {
         let _volume = crate::run::spawn(volume.run());
         let _reaper = crate::run::spawn(crate::run::process::reaper());
@@ -523,7 +524,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         let _roles = crate::run::spawn(follow_roles(
             resources.clone(),
             config.volume.nbd_device.clone(),
-            nbd_settings,
+            nbd_settings.clone(),
             resumed,
             role_rx,
             nbd_server,
@@ -560,19 +561,28 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         use smol::future::FutureExt;
         use smol::stream::StreamExt;
         let mut signals = signals;
+        enum Wake {
+            Signal(Option<std::io::Result<async_signal::Signal>>),
+            Restart,
+        }
         let mut restart = false;
         loop {
-            let next = async { Some(signals.next().await) }
-                .or(async { restart_rx.recv().await.ok().map(|()| None) })
+            let next = async { Wake::Signal(signals.next().await) }
+                .or(async {
+                    match restart_rx.recv().await {
+                        Ok(()) => Wake::Restart,
+                        Err(_) => std::future::pending().await,
+                    }
+                })
                 .await;
             match next {
-                Some(Some(Ok(async_signal::Signal::Hup))) => daemon.reload(),
-                Some(Some(Ok(sig))) => {
+                Wake::Signal(Some(Ok(async_signal::Signal::Hup))) => daemon.reload(),
+                Wake::Signal(Some(Ok(sig))) => {
                     log::info!("received {sig:?}: stopping");
                     break;
                 }
-                Some(_) => break,
-                None => {
+                Wake::Signal(_) => break,
+                Wake::Restart => {
                     restart = true;
                     break;
                 }
@@ -604,7 +614,8 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         notifier.notify("STOPPING=1\nSTATUS=stopping: mysqld, the filesystem, then the volume");
         // The reverse of the start order: nothing may hold the volume's
         // filesystem when the volume stops.
-        if let Err(e) = resources.down().await {
+        let down = resources.down().await;
+        if let Err(e) = &down {
             log::warn!("stop: {e}");
         }
         // A clean stop spares the next start a crash's resync; a second
@@ -621,6 +632,14 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             .await;
         if !matches!(stopped, Some(Ok(_))) {
             log::warn!("volume: no clean stop; the next start treats this one as a crash");
+        }
+        // Nothing of the service holds the kernel device any more: let it
+        // go. (With the filesystem still mounted it stays, waiting for the
+        // next hadb process, as after a crash.)
+        if down.is_ok()
+            && let Some(device) = &config.volume.nbd_device
+        {
+            detach_ours(device, &nbd_settings_stop);
         }
         if let Some(w) = &watchdog {
             w.disarm();
@@ -774,6 +793,19 @@ pub fn nbd_settings(data_size: u64, volume_id: &[u8; 16]) -> nbd_netlink::Settin
         request_timeout: None,
         io_timeout: Some(NBD_IO_TIMEOUT),
         backend: Some(backend_id(volume_id)),
+    }
+}
+
+/// Disconnects `/dev/nbdN` if it is this volume's (at a clean stop; a
+/// secondary has none).
+fn detach_ours(device: &Path, settings: &nbd_netlink::Settings) {
+    let Ok(index) = nbd_index(device) else { return };
+    if backend_of(index).as_deref() != settings.backend.as_deref() {
+        return;
+    }
+    match nbd_netlink::disconnect(index) {
+        Ok(()) => log::info!("nbd: {} detached", device.display()),
+        Err(e) => log::error!("nbd: detaching {} failed: {e}", device.display()),
     }
 }
 
