@@ -320,6 +320,12 @@ impl control::Handler for Daemon {
                 })
                 .await?;
                 log::info!("filesystem: made and mounted");
+                // The mount at promotion failed (no filesystem yet), so
+                // nothing asked for mysqld: ask now. On an empty datadir it
+                // waits as uninitialised until `hadb mysql init`.
+                if let Some(m) = &self.resources.mysqld {
+                    m.start();
+                }
                 Ok(json!({"mkfs": "done"}))
             }
             "volume.secondary" => {
