@@ -53,13 +53,23 @@ fn zombies_of(pid: u32) -> Vec<String> {
     out
 }
 
-/// The pids whose parent is `pid`.
+/// The pids whose parent is `pid`: the children of each of its threads
+/// (hadb starts processes from its blocking threads).
 fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        out.extend(
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|s| s.parse::<u32>().ok()),
+        );
+    }
+    out
 }
 
 fn wait_for(what: &str, p: &Pair, n: usize, pred: impl Fn(&str) -> bool) {
