@@ -357,6 +357,9 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
     let mut cmd = Command::new(program);
     cmd.args(rest)
         .current_dir(&cfg.datadir)
+        // systemd's notify socket is hadb's: a mysqld built with systemd
+        // support would report to it as if it were hadb.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -550,6 +553,7 @@ fn init_database(cfg: &MysqlConfig) -> Result<String, String> {
         Command::new(program)
             .args(rest)
             .current_dir(&cfg.datadir)
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null()),
     )
     .map_err(|e| format!("cannot run {program}: {e}"))?;
