@@ -9,13 +9,13 @@
 
 #[path = "support/vm.rs"]
 mod vm;
+#[path = "support/vm_pair.rs"]
+mod vm_pair;
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use vm::{Vm, VmConfig};
-
-const DATA_DISK: u64 = 64 << 20;
+use vm::Vm;
+use vm_pair::{Pair, replicating_as, status, wait_status};
 
 const CONFIG: &str = r#"cluster = "hadb-test"
 key_file = "/etc/hadb/authkey"
@@ -71,120 +71,13 @@ const IO_ERRORS: &[&str] = &[
     "Remounting filesystem read-only",
 ];
 
-struct Pair {
-    vm1: Vm,
-    vm2: Vm,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for vm in [&mut self.vm1, &mut self.vm2] {
-            // One command each: a report cut short by the OOM killer still
-            // says the rest.
-            let mut report = String::new();
-            for cmd in [
-                "dmesg | tail -n 60",
-                "tail -n 100 /tmp/hadb.log",
-                "tail -n 20 /tmp/writer.log",
-                "ps; free",
-                "hadb status 2>&1",
-            ] {
-                let out = vm
-                    .run_timeout(cmd, Duration::from_secs(20))
-                    .map(|(out, rc)| format!("{out}(rc {rc})"))
-                    .unwrap_or_else(|e| format!("(no answer: {e})"));
-                report += &format!("--- {cmd}\n{out}\n");
-            }
-            eprintln!("===== {} =====\n{report}", vm.name());
-        }
-    }
-}
-
-fn status(vm: &mut Vm) -> Option<Value> {
-    match vm.run("hadb status --json") {
-        Ok((out, 0)) => serde_json::from_str(out.trim()).ok(),
-        _ => None,
-    }
-}
-
-fn replicating_as(st: &Value, role: &str) -> bool {
-    let v = &st["volume"];
-    v["role"] == role
-        && v["link"] == "connected"
-        && !v["peer"].is_null()
-        && v["peer_up_to_date"] == Value::Bool(true)
-        && v["resync"].is_null()
-}
-
-fn wait_status(vm: &mut Vm, what: &str, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(st) = status(vm) {
-            if want(&st) {
-                return st;
-            }
-            last = Some(st);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: not {what} after {timeout:?}; last status: {}",
-            vm.name(),
-            last.map(|s| s.to_string())
-                .unwrap_or_else(|| "none (daemon not answering)".into())
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 fn boot_pair() -> Pair {
-    let assets = vm::assets();
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("random bytes for the auth key");
-    let (p1, p2) = vm::udp_port_pair();
-    let vm_config = |name, host, addr, link: (u16, u16)| {
-        VmConfig::new(name, host, addr)
-            .link(link.0, link.1)
-            .data_disk_size(DATA_DISK)
-            .file("/etc/hadb/hadb.toml", 0o644, CONFIG.as_bytes())
-            .file("/etc/hadb/authkey", 0o600, &key)
-            .file("/tmp/writer.sh", 0o755, WRITER.as_bytes())
-    };
-    let mut vms = vm::boot_all(
-        assets,
-        vec![
-            vm_config("hadb-rip1", "hadb01", "10.10.10.4/24", (p1, p2)),
-            vm_config("hadb-rip2", "hadb02", "10.10.10.5/24", (p2, p1)),
-        ],
+    let mut pair = vm_pair::boot_pair(
+        "hadb-rip",
+        CONFIG,
+        &[("/tmp/writer.sh", 0o755, WRITER.as_bytes())],
     );
-    let vm2 = vms.pop().expect("two VMs");
-    let vm1 = vms.pop().expect("two VMs");
-    let mut pair = Pair { vm1, vm2 };
     let Pair { vm1, vm2 } = &mut pair;
-    for vm in [&mut *vm1, &mut *vm2] {
-        vm.run_ok("hadb config check");
-        vm.run_ok("hadb volume create-md");
-        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
-    }
-    for vm in [&mut *vm1, &mut *vm2] {
-        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
-    }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
-    wait_status(
-        vm1,
-        "primary and replicating",
-        Duration::from_secs(180),
-        |st| replicating_as(st, "primary"),
-    );
     // A filesystem and a database directory, then down and up again so
     // hadb mounts it and starts the stand-in itself.
     vm1.run_ok("hadb volume mkfs");

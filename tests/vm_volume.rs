@@ -5,13 +5,13 @@
 
 #[path = "support/vm.rs"]
 mod vm;
+#[path = "support/vm_pair.rs"]
+mod vm_pair;
 
 use std::time::Duration;
 
-use serde_json::Value;
-use vm::{Vm, VmConfig};
-
-const DATA_DISK: u64 = 64 << 20;
+use vm::Vm;
+use vm_pair::{Pair, boot_pair, replicating_as, wait_nbd, wait_status};
 
 const CONFIG: &str = r#"# hadb test pair; `node` defaults to the host name (hadb01 / hadb02)
 cluster = "hadb-test"
@@ -36,152 +36,13 @@ maintenance = true
 /// The files written on the first primary and checked on the second.
 const FILES: &[&str] = &["big.bin", "small.txt", "dir/nested.txt", "dir/empty"];
 
-/// Both VMs; when the test fails, prints each one's hadb log and kernel log.
-struct Pair {
-    vm1: Vm,
-    vm2: Vm,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for vm in [&mut self.vm1, &mut self.vm2] {
-            let report = vm
-                .run_timeout(
-                    "echo '--- hadb status'; hadb status 2>&1; \
-                     echo '--- /tmp/hadb.log (tail)'; tail -n 80 /tmp/hadb.log; \
-                     echo '--- dmesg (tail)'; dmesg | tail -n 30",
-                    Duration::from_secs(20),
-                )
-                .map(|(out, _)| out)
-                .unwrap_or_else(|e| format!("(no report: {e})"));
-            eprintln!("===== {} =====\n{report}", vm.name());
-        }
-    }
-}
-
-fn status(vm: &mut Vm) -> Option<Value> {
-    match vm.run("hadb status --json") {
-        Ok((out, 0)) => serde_json::from_str(out.trim()).ok(),
-        _ => None,
-    }
-}
-
-fn volume_field<'a>(st: &'a Value, key: &str) -> &'a Value {
-    &st["volume"][key]
-}
-
-/// Primary (or secondary), connected to its peer, and the peer up to date
-/// with nothing left to resynchronise.
-fn replicating_as(st: &Value, role: &str) -> bool {
-    let link = volume_field(st, "link").as_str().unwrap_or("");
-    volume_field(st, "role") == role
-        && link == "connected"
-        && !volume_field(st, "peer").is_null()
-        && volume_field(st, "peer_up_to_date") == &Value::Bool(true)
-        && volume_field(st, "resync").is_null()
-}
-
-fn wait_status(vm: &mut Vm, what: &str, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(st) = status(vm) {
-            if want(&st) {
-                return st;
-            }
-            last = Some(st);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}: not {what} after {timeout:?}; last status: {}",
-            vm.name(),
-            last.map(|s| s.to_string())
-                .unwrap_or_else(|| "none (daemon not answering)".into())
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Waits until /dev/nbd0 is attached (has a size) or detached (size 0).
-fn wait_nbd(vm: &mut Vm, attached: bool) {
-    let want = if attached { "attached" } else { "detached" };
-    vm.wait_until(
-        "blockdev --getsize64 /dev/nbd0",
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-        |out, rc| rc == 0 && (out.trim() != "0") == attached,
-    )
-    .unwrap_or_else(|e| panic!("/dev/nbd0 not {want}: {e}"));
-}
-
 fn md5sums(vm: &mut Vm) -> String {
     let files = FILES.join(" ");
     vm.run_ok(&format!("cd /mnt && md5sum {files}"))
 }
 
-/// Two VMs from the test image with `config` as /etc/hadb/hadb.toml:
-/// metadata created, `hadb run` started on both, hadb01 made primary and
-/// its peer caught up, /dev/nbd0 attached on hadb01.
-fn boot_pair(config: &str) -> Pair {
-    let assets = vm::assets();
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("random bytes for the auth key");
-    let (p1, p2) = vm::udp_port_pair();
-    let vm_config = |name, host, addr, link: (u16, u16)| {
-        VmConfig::new(name, host, addr)
-            .link(link.0, link.1)
-            .data_disk_size(DATA_DISK)
-            .file("/etc/hadb/hadb.toml", 0o644, config.as_bytes())
-            .file("/etc/hadb/authkey", 0o600, &key)
-    };
-    let mut vms = vm::boot_all(
-        assets,
-        vec![
-            vm_config("vm1", "hadb01", "10.10.10.4/24", (p1, p2)),
-            vm_config("vm2", "hadb02", "10.10.10.5/24", (p2, p1)),
-        ],
-    );
-    let vm2 = vms.pop().expect("two VMs");
-    let vm1 = vms.pop().expect("two VMs");
-    let mut pair = Pair { vm1, vm2 };
-    let Pair { vm1, vm2 } = &mut pair;
-    for vm in [&mut *vm1, &mut *vm2] {
-        assert_eq!(vm.run_ok("stat -c %a /etc/hadb/authkey"), "600\n");
-        vm.run_ok("hadb config check");
-        vm.run_ok("hadb volume create-md");
-        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
-    }
-    for vm in [&mut *vm1, &mut *vm2] {
-        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
-    }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
-    wait_status(
-        vm1,
-        "primary and replicating",
-        Duration::from_secs(180),
-        |st| replicating_as(st, "primary"),
-    );
-    wait_status(
-        vm2,
-        "secondary and replicating",
-        Duration::from_secs(60),
-        |st| replicating_as(st, "secondary"),
-    );
-    wait_nbd(vm1, true);
-    pair
-}
-
 pub fn volume_failover_scenario() {
-    let mut pair = boot_pair(CONFIG);
+    let mut pair = boot_pair("vm", CONFIG, &[]);
     let Pair { vm1, vm2 } = &mut pair;
 
     // A filesystem and some files on hadb01.
@@ -280,7 +141,7 @@ fn mounted(vm: &mut Vm) -> bool {
 /// the demotion refused, naming the holder, while something uses it).
 #[test]
 fn the_filesystem_follows_the_primary() {
-    let mut pair = boot_pair(FS_CONFIG);
+    let mut pair = boot_pair("vm", FS_CONFIG, &[]);
     let Pair { vm1, vm2 } = &mut pair;
     assert!(!mounted(vm1), "mounted before there was a filesystem");
 
