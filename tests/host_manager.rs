@@ -26,19 +26,8 @@ fn pair(test: &str, net: &Net) -> Pair {
         std::fs::write(p.config(n), text).unwrap();
         p.netns[n] = Some(net.ns(n).to_owned());
     }
-    p.start(0);
-    p.start(1);
-    for n in 0..2 {
-        p.wait(n, "peer heard and volume connected", |s| {
-            s.is_some_and(|s| {
-                s["heartbeat"]["peer_alive"] == true && !s["volume"]["peer"].is_null()
-            })
-        });
-    }
-    // A fresh pair's first primary is the operator's choice (as with
-    // DRBD's first `primary --force`); from then on the manager decides.
-    p.primary(0);
-    p.wait_in_sync(0);
+    // From the first primary on, the manager decides.
+    p.start_connected();
     p
 }
 

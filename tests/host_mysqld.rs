@@ -237,17 +237,7 @@ fn a_mysqld_that_keeps_failing_hands_the_primary_role_to_the_peer() {
         std::fs::write(p.config(n), text).unwrap();
         p.netns[n] = Some(net.ns(n).to_owned());
     }
-    p.start(0);
-    p.start(1);
-    for n in 0..2 {
-        p.wait(n, "peer heard and volume connected", |s| {
-            s.is_some_and(|s| {
-                s["heartbeat"]["peer_alive"] == true && !s["volume"]["peer"].is_null()
-            })
-        });
-    }
-    p.primary(0);
-    p.wait_in_sync(0);
+    p.start_connected();
     let mut pid = healthy_pid(&p, 0, "a's mysqld healthy");
     // Two restarts are allowed; the third failure is one too many.
     for round in 1..=3 {

@@ -270,6 +270,24 @@ maintenance = true
         p
     }
 
+    /// Starts both daemons of configs already written, waits until each
+    /// hears the other and the volume is connected, then makes `a` the
+    /// first primary (the operator's choice, as DRBD's first
+    /// `primary --force`) and waits until `b` holds a full copy.
+    pub fn start_connected(&mut self) {
+        self.start(0);
+        self.start(1);
+        for n in 0..2 {
+            self.wait(n, "peer heard and volume connected", |s| {
+                s.is_some_and(|s| {
+                    s["heartbeat"]["peer_alive"] == true && !s["volume"]["peer"].is_null()
+                })
+            });
+        }
+        self.primary(0);
+        self.wait_in_sync(0);
+    }
+
     pub fn wait_link_lost(&self, n: usize) {
         self.wait(n, "link lost", |s| {
             s.is_some_and(|s| s["volume"]["peer"].is_null())
