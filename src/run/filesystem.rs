@@ -17,9 +17,21 @@ pub fn mounted_at(device: &Path) -> Option<String> {
     })
 }
 
+/// Held across every mkfs, mount and unmount: the promotion's mount
+/// retries while the operator's `hadb volume mkfs` runs, and neither may
+/// see the other half done (a mount of a filesystem being made, or two
+/// mounts racing, which the kernel answers with EBUSY).
+static FS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fs_lock() -> std::sync::MutexGuard<'static, ()> {
+    // A panic while holding it leaves no state behind to protect.
+    FS_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Mounts the device at the data directory (the kernel replays the
 /// journal). Already mounted there: nothing to do.
 pub fn mount(device: &Path, fs: &MysqlConfig) -> Result<(), String> {
+    let _held = fs_lock();
     if mounted_at(device).is_some_and(|at| Path::new(&at) == fs.datadir) {
         return Ok(());
     }
@@ -91,6 +103,7 @@ pub fn managed(config: &crate::config::Config) -> Managed {
 /// Unmounts the data directory if the device is mounted there; refuses,
 /// naming who holds it, if it is busy.
 pub fn unmount(device: &Path, fs: &MysqlConfig) -> Result<(), String> {
+    let _held = fs_lock();
     let Some(at) = mounted_at(device) else {
         return Ok(());
     };
@@ -111,6 +124,13 @@ pub fn unmount(device: &Path, fs: &MysqlConfig) -> Result<(), String> {
 /// a partition table) and `force` is not given.
 pub fn mkfs(device: &Path, fs: &MysqlConfig, force: bool) -> Result<(), String> {
     use std::io::Read;
+    let _held = fs_lock();
+    if let Some(at) = mounted_at(device) {
+        return Err(format!(
+            "{} is mounted at {at}: it already has a filesystem in use; nothing to make",
+            device.display()
+        ));
+    }
     let mut head = vec![0u8; 70 * 1024];
     let n = std::fs::File::open(device)
         .and_then(|mut f| f.read(&mut head))
