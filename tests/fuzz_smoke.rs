@@ -11,7 +11,7 @@ mod checks;
 use std::time::Instant;
 
 use checks::{FRAME_KEY, KEY};
-use hadb::core::heartbeat::{Membership, NodeReport, Packet, Reject};
+use hadb::core::heartbeat::{Membership, NodeReport, Packet, Reject, Timing};
 use hadb::core::nbd;
 use hadb::core::wire::{self, Header, Hello, Kind, NodeState, Sealer};
 
@@ -102,6 +102,7 @@ fn report() -> NodeReport {
         service: 1,
         watchdog_timeout_ms: 10_000,
         hears: 99,
+        vote: 77,
     }
 }
 
@@ -115,6 +116,11 @@ fn heartbeats() -> Vec<Packet> {
         cluster: cluster.into(),
         node: node.into(),
         report: report(),
+        timing: Timing {
+            sent_us: seq,
+            echo_us: 3,
+            echo_hold_us: 4,
+        },
     };
     vec![
         p("hadb", "b", 7),
@@ -127,7 +133,7 @@ fn heartbeats() -> Vec<Packet> {
 fn heartbeat_corpus() -> Vec<Vec<u8>> {
     let mut corpus: Vec<Vec<u8>> = heartbeats().iter().map(|p| p.encode(KEY)).collect();
     let mut b = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 5);
-    corpus.push(b.outgoing(0, report()));
+    corpus.push(b.outgoing(0, report(), 1_000));
     corpus
 }
 
@@ -275,6 +281,7 @@ fn replay_at_the_window_edge_is_refused() {
                 hears: 1,
                 ..NodeReport::default()
             },
+            timing: Timing::default(),
         }
         .encode(KEY)
     };

@@ -10,7 +10,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use common::Pair;
-use hadb::core::heartbeat::{NodeReport, Packet};
+use hadb::core::heartbeat::{NodeReport, Packet, Timing};
 
 const SIZE: u64 = 16 << 20;
 
@@ -54,6 +54,7 @@ fn peers_hear_each_other_and_bad_datagrams_change_nothing() {
             hears: a_incarnation,
             ..NodeReport::default()
         },
+        timing: Timing::default(),
     };
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let before = heartbeat(&p, 0);

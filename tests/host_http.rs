@@ -95,6 +95,14 @@ fn probe_is_200_only_on_the_primary_and_metrics_say_why() {
     ] {
         assert!(body.contains(line), "missing {line}:\n{body}");
     }
+    // A heartbeat round trip on loopback: measured, and well under a
+    // second.
+    let rtt = body
+        .lines()
+        .find_map(|l| l.strip_prefix("hadb_heartbeat_rtt_seconds{node=\"a\",ring=\"0\"} "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no ring0 round trip in:\n{body}"));
+    assert!((0.0..1.0).contains(&rtt), "ring0 round trip {rtt} s");
 
     // Not HTTP, a method that is not GET, an unknown path, a head that
     // never ends: refused, the daemon unharmed.

@@ -302,17 +302,19 @@ impl Sim {
             },
             watchdog_timeout_ms: 0,
             hears: 0,
+            vote: 0,
         }
     }
 
     fn send_heartbeats(&mut self, n: usize, faults: bool) {
         let report = self.report(n);
         for ring in 0..RINGS {
-            let bytes = self.nodes[n]
-                .membership
-                .as_mut()
-                .unwrap()
-                .outgoing(ring, report);
+            let bytes =
+                self.nodes[n]
+                    .membership
+                    .as_mut()
+                    .unwrap()
+                    .outgoing(ring, report, self.now_us);
             if self.cut[ring][n] || (faults && self.rng.chance(10)) {
                 continue;
             }

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
-use hadb::core::heartbeat::{self, Event, Membership, NodeReport, Packet, Reject};
+use hadb::core::heartbeat::{self, Event, Membership, NodeReport, Packet, Reject, Timing};
 use hadb::core::nbd::{self, Command, Request};
 use hadb::core::wire::{self, Header, Hello, NodeState, Sealer};
 use hmac::{KeyInit, Mac};
@@ -25,10 +25,10 @@ const OTHER_KEY: &[u8; 32] = &[0x5a; 32];
 pub const FRAME_KEY: [u8; 32] = [7; 32];
 
 // Heartbeat layout, as src/core/heartbeat.rs has it (private there).
-const HB_FIXED: usize = 56;
+const HB_FIXED: usize = 84;
 const HB_MAX_NAME: usize = 64;
 const HB_WINDOW: u64 = 64;
-const HB_DOMAIN: &[u8] = b"hadb heartbeat v1\0";
+const HB_DOMAIN: &[u8] = b"hadb heartbeat v2\0";
 const HB_TIMEOUT_US: u64 = 1_000_000;
 /// The incarnation of the membership that `heartbeat_membership` drives;
 /// its script's packets name it in `hears`.
@@ -124,6 +124,7 @@ pub fn unconfirmed_refusal() -> Option<Reject> {
                 hears: 2,
                 ..NodeReport::default()
             },
+            timing: Timing::default(),
         };
         let refusal = hb_membership(1, 1).receive(0, &p.encode(KEY), 0).err();
         assert!(
@@ -203,6 +204,12 @@ fn heartbeat_signed_fields(data: &[u8]) {
             service: r.u8(),
             watchdog_timeout_ms: r.u32(),
             hears: r.u64(),
+            vote: r.u64(),
+        },
+        timing: Timing {
+            sent_us: r.u64(),
+            echo_us: r.u64(),
+            echo_hold_us: r.u32(),
         },
         cluster: {
             let n = usize::from(r.u8());
@@ -496,6 +503,7 @@ pub fn heartbeat_membership(data: &[u8], model: bool) {
                                 hears: MEMBER_INCARNATION,
                                 ..NodeReport::default()
                             },
+                            timing: Timing::default(),
                         };
                         let b = p.encode(KEY);
                         sent.push((p.clone(), b.clone()));
@@ -523,6 +531,7 @@ pub fn heartbeat_membership(data: &[u8], model: bool) {
                     cluster: "hadb".into(),
                     node: "b".into(),
                     report: NodeReport::default(),
+                    timing: Timing::default(),
                 };
                 let link = usize::from(r.u8());
                 let got = m.receive(link, &p.encode(KEY), now);
@@ -543,6 +552,7 @@ pub fn heartbeat_membership(data: &[u8], model: bool) {
                     cluster: if op & 0x80 != 0 { "hadb" } else { "other" }.into(),
                     node: if op & 0x80 != 0 { "c" } else { "b" }.into(),
                     report: NodeReport::default(),
+                    timing: Timing::default(),
                 };
                 let got = m.receive(usize::from(r.u8()), &p.encode(KEY), now);
                 assert_eq!(got, Err(Reject::Foreign));

@@ -15,17 +15,19 @@ use sha2::Sha256;
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 pub const MAGIC: [u8; 8] = *b"HADBBEAT";
-pub const VERSION: u8 = 1;
+/// 2 added the witness's vote and the round-trip echo; a pair runs one
+/// version (a node refuses the other's packets as malformed).
+pub const VERSION: u8 = 2;
 pub const MAC_LEN: usize = 32;
 /// Fixed part before the two names.
-const FIXED: usize = 56;
+const FIXED: usize = 84;
 const MAX_NAME: usize = 64;
 /// Sequence numbers below the highest seen that are still accepted once
 /// (UDP may reorder).
 const WINDOW: u64 = 64;
 /// Mixed into every MAC, so a heartbeat can never pass for anything else
 /// signed with the same key.
-const DOMAIN: &[u8] = b"hadb heartbeat v1\0";
+const DOMAIN: &[u8] = b"hadb heartbeat v2\0";
 
 pub const FLAG_STANDBY: u8 = 1 << 0;
 pub const FLAG_WATCHDOG: u8 = 1 << 1;
@@ -33,6 +35,12 @@ pub const FLAG_WITNESS: u8 = 1 << 2;
 /// From a primary whose replication link is down: "mark your copy
 /// outdated; I go on without you once you say you have".
 pub const FLAG_OUTDATE_REQUEST: u8 = 1 << 3;
+/// From a node that has lost its peer on every ring: "give me your vote"
+/// (to the witness).
+pub const FLAG_WANTS_VOTE: u8 = 1 << 4;
+/// From a node whose hadb is restarting in place (`hadb restart-in-place`):
+/// silence for a few seconds is its successor starting, not a death.
+pub const FLAG_RESTARTING: u8 = 1 << 5;
 
 /// The service byte: no service here, or it is starting, stopping, or
 /// between checks.
@@ -59,9 +67,24 @@ pub struct NodeReport {
     /// SERVICE_FAILED.
     pub service: u8,
     pub watchdog_timeout_ms: u32,
-    /// The incarnation of the peer this node last heard (0: none), so a
-    /// node can tell whether it is heard in return.
+    /// The incarnation of the peer this node heard within the timeout
+    /// (0: none), so a node can tell whether it is heard in return.
     pub hears: u64,
+    /// From the witness: the incarnation of the node it gives its vote to
+    /// (0: nobody). Nodes send 0.
+    pub vote: u64,
+}
+
+/// Timing carried by every packet, for the round trip per link: the
+/// sender's clock, and the echo of the last packet it heard on this link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timing {
+    /// The sender's clock at sending, in microseconds (its own epoch).
+    pub sent_us: u64,
+    /// `sent_us` of the receiver's last packet heard on this link (0:
+    /// none), and how long the sender held it before this packet.
+    pub echo_us: u64,
+    pub echo_hold_us: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +95,7 @@ pub struct Packet {
     pub cluster: String,
     pub node: String,
     pub report: NodeReport,
+    pub timing: Timing,
 }
 
 /// Why a packet was refused; each has a counter.
@@ -120,6 +144,11 @@ impl Packet {
         b[40] = r.service;
         b[44..48].copy_from_slice(&r.watchdog_timeout_ms.to_be_bytes());
         b[48..56].copy_from_slice(&r.hears.to_be_bytes());
+        b[56..64].copy_from_slice(&r.vote.to_be_bytes());
+        let t = &self.timing;
+        b[64..72].copy_from_slice(&t.sent_us.to_be_bytes());
+        b[72..80].copy_from_slice(&t.echo_us.to_be_bytes());
+        b[80..84].copy_from_slice(&t.echo_hold_us.to_be_bytes());
         b.extend_from_slice(c);
         b.extend_from_slice(n);
         let tag = mac(key, &b);
@@ -173,6 +202,12 @@ impl Packet {
                 service: b[40],
                 watchdog_timeout_ms: u32::from_be_bytes([b[44], b[45], b[46], b[47]]),
                 hears: u64_at(48),
+                vote: u64_at(56),
+            },
+            timing: Timing {
+                sent_us: u64_at(64),
+                echo_us: u64_at(72),
+                echo_hold_us: u32::from_be_bytes([b[80], b[81], b[82], b[83]]),
             },
         })
     }
@@ -197,6 +232,8 @@ pub struct LinkView {
     pub up: bool,
     /// Microseconds since a valid packet arrived on it (None: never).
     pub silent_us: Option<u64>,
+    /// The last round trip measured on it (None: not yet).
+    pub rtt_us: Option<u64>,
     pub counters: LinkCounters,
 }
 
@@ -233,8 +270,17 @@ pub struct Membership {
     /// The highest incarnation of the peer in any authentic packet: what
     /// our packets echo, so the peer can believe them.
     peer_incarnation: u64,
+    /// When an authentic packet (believed or not) last arrived: our
+    /// packets say we hear the peer only within the timeout of it, so a
+    /// link that fails one way is lost on both sides.
+    last_authentic_us: Option<u64>,
+    authentic_high: (u64, u64),
     report: Option<NodeReport>,
     alive: bool,
+    /// Per link: the peer's `sent_us` of its last believed packet and when
+    /// it arrived (the echo we send back), and the last round trip.
+    echo: Vec<Option<(u64, u64)>>,
+    rtt_us: Vec<Option<u64>>,
 }
 
 impl Membership {
@@ -262,8 +308,12 @@ impl Membership {
             counters: vec![LinkCounters::default(); links.max(1)],
             seen: None,
             peer_incarnation: 0,
+            last_authentic_us: None,
+            authentic_high: (0, 0),
             report: None,
             alive: false,
+            echo: vec![None; links.max(1)],
+            rtt_us: vec![None; links.max(1)],
         }
     }
 
@@ -271,14 +321,21 @@ impl Membership {
         self.incarnation
     }
 
-    /// The packet to send on `link` now.
-    pub fn outgoing(&mut self, link: usize, mut report: NodeReport) -> Vec<u8> {
+    /// The packet to send on `link` at `now_us`.
+    pub fn outgoing(&mut self, link: usize, mut report: NodeReport, now_us: u64) -> Vec<u8> {
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(c) = self.counters.get_mut(link) {
             c.sent += 1;
         }
-        report.hears = self.peer_incarnation;
+        let hearing = self
+            .last_authentic_us
+            .is_some_and(|t| now_us.saturating_sub(t) < self.timeout_us);
+        report.hears = if hearing { self.peer_incarnation } else { 0 };
+        let (echo_us, echo_hold_us) = match self.echo.get(link).copied().flatten() {
+            Some((sent, at)) => (sent, now_us.saturating_sub(at).min(u32::MAX as u64) as u32),
+            None => (0, 0),
+        };
         Packet {
             link: link as u8,
             incarnation: self.incarnation,
@@ -286,6 +343,12 @@ impl Membership {
             cluster: self.cluster.clone(),
             node: self.me.clone(),
             report,
+            // 0 means "no echo": the clock starts at 0 in the simulation.
+            timing: Timing {
+                sent_us: now_us.max(1),
+                echo_us,
+                echo_hold_us,
+            },
         }
         .encode(&self.key)
     }
@@ -298,7 +361,7 @@ impl Membership {
         now_us: u64,
     ) -> Result<Vec<Event>, Reject> {
         let link = link.min(self.heard.len() - 1);
-        let result = self.check(bytes);
+        let result = self.check(bytes, now_us);
         let c = &mut self.counters[link];
         match result {
             Err(Reject::Malformed) => c.malformed += 1,
@@ -313,6 +376,13 @@ impl Membership {
         // A reordered older packet proves the link, not the state.
         if newest {
             self.report = Some(p.report);
+        }
+        self.echo[link] = Some((p.timing.sent_us, now_us));
+        if p.timing.echo_us != 0 {
+            let rtt = now_us
+                .saturating_sub(p.timing.echo_us)
+                .saturating_sub(p.timing.echo_hold_us as u64);
+            self.rtt_us[link] = Some(rtt);
         }
         self.heard[link].0 = Some(now_us);
         if !self.heard[link].1 {
@@ -329,10 +399,16 @@ impl Membership {
     /// Authenticates and checks freshness; on success records the
     /// sequence. Returns the packet and whether it starts a new
     /// incarnation of a peer heard before.
-    fn check(&mut self, bytes: &[u8]) -> Result<(Packet, bool, bool), Reject> {
+    fn check(&mut self, bytes: &[u8], now_us: u64) -> Result<(Packet, bool, bool), Reject> {
         let p = Packet::decode(bytes, &self.key)?;
         if p.cluster != self.cluster || p.node != self.peer {
             return Err(Reject::Foreign);
+        }
+        // Only a packet newer than any authentic one so far: a replayed
+        // recording must not make us say we hear the peer.
+        if (p.incarnation, p.seq) > self.authentic_high {
+            self.authentic_high = (p.incarnation, p.seq);
+            self.last_authentic_us = Some(now_us);
         }
         // Only a packet that names our incarnation was sent after we
         // started: anything else may be a recording of the peer's past
@@ -425,9 +501,11 @@ impl Membership {
         self.heard
             .iter()
             .zip(&self.counters)
-            .map(|((last, up), c)| LinkView {
+            .zip(&self.rtt_us)
+            .map(|(((last, up), c), rtt)| LinkView {
                 up: *up,
                 silent_us: last.map(|t| now_us.saturating_sub(t)),
+                rtt_us: *rtt,
                 counters: *c,
             })
             .collect()
@@ -449,7 +527,7 @@ mod tests {
 
     /// b says it hears a: it must have heard a first.
     fn confirmed(a: &mut Membership, b: &mut Membership) {
-        let _ = b.receive(0, &a.outgoing(0, NodeReport::default()), 0);
+        let _ = b.receive(0, &a.outgoing(0, NodeReport::default(), 0), 0);
     }
 
     #[test]
@@ -469,6 +547,12 @@ mod tests {
                 service: 1,
                 watchdog_timeout_ms: 10_000,
                 hears: 5,
+                vote: 11,
+            },
+            timing: Timing {
+                sent_us: 1,
+                echo_us: 2,
+                echo_hold_us: 3,
             },
         };
         let b = p.encode(KEY);
@@ -494,11 +578,11 @@ mod tests {
     fn peer_found_lost_and_links_counted() {
         let (mut a, mut b) = pair();
         // b has not heard a yet: its packet could be a recording.
-        let early = b.outgoing(0, NodeReport::default());
+        let early = b.outgoing(0, NodeReport::default(), 0);
         assert_eq!(a.receive(0, &early, 500), Err(Reject::Unconfirmed));
         assert!(!a.peer_alive());
         confirmed(&mut a, &mut b);
-        let pkt = b.outgoing(0, NodeReport::default());
+        let pkt = b.outgoing(0, NodeReport::default(), 0);
         let ev = a.receive(0, &pkt, 1_000).unwrap();
         assert_eq!(
             ev,
@@ -508,7 +592,7 @@ mod tests {
         // Link 1 never heard: stays down; link 0 times out after 1 s.
         assert_eq!(a.tick(900_000), vec![]);
         assert_eq!(a.tick(1_001_000), vec![Event::LinkDown(0), Event::PeerLost]);
-        let pkt = b.outgoing(1, NodeReport::default());
+        let pkt = b.outgoing(1, NodeReport::default(), 0);
         let ev = a.receive(1, &pkt, 1_100_000).unwrap();
         assert_eq!(
             ev,
@@ -525,9 +609,9 @@ mod tests {
     fn replays_old_incarnations_and_foreign_packets_change_nothing() {
         let (mut a, mut b) = pair();
         confirmed(&mut a, &mut b);
-        let p1 = b.outgoing(0, NodeReport::default());
-        let p2 = b.outgoing(0, NodeReport::default());
-        let p3 = b.outgoing(0, NodeReport::default());
+        let p1 = b.outgoing(0, NodeReport::default(), 0);
+        let p2 = b.outgoing(0, NodeReport::default(), 0);
+        let p3 = b.outgoing(0, NodeReport::default(), 0);
         a.receive(0, &p1, 1).unwrap();
         a.receive(0, &p3, 2).unwrap();
         assert_eq!(a.receive(0, &p3, 3), Err(Reject::Replayed));
@@ -538,7 +622,7 @@ mod tests {
         // and its old packets are replays from now on.
         let mut b2 = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 300);
         confirmed(&mut a, &mut b2);
-        let q = b2.outgoing(0, NodeReport::default());
+        let q = b2.outgoing(0, NodeReport::default(), 0);
         assert_eq!(
             a.receive(0, &q, 6).unwrap(),
             vec![Event::PeerFound { restarted: true }]
@@ -546,11 +630,11 @@ mod tests {
         assert_eq!(a.receive(0, &p1, 7), Err(Reject::Replayed));
         // Another cluster, or a third node, with the right key: foreign.
         let mut other = Membership::new("other", "b", "a", KEY, 2, 1_000_000, 400);
-        let o = other.outgoing(0, NodeReport::default());
+        let o = other.outgoing(0, NodeReport::default(), 0);
         assert_eq!(a.receive(0, &o, 8), Err(Reject::Foreign));
         let mut c = Membership::new("hadb", "c", "a", KEY, 2, 1_000_000, 400);
         assert_eq!(
-            a.receive(0, &c.outgoing(0, NodeReport::default()), 9),
+            a.receive(0, &c.outgoing(0, NodeReport::default(), 0), 9),
             Err(Reject::Foreign)
         );
         let c0 = a.links(10)[0].counters;
@@ -569,6 +653,7 @@ mod tests {
                     service: i,
                     ..NodeReport::default()
                 },
+                0,
             ));
         }
         a.receive(0, &sent[0], 1).unwrap();
@@ -588,7 +673,7 @@ mod tests {
             role: 1,
             ..NodeReport::default()
         };
-        let old = b.outgoing(0, primary);
+        let old = b.outgoing(0, primary, 0);
         a.receive(0, &old, 1).unwrap();
         // a restarts; the recording arrives first: not believed.
         let mut a2 = Membership::new("hadb", "a", "b", KEY, 2, 1_000_000, 150);
@@ -610,26 +695,34 @@ mod tests {
             rng ^= rng << 17;
             rng
         };
-        let mut in_flight: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Both ways: a node says it hears its peer only while it does.
+        let mut in_flight: Vec<(u64, bool, Vec<u8>)> = Vec::new();
         let (mut lost, mut events) = (0, Vec::new());
         for i in 0..(3600 * 5) {
             let sent_at = i * 200_000;
-            let pkt = b.outgoing(0, NodeReport::default());
-            if next() % 100 == 0 {
-                lost += 1;
-            } else {
-                in_flight.push((sent_at + next() % 200_000, pkt));
+            for to_a in [true, false] {
+                let from = if to_a { &mut b } else { &mut a };
+                let pkt = from.outgoing(0, NodeReport::default(), sent_at);
+                if next() % 100 == 0 {
+                    lost += 1;
+                } else {
+                    in_flight.push((sent_at + next() % 200_000, to_a, pkt));
+                }
             }
-            in_flight.sort_by_key(|(t, _)| *t);
+            in_flight.sort_by_key(|(t, _, _)| *t);
             let now = sent_at + 199_999;
-            while in_flight.first().is_some_and(|(t, _)| *t <= now) {
-                let (t, p) = in_flight.remove(0);
-                let _ = a.receive(0, &p, t);
-                events.extend(a.tick(t));
+            while in_flight.first().is_some_and(|(t, _, _)| *t <= now) {
+                let (t, to_a, p) = in_flight.remove(0);
+                let to = if to_a { &mut a } else { &mut b };
+                let _ = to.receive(0, &p, t);
+                events.extend(to.tick(t));
             }
             events.extend(a.tick(now));
+            events.extend(b.tick(now));
         }
-        assert!(lost > 100, "the loss was simulated ({lost} packets)");
+        let rtt = a.links(0)[0].rtt_us.expect("a round trip was measured");
+        assert!(rtt <= 400_000, "round trip {rtt} us above the jitter");
+        assert!(lost > 200, "the loss was simulated ({lost} packets)");
         let downs: Vec<_> = events
             .iter()
             .filter(|e| matches!(e, Event::LinkDown(_) | Event::PeerLost))
@@ -644,5 +737,52 @@ mod tests {
         confirmed(&mut b, &mut a);
         assert!(a.peer_hears_me());
         assert!(!b.peer_hears_me(), "a's packet went before a heard b");
+    }
+
+    /// A link that fails one way is lost on both sides: the side that
+    /// still hears stops being believed once the other says it hears
+    /// nothing.
+    #[test]
+    fn one_way_loss_is_lost_both_ways() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        for t in 0..5u64 {
+            let now = t * 200_000;
+            b.receive(0, &a.outgoing(0, NodeReport::default(), now), now)
+                .ok();
+            a.receive(0, &b.outgoing(0, NodeReport::default(), now), now)
+                .ok();
+        }
+        assert!(a.peer_alive() && b.peer_alive());
+        // a -> b is cut; b -> a still flows.
+        let mut events = Vec::new();
+        for t in 5..20u64 {
+            let now = t * 200_000;
+            let _ = a.outgoing(0, NodeReport::default(), now);
+            let _ = a.receive(0, &b.outgoing(0, NodeReport::default(), now), now);
+            events.extend(a.tick(now));
+            b.tick(now);
+        }
+        assert!(!b.peer_alive(), "b hears nothing from a");
+        assert!(
+            !a.peer_alive(),
+            "a must stop believing b once b says it does not hear a"
+        );
+        assert!(events.contains(&Event::PeerLost), "{events:?}");
+        assert!(a.links(0)[0].counters.unconfirmed > 0);
+    }
+
+    #[test]
+    fn the_round_trip_subtracts_the_time_the_peer_held_the_echo() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        confirmed(&mut b, &mut a);
+        // a sends at 1000; b gets it at 1500 (0.5 ms one way), answers at
+        // 9500 (held 8 ms); a gets that at 10_000: round trip 1 ms.
+        let p = a.outgoing(0, NodeReport::default(), 1_000);
+        b.receive(0, &p, 1_500).unwrap();
+        let q = b.outgoing(0, NodeReport::default(), 9_500);
+        a.receive(0, &q, 10_000).unwrap();
+        assert_eq!(a.links(10_000)[0].rtt_us, Some(1_000));
     }
 }

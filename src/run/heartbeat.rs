@@ -41,6 +41,7 @@ impl Heartbeat {
                     "peer": peer.to_string(),
                     "up": v.up,
                     "silent_ms": v.silent_us.map(|us| us / 1000),
+                    "rtt_us": v.rtt_us,
                     "counters": v.counters,
                 })
             })
@@ -168,7 +169,8 @@ pub async fn run(
     loop {
         let report = report();
         for (i, s) in sockets.iter().enumerate() {
-            let pkt = lock(&hb.membership).outgoing(i, report);
+            let now = hb.now_us();
+            let pkt = lock(&hb.membership).outgoing(i, report, now);
             // A send error (the link's interface is down) is the same as a
             // lost packet: the peer's timeout tells.
             let _ = s.send_to(&pkt, hb.links[i].1).await;

@@ -243,6 +243,24 @@ pub fn metrics(status: &Value) -> String {
         "1 while the ring carries valid heartbeats",
         &rings,
     );
+    // A ring with no round trip yet has no sample: 0 would read as a
+    // perfect link.
+    let rtts: Vec<(String, f64)> = status["heartbeat"]["links"]
+        .as_array()
+        .map(|ls| {
+            ls.iter()
+                .filter_map(|l| {
+                    let us = l["rtt_us"].as_u64()?;
+                    Some((format!(",ring=\"{}\"", l["ring"]), us as f64 / 1e6))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    gauge(
+        "hadb_heartbeat_rtt_seconds",
+        "The last heartbeat round trip measured on the ring",
+        &rtts,
+    );
     gauge(
         "hadb_fence_pending",
         "1 while a fence of the peer waits for confirmation",

@@ -81,7 +81,7 @@ pub fn status(st: &Value) -> String {
             .iter()
             .map(|l| {
                 format!(
-                    "ring{} {} ({} -> {}{})",
+                    "ring{} {} ({} -> {}{}{})",
                     s(&l["ring"]),
                     if l["up"] == json!(true) { "up" } else { "DOWN" },
                     s(&l["local"]),
@@ -89,6 +89,10 @@ pub fn status(st: &Value) -> String {
                     match l["silent_ms"].as_u64() {
                         Some(ms) => format!(", heard {ms} ms ago"),
                         None => ", never heard".into(),
+                    },
+                    match l["rtt_us"].as_u64() {
+                        Some(us) => format!(", rtt {:.1} ms", us as f64 / 1000.0),
+                        None => String::new(),
                     }
                 )
             })
