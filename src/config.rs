@@ -265,6 +265,8 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
     /// The backing store: a block device, or a regular file for tests.
+    /// Required on a node (a witness has none).
+    #[serde(default)]
     pub device: PathBuf,
     #[serde(default = "default_volume_port")]
     pub port: u16,
@@ -295,6 +297,23 @@ pub struct VolumeConfig {
     /// writes while the application moves around the volume.
     #[serde(default = "default_al_extents")]
     pub al_extents: u32,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            device: PathBuf::new(),
+            port: default_volume_port(),
+            mode: default_mode(),
+            ack_timeout: default_ack_timeout(),
+            nbd_device: None,
+            nbd_socket: default_nbd_socket(),
+            resync_rate: default_resync_rate(),
+            resync_min_rate: default_resync_min_rate(),
+            after_split_brain: default_after_split_brain(),
+            al_extents: default_al_extents(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +353,11 @@ pub enum FenceMethod {
     /// OpenSSH runs a command on the peer that stops it at once; confirmed
     /// once the peer then stays silent (`[fencing.ssh]`).
     Ssh,
+    /// Waits: a peer that advertised an armed watchdog and has been
+    /// silent for twice its timeout, while this node holds the witness's
+    /// vote, has rebooted (a node without quorum stops petting). Needs
+    /// `[witness]` and `[watchdog] enabled` on both nodes.
+    Watchdog,
 }
 
 impl FenceMethod {
@@ -342,6 +366,7 @@ impl FenceMethod {
             FenceMethod::Manual => "manual",
             FenceMethod::Azure => "azure",
             FenceMethod::Ssh => "ssh",
+            FenceMethod::Watchdog => "watchdog",
         }
     }
 }
@@ -740,6 +765,29 @@ fn default_watchdog_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
+/// What this hadb is: one of the pair, or the witness that only votes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    #[default]
+    Node,
+    Witness,
+}
+
+/// `[witness]`: a third, diskless hadb that gives its vote to one side of
+/// a cut pair.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessConfig {
+    /// The witness's node name (what its own `node` is).
+    pub node: String,
+    /// Its address, reached from both nodes' ring0.
+    pub address: IpAddr,
+    /// Its heartbeat port; defaults to `heartbeat.port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
@@ -781,8 +829,15 @@ pub struct Config {
     pub node: String,
     #[serde(default = "default_key_file")]
     pub key_file: PathBuf,
+    /// `witness` on the third machine of a pair with a witness.
+    #[serde(default)]
+    pub role: NodeRole,
     pub nodes: BTreeMap<String, NodeConfig>,
+    /// A witness has no volume: none needed there.
+    #[serde(default)]
     pub volume: VolumeConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessConfig>,
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
     #[serde(default)]
@@ -1124,7 +1179,42 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             ),
         );
     }
-    if !config.nodes.contains_key(&config.node) {
+    let witness_name = config.witness.as_ref().map(|w| w.node.as_str());
+    match (config.role, witness_name) {
+        (NodeRole::Witness, None) => bad(
+            "role",
+            "`witness` needs a [witness] section naming this node and its address (the same section the two nodes have)".into(),
+        ),
+        (NodeRole::Witness, Some(w)) if w != config.node => bad(
+            "node",
+            format!("this witness is `{}` but [witness] node is `{w}`; they must be the same name", config.node),
+        ),
+        (NodeRole::Node, Some(w)) if w == config.node => bad(
+            "role",
+            format!("`{w}` is the [witness]: set role = \"witness\" on it"),
+        ),
+        _ => {}
+    }
+    if let Some(w) = witness_name
+        && (config.nodes.contains_key(w)
+            || w.is_empty()
+            || w.len() > 64
+            || !w.chars().all(name_char))
+    {
+        bad(
+            "witness.node",
+            format!(
+                "`{w}` must be a name of 1 to 64 letters, digits, '-' or '_', not one of the pair's [nodes]"
+            ),
+        );
+    }
+    if config.role == NodeRole::Node && config.volume.device.as_os_str().is_empty() {
+        bad(
+            "volume.device",
+            "required: the block device (or file) that holds this node's copy of the volume".into(),
+        );
+    }
+    if config.role == NodeRole::Node && !config.nodes.contains_key(&config.node) {
         bad(
             "node",
             format!(
@@ -1240,12 +1330,14 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
     validate_methods(config, &mut bad);
     validate_azure(config, &mut bad);
     validate_ssh(config, &mut bad);
-    for (key, path) in [
-        ("volume.device", &config.volume.device),
+    validate_watchdog_method(config, &mut bad);
+    let device =
+        (config.role == NodeRole::Node).then_some(("volume.device", &config.volume.device));
+    for (key, path) in device.into_iter().chain([
         ("volume.nbd_socket", &config.volume.nbd_socket),
         ("control.socket", &config.control.socket),
         ("key_file", &config.key_file),
-    ] {
+    ]) {
         if !path.is_absolute() {
             bad(
                 key,
@@ -1403,6 +1495,44 @@ fn validate_azure(config: &Config, bad: &mut dyn FnMut(&str, String)) {
             );
         }
     }
+}
+
+/// The `watchdog` method is safe only where the peer reboots itself when
+/// it loses quorum: a witness, an armed watchdog, and a timeout long
+/// enough that the self-fence happens within the wait.
+fn validate_watchdog_method(config: &Config, bad: &mut dyn FnMut(&str, String)) {
+    if !config.fencing.methods.contains(&FenceMethod::Watchdog) {
+        return;
+    }
+    if config.witness.is_none() {
+        bad(
+            "fencing.methods",
+            "`watchdog` needs a [witness]: without one, a peer cut off but alive keeps its quorum and never reboots".into(),
+        );
+    }
+    if !config.watchdog.enabled {
+        bad(
+            "fencing.methods",
+            "`watchdog` needs [watchdog] enabled = true on both nodes: the peer reboots itself through it".into(),
+        );
+    }
+    let least = self_fence_after(&config.heartbeat) + 2 * config.heartbeat.timeout.0;
+    if config.watchdog.timeout.0 < least {
+        bad(
+            "watchdog.timeout",
+            format!(
+                "with the `watchdog` fence method it must be at least {} s (the self-fence grace, 4 heartbeat timeouts, and two more for the peer to notice)",
+                least.as_secs_f64()
+            ),
+        );
+    }
+}
+
+/// How long a node without quorum goes on before it stops petting its
+/// watchdog: time for the witness to give its vote (it may wait two
+/// timeouts for the primary) and for the vote to arrive.
+pub fn self_fence_after(hb: &HeartbeatConfig) -> Duration {
+    4 * hb.timeout.0
 }
 
 fn validate_methods(config: &Config, bad: &mut dyn FnMut(&str, String)) {

@@ -320,7 +320,11 @@ fn dispatch(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             // is not readable until /proc is mounted.
             run::process::init_as_pid1();
             let config = load_config(&cli)?;
-            run::daemon::run(config, sources(&cli))?;
+            if config.role == hadb::config::NodeRole::Witness {
+                run::witness::run(config)?;
+            } else {
+                run::daemon::run(config, sources(&cli))?;
+            }
             Ok(())
         }
         Top::Status(s) => {

@@ -477,6 +477,11 @@ impl Membership {
         events
     }
 
+    /// The incarnation of the peer's run that is believed (None: none yet).
+    pub fn peer_incarnation(&self) -> Option<u64> {
+        self.seen.map(|(inc, _, _)| inc)
+    }
+
     /// Whether the peer is heard on some link.
     pub fn peer_alive(&self) -> bool {
         self.alive

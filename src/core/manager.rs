@@ -16,6 +16,7 @@
 //! waits for only with proof that the peer cannot be promoted with older
 //! data: it outdated itself, or it was fenced.
 
+use crate::core::quorum::Vote;
 use crate::core::replica::{DiskState, LinkState, Role};
 
 /// How long a switchover waits for the peer to take the role.
@@ -54,8 +55,9 @@ impl VolumeView {
 impl PeerView {
     /// The peer as a heartbeat report describes it.
     pub fn of(r: &crate::core::heartbeat::NodeReport) -> PeerView {
-        use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_STANDBY};
+        use crate::core::heartbeat::{FLAG_OUTDATE_REQUEST, FLAG_RESTARTING, FLAG_STANDBY};
         PeerView {
+            restarting: r.flags & FLAG_RESTARTING != 0,
             primary: r.role == 1,
             disk: crate::core::replica::disk_from_code(r.disk),
             standby: r.flags & FLAG_STANDBY != 0,
@@ -78,6 +80,8 @@ pub struct PeerView {
     /// mysqld failed on the peer (restarted too often): it will not take
     /// the primary role.
     pub service_failed: bool,
+    /// The peer's hadb is restarting in place: its silence is expected.
+    pub restarting: bool,
 }
 
 /// Everything one step decides from.
@@ -92,6 +96,8 @@ pub struct Inputs {
     /// mysqld failed on this node (restarted too often); it stays down
     /// until the operator resets it.
     pub service_failed: bool,
+    /// The witness's vote as this node sees it; None: no witness.
+    pub vote: Option<Vote>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +109,15 @@ pub struct Config {
     pub fence_delay_us: u64,
     /// Least time between two attempts of the same volume action.
     pub retry_us: u64,
+    /// After a start, a primary (restarted in place) waits this long to
+    /// hear its peer before it counts it lost.
+    pub start_grace_us: u64,
+    /// A peer restarting in place is given this long before fence_delay
+    /// starts to run.
+    pub restart_grace_us: u64,
+    /// With a witness: a node without quorum this long stops petting its
+    /// watchdog (the peer's `watchdog` fence counts on it). None: never.
+    pub self_fence_after_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +135,9 @@ pub enum Action {
     PeerProvenOutdated(&'static str, bool),
     /// Mark this node's copy outdated: the primary goes on without it.
     OutdateSelf,
+    /// No quorum for too long: stop petting the watchdog, so the node
+    /// reboots (the peer fences it by waiting). Never undone.
+    SelfFence,
     Log {
         warn: bool,
         message: String,
@@ -163,6 +181,11 @@ pub struct Manager {
     /// Whether this node's heartbeats ask the peer to outdate itself.
     asks_outdate: bool,
     last_attempt: Option<(Action, u64)>,
+    /// When this run's first step was.
+    started_us: Option<u64>,
+    /// Since when this node has had no quorum (peer lost, vote not its).
+    no_quorum_since_us: Option<u64>,
+    self_fenced: bool,
     reason: String,
     /// The last reasons, newest last, with when they began (status's "last
     /// transitions and why").
@@ -188,6 +211,9 @@ impl Manager {
             fence: Fence::None,
             asks_outdate: false,
             last_attempt: None,
+            started_us: None,
+            no_quorum_since_us: None,
+            self_fenced: false,
             reason: "starting".into(),
             history: std::collections::VecDeque::new(),
             now_us: 0,
@@ -203,6 +229,10 @@ impl Manager {
     }
     pub fn standby(&self) -> bool {
         self.standby
+    }
+    /// This node stopped petting its watchdog for want of quorum.
+    pub fn self_fenced(&self) -> bool {
+        self.self_fenced
     }
     /// What this node's heartbeats say: standby (or handing over), and
     /// whether they ask the peer to outdate itself.
@@ -380,6 +410,40 @@ impl Manager {
             self.lost_since_us = Some(now);
         }
         let peer = if i.peer_alive { i.peer } else { None };
+        self.started_us.get_or_insert(now);
+        let quorate = i.peer_alive || i.vote.is_none_or(|v| v == Vote::Mine);
+        if quorate {
+            self.no_quorum_since_us = None;
+        } else {
+            let since = *self.no_quorum_since_us.get_or_insert(now);
+            // Only a node the peer may count on: a primary, or a
+            // secondary that has heard its peer in this run (before, it
+            // never promotes, and a reboot loop at boot helps nobody).
+            let exposed = v.role == Role::Primary || self.heard_once;
+            if let Some(after) = self.cfg.self_fence_after_us
+                && exposed
+                && !self.self_fenced
+                && now.saturating_sub(since) >= after
+            {
+                self.self_fenced = true;
+                out.push(Action::Log {
+                    warn: true,
+                    message: format!(
+                        "manager: SELF-FENCE: no quorum for {} ms (peer lost; {}): the watchdog is no longer petted and reboots this node",
+                        after / 1000,
+                        i.vote.map_or("no witness", Vote::name)
+                    ),
+                });
+                out.push(Action::SelfFence);
+            }
+        }
+        if self.self_fenced {
+            self.because(
+                "self-fenced for want of quorum: waiting for the watchdog to reboot this node",
+                &mut out,
+            );
+            return out;
+        }
         if self.handing_over {
             let since = *self.handover_since_us.get_or_insert(now);
             if peer.is_some_and(|p| p.primary) {
@@ -481,6 +545,29 @@ impl Manager {
                     self.because("primary", out);
                 }
             }
+            // Just started (restarted in place): the peer has not had
+            // time to be heard; it is not lost.
+            None if !self.heard_once
+                && now.saturating_sub(self.started_us.unwrap_or(now)) < self.cfg.start_grace_us =>
+            {
+                self.because("primary; started: listening for the peer", out);
+            }
+            // The peer said its copy is outdated (on disk here): it never
+            // takes over before a resync from here, so it fences nobody.
+            None if v.peer_outdated => self.because(
+                "primary; peer lost; its copy is outdated by its own word: no fence needed",
+                out,
+            ),
+            None if i.vote.is_some_and(|v| v != Vote::Mine) => {
+                let vote = i.vote.map_or("", Vote::name);
+                self.because(
+                    format!(
+                        "primary; peer lost and no quorum ({vote}): not fencing, not going on alone{}",
+                        if v.frozen { "; I/O held" } else { "" }
+                    ),
+                    out,
+                );
+            }
             None if v.frozen => {
                 if self.fenced(now, out) {
                     self.because("the peer is fenced: going on without it", out);
@@ -496,12 +583,6 @@ impl Manager {
                     );
                 }
             }
-            // The peer said its copy is outdated (on disk here): it never
-            // takes over before a resync from here, so it fences nobody.
-            None if v.peer_outdated => self.because(
-                "primary; peer lost; its copy is outdated by its own word: no fence needed",
-                out,
-            ),
             // Not frozen (yet: the replication link takes a few seconds
             // to time out, or the mode is async). The peer may be alive
             // behind a partition, and a secondary that lost this node
@@ -617,8 +698,34 @@ impl Manager {
                     self.because("peer lost; standby: not promoting", out);
                     return;
                 }
+                if let Some(vote) = i.vote.filter(|v| *v != Vote::Mine) {
+                    self.because(
+                        format!("peer lost and no quorum ({}): not promoting", vote.name()),
+                        out,
+                    );
+                    return;
+                }
                 let lost_for = now.saturating_sub(self.lost_since_us.unwrap_or(now));
-                if lost_for < self.cfg.fence_delay_us && self.fence == Fence::None {
+                // The peer said it restarts in place: its successor gets
+                // restart_grace before the usual delay runs.
+                let restarting = i.peer.is_some_and(|p| p.restarting);
+                let delay = if i.vote.is_some() {
+                    // The witness chose this side: no race to give the
+                    // primary a head start in.
+                    0
+                } else if restarting {
+                    self.cfg.restart_grace_us + self.cfg.fence_delay_us
+                } else {
+                    self.cfg.fence_delay_us
+                };
+                if restarting && lost_for < delay && self.fence == Fence::None {
+                    self.because(
+                        "peer lost while restarting in place: waiting restart_grace for its successor",
+                        out,
+                    );
+                    return;
+                }
+                if lost_for < delay && self.fence == Fence::None {
                     self.because(
                         "peer lost: waiting fence_delay before fencing it, so a surviving primary fences first",
                         out,
@@ -659,6 +766,9 @@ mod tests {
             me_first,
             fence_delay_us: 5 * S,
             retry_us: S,
+            start_grace_us: 0,
+            restart_grace_us: 30 * S,
+            self_fence_after_us: None,
         }
     }
 
@@ -680,6 +790,7 @@ mod tests {
             standby: false,
             asks_outdate: false,
             service_failed: false,
+            restarting: false,
         }
     }
 
@@ -690,6 +801,7 @@ mod tests {
             peer_alive: peer.is_some(),
             peer,
             service_failed: false,
+            vote: None,
         }
     }
 
@@ -1027,5 +1139,118 @@ mod tests {
         // ...and once the peer is primary the handover is done.
         a3.step(&at(2, vol(Role::Secondary), Some(peer(true))));
         assert_eq!(a3.flags(), (false, false));
+    }
+
+    fn lost(now_s: u64, volume: VolumeView, last: PeerView, vote: Option<Vote>) -> Inputs {
+        Inputs {
+            peer_alive: false,
+            peer: Some(last),
+            vote,
+            ..at(now_s, volume, None)
+        }
+    }
+
+    #[test]
+    fn a_primary_just_started_listens_before_it_fences() {
+        let mut m = Manager::new(Config {
+            start_grace_us: 2 * S,
+            ..cfg(true)
+        });
+        let v = vol(Role::Primary);
+        assert_eq!(acts(&m.step(&at(0, v, None))), vec![]);
+        assert_eq!(acts(&m.step(&at(1, v, None))), vec![]);
+        assert!(m.reason().contains("listening"), "{}", m.reason());
+        // Still unheard after the grace: lost, fenced first.
+        assert_eq!(acts(&m.step(&at(2, v, None))), vec![Action::Fence]);
+    }
+
+    #[test]
+    fn a_peer_restarting_in_place_gets_restart_grace() {
+        let mut m = Manager::new(cfg(false));
+        let v = vol(Role::Secondary);
+        let restarting = PeerView {
+            restarting: true,
+            ..peer(true)
+        };
+        m.step(&at(0, v, Some(restarting)));
+        for t in [1, 6, 34] {
+            assert_eq!(acts(&m.step(&lost(t, v, restarting, None))), vec![]);
+        }
+        assert!(m.reason().contains("restarting"), "{}", m.reason());
+        assert_eq!(
+            acts(&m.step(&lost(36, v, restarting, None))),
+            vec![Action::Fence]
+        );
+    }
+
+    #[test]
+    fn with_a_witness_only_the_vote_holder_fences_and_at_once() {
+        let v = vol(Role::Secondary);
+        // The vote went to the peer (the primary): never fence, never
+        // promote, however long.
+        let mut m = Manager::new(cfg(false));
+        m.step(&at(0, v, Some(peer(true))));
+        for t in [1, 10, 100] {
+            assert_eq!(
+                acts(&m.step(&lost(t, v, peer(true), Some(Vote::Peers)))),
+                vec![]
+            );
+        }
+        assert!(m.reason().contains("no quorum"), "{}", m.reason());
+        // The vote is this node's: no fence_delay (the witness chose).
+        let mut m = Manager::new(cfg(false));
+        m.step(&at(0, v, Some(peer(true))));
+        assert_eq!(
+            acts(&m.step(&lost(1, v, peer(true), Some(Vote::Mine)))),
+            vec![Action::Fence]
+        );
+        m.fence_confirmed(2 * S).unwrap();
+        assert_eq!(
+            acts(&m.step(&lost(2, v, peer(true), Some(Vote::Mine)))),
+            vec![Action::Promote]
+        );
+    }
+
+    #[test]
+    fn a_primary_without_the_vote_holds_and_fences_itself_after_the_grace() {
+        let mut m = Manager::new(Config {
+            self_fence_after_us: Some(4 * S),
+            ..cfg(true)
+        });
+        let v = VolumeView {
+            frozen: true,
+            link: LinkState::Standalone,
+            ..vol(Role::Primary)
+        };
+        m.step(&at(0, vol(Role::Primary), Some(peer(false))));
+        for t in [1, 4] {
+            let a = acts(&m.step(&lost(t, v, peer(false), Some(Vote::Unheard))));
+            assert_eq!(a, vec![], "no fence, no going alone without quorum");
+        }
+        assert_eq!(
+            acts(&m.step(&lost(5, v, peer(false), Some(Vote::Unheard)))),
+            vec![Action::SelfFence]
+        );
+        assert!(m.self_fenced());
+        // Never undone: quorum back, still fenced, nothing else done.
+        assert_eq!(acts(&m.step(&at(6, v, Some(peer(false))))), vec![]);
+        assert!(m.reason().contains("self-fenced"), "{}", m.reason());
+    }
+
+    #[test]
+    fn a_secondary_that_never_heard_its_peer_does_not_fence_itself() {
+        let mut m = Manager::new(Config {
+            self_fence_after_us: Some(4 * S),
+            ..cfg(true)
+        });
+        let v = vol(Role::Secondary);
+        for t in [0, 5, 50] {
+            let i = Inputs {
+                vote: Some(Vote::Unheard),
+                ..at(t, v, None)
+            };
+            assert_eq!(acts(&m.step(&i)), vec![]);
+        }
+        assert!(!m.self_fenced());
     }
 }

@@ -9,6 +9,7 @@ pub mod manager;
 pub mod meta;
 pub mod mysql_wire;
 pub mod nbd;
+pub mod quorum;
 pub mod replica;
 pub mod service;
 pub mod wire;

@@ -13,8 +13,6 @@ use serde_json::json;
 use smol::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use smol::net::unix::UnixStream;
 
-use crate::run::stats::Stats;
-
 /// The largest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -40,10 +38,13 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<serde_json::Value, String>> + Send;
 }
 
+/// Counts a refused connection or request (the daemon's metrics).
+pub type OnRefused = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 pub async fn listen<H: Handler>(
     path: &Path,
     handler: std::sync::Arc<H>,
-    stats: std::sync::Arc<crate::run::volume::Shared>,
+    refused: OnRefused,
 ) -> std::io::Result<()> {
     let listener = crate::run::bind_private_socket(path)?;
     let me = rustix::process::geteuid();
@@ -56,7 +57,7 @@ pub async fn listen<H: Handler>(
                 .unwrap_or(false)
         };
         if !allowed {
-            Stats::bump(&stats.stats.control_refused);
+            refused();
             log::warn!("control: refused a connection from a user other than root");
             let mut s = stream;
             let _ = s
@@ -65,15 +66,19 @@ pub async fn listen<H: Handler>(
             continue;
         }
         let handler = handler.clone();
-        let stats = stats.clone();
+        let refused = refused.clone();
         crate::run::spawn(async move {
-            serve(stream, handler, &stats.stats).await;
+            serve(stream, handler, &*refused).await;
         })
         .detach();
     }
 }
 
-async fn serve<H: Handler>(stream: UnixStream, handler: std::sync::Arc<H>, stats: &Stats) {
+async fn serve<H: Handler>(
+    stream: UnixStream,
+    handler: std::sync::Arc<H>,
+    refused: &(dyn Fn() + Send + Sync),
+) {
     let mut input = BufReader::new(stream.clone()).take(MAX_LINE as u64 + 1);
     let mut output = stream;
     loop {
@@ -83,7 +88,7 @@ async fn serve<H: Handler>(stream: UnixStream, handler: std::sync::Arc<H>, stats
             Ok(_) => {}
         }
         let answer = if line.len() > MAX_LINE || !line.ends_with('\n') && line.len() >= MAX_LINE {
-            Stats::bump(&stats.control_refused);
+            refused();
             let _ = output
                 .write_all(format!("{}\n", json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})).as_bytes())
                 .await;
@@ -91,7 +96,7 @@ async fn serve<H: Handler>(stream: UnixStream, handler: std::sync::Arc<H>, stats
         } else {
             match serde_json::from_str::<Request>(line.trim()) {
                 Err(e) => {
-                    Stats::bump(&stats.control_refused);
+                    refused();
                     json!({"ok": false, "error": format!("malformed request: {e}; send one JSON object per line, e.g. {{\"command\":\"status\"}}")})
                 }
                 Ok(req) => match handler.handle(req).await {

@@ -14,6 +14,10 @@ use smol::channel::Sender;
 use crate::config::Config;
 use crate::core::nbd as proto;
 use crate::core::replica::Role;
+
+/// How long a peer that said it restarts in place is given, beyond
+/// `fence_delay`, before it counts as lost: an exec and a start.
+const RESTART_GRACE: Duration = Duration::from_secs(30);
 use crate::run::control::{self, Request};
 use crate::run::nbd::Server;
 use crate::run::peer::{self, LinkSetup};
@@ -414,6 +418,15 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             me_first: config.node < peer_name_s,
             fence_delay_us: config.fencing.fence_delay.0.as_micros() as u64,
             retry_us: 1_000_000,
+            start_grace_us: 2 * config.heartbeat.timeout.0.as_micros() as u64,
+            restart_grace_us: RESTART_GRACE.as_micros() as u64,
+            self_fence_after_us: (config.witness.is_some()
+                && config
+                    .fencing
+                    .methods
+                    .contains(&crate::config::FenceMethod::Watchdog)
+                && config.watchdog.enabled)
+                .then(|| crate::config::self_fence_after(&config.heartbeat).as_micros() as u64),
         },
     )));
     let watchdog = crate::run::watchdog::arm(&config.watchdog).map(Arc::new);
@@ -428,6 +441,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         config.manager.maintenance,
     ));
     let (restart_tx, restart_rx) = smol::channel::bounded(1);
+    let restarting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let daemon = Arc::new(Daemon {
         restart: restart_tx,
         config: config.clone(),
@@ -466,12 +480,14 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             resources: resources.clone(),
             fencer: fencer.clone(),
             maintenance: maintenance.clone(),
+            watchdog: watchdog.clone(),
         }));
         let _heartbeat = {
             let shared = shared.clone();
             let manager = manager.clone();
             let interval = config.heartbeat.interval.0;
             let mysqld = resources.mysqld.clone();
+            let restarting = restarting.clone();
             let watchdog_ms = watchdog
                 .as_ref()
                 .map_or(0, |w| w.timeout.as_millis() as u32);
@@ -487,6 +503,9 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                         Some(v) if v.healthy() => crate::core::heartbeat::SERVICE_HEALTHY,
                         _ => crate::core::heartbeat::SERVICE_UNKNOWN,
                     };
+                    if restarting.load(std::sync::atomic::Ordering::Relaxed) {
+                        r.flags |= crate::core::heartbeat::FLAG_RESTARTING;
+                    }
                     let (standby, ask) = crate::run::manager::lock(&manager).flags();
                     r.flags = (r.flags
                         & !(crate::core::heartbeat::FLAG_STANDBY
@@ -522,7 +541,9 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             let daemon = daemon.clone();
             let shared = shared.clone();
             crate::run::spawn(async move {
-                if let Err(e) = control::listen(&control_path, daemon, shared).await {
+                let refused: control::OnRefused =
+                    Arc::new(move || crate::run::stats::Stats::bump(&shared.stats.control_refused));
+                if let Err(e) = control::listen(&control_path, daemon, refused).await {
                     log::error!("control: cannot listen on {}: {e}", control_path.display());
                 }
             })
@@ -596,8 +617,11 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         }
         if restart {
             notifier.notify("STATUS=restarting in place");
-            // The answer to the control request goes out first.
-            smol::Timer::after(Duration::from_millis(100)).await;
+            // The peer hears that a successor is coming (every ring, at
+            // least once) before the heartbeats stop; the answer to the
+            // control request goes out meanwhile.
+            restarting.store(true, std::sync::atomic::Ordering::Relaxed);
+            smol::Timer::after(2 * config.heartbeat.interval.0 + Duration::from_millis(100)).await;
             let stopped = async { Some(daemon.ask(Command::Stop { restart: true }).await) }
                 .or(async {
                     smol::Timer::after(Duration::from_secs(30)).await;

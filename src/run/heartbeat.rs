@@ -10,7 +10,8 @@ use serde_json::json;
 use smol::net::UdpSocket;
 
 use crate::config::Config;
-use crate::core::heartbeat::{Event, Membership, NodeReport};
+use crate::core::heartbeat::{Event, FLAG_WANTS_VOTE, Membership, NodeReport};
+use crate::core::quorum::Vote;
 
 /// What the rest of the daemon reads: the membership, and the clock its
 /// times are on.
@@ -19,11 +20,22 @@ pub struct Heartbeat {
     started: Instant,
     /// (this node's address, the peer's address) per link.
     pub links: Vec<(SocketAddr, SocketAddr)>,
+    /// The witness, if there is one: what is heard of it, its name and
+    /// address (reached from ring0's socket).
+    pub witness: Option<(Mutex<Membership>, String, SocketAddr)>,
 }
 
 impl Heartbeat {
     pub fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
+    }
+
+    /// The witness's vote as this node sees it; None: no witness.
+    pub fn vote(&self) -> Option<Vote> {
+        let (m, _, _) = self.witness.as_ref()?;
+        let m = lock(m);
+        let vote = m.peer_report().map_or(0, |r| r.vote);
+        Some(Vote::of(m.peer_alive(), vote, m.incarnation()))
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -46,7 +58,18 @@ impl Heartbeat {
                 })
             })
             .collect();
+        let witness = self.witness.as_ref().map(|(w, name, addr)| {
+            let w = lock(w);
+            json!({
+                "node": name,
+                "address": addr.to_string(),
+                "heard": w.peer_alive(),
+                "silent_ms": w.last_heard_us().map(|t| now.saturating_sub(t) / 1000),
+                "vote": Vote::of(w.peer_alive(), w.peer_report().map_or(0, |r| r.vote), w.incarnation()),
+            })
+        });
         json!({
+            "witness": witness,
             "peer_alive": m.peer_alive(),
             "peer_hears_me": m.peer_hears_me(),
             "peer_report": m.peer_report(),
@@ -87,6 +110,22 @@ pub fn new(config: &Config, key: &[u8]) -> Arc<Heartbeat> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
     let (peer, _) = config.peer();
+    let timeout_us = config.heartbeat.timeout.0.as_micros() as u64;
+    let witness = config.witness.as_ref().map(|w| {
+        (
+            Mutex::new(Membership::new(
+                &config.cluster,
+                &config.node,
+                &w.node,
+                key,
+                1,
+                timeout_us,
+                incarnation,
+            )),
+            w.node.clone(),
+            SocketAddr::new(w.address, w.port.unwrap_or(config.heartbeat.port)),
+        )
+    });
     Arc::new(Heartbeat {
         membership: Mutex::new(Membership::new(
             &config.cluster,
@@ -94,11 +133,12 @@ pub fn new(config: &Config, key: &[u8]) -> Arc<Heartbeat> {
             peer,
             key,
             links.len(),
-            config.heartbeat.timeout.0.as_micros() as u64,
+            timeout_us,
             incarnation,
         )),
         started: Instant::now(),
         links,
+        witness,
     })
 }
 
@@ -119,6 +159,16 @@ fn log_events(events: &[Event], hb: &Heartbeat) {
             }
             Event::PeerFound { restarted: false } => log::info!("heartbeat: peer heard"),
             Event::PeerLost => log::warn!("heartbeat: PEER LOST: silent on every link"),
+        }
+    }
+}
+
+fn log_witness_events(events: &[Event], name: &str) {
+    for e in events {
+        match e {
+            Event::PeerFound { .. } => log::info!("heartbeat: witness {name} heard"),
+            Event::PeerLost => log::warn!("heartbeat: witness {name} lost"),
+            Event::LinkUp(_) | Event::LinkDown(_) => {}
         }
     }
 }
@@ -148,6 +198,18 @@ pub async fn run(
                     continue;
                 };
                 let now = hb.now_us();
+                if let Some((w, name, addr)) = &hb.witness
+                    && i == 0
+                    && from == *addr
+                {
+                    match lock(w).receive(0, &buf[..n], now) {
+                        Ok(events) => log_witness_events(&events, name),
+                        Err(why) => log::debug!(
+                            "heartbeat: refused a datagram from the witness {from}: {why:?}"
+                        ),
+                    }
+                    continue;
+                }
                 let result = {
                     let mut m = lock(&hb.membership);
                     if from.ip() == hb.links[i].1.ip() {
@@ -174,6 +236,18 @@ pub async fn run(
             // A send error (the link's interface is down) is the same as a
             // lost packet: the peer's timeout tells.
             let _ = s.send_to(&pkt, hb.links[i].1).await;
+        }
+        if let Some((w, name, addr)) = &hb.witness {
+            // Lost the peer: ask the witness for its vote.
+            let mut to_witness = report;
+            if !lock(&hb.membership).peer_alive() {
+                to_witness.flags |= FLAG_WANTS_VOTE;
+            }
+            let now = hb.now_us();
+            let pkt = lock(w).outgoing(0, to_witness, now);
+            let _ = sockets[0].send_to(&pkt, addr).await;
+            let events = lock(w).tick(now);
+            log_witness_events(&events, name);
         }
         let now = hb.now_us();
         let events = lock(&hb.membership).tick(now);

@@ -12,8 +12,47 @@ pub fn s(v: &Value) -> String {
     }
 }
 
+/// The witness: whom it hears, who asks, who holds its vote.
+fn witness(st: &Value) -> String {
+    let mut out = format!(
+        "cluster {}  witness {}  (pid {})\nvote: {}\n",
+        s(&st["cluster"]),
+        s(&st["node"]),
+        s(&st["pid"]),
+        match &st["vote"] {
+            Value::String(n) => format!("given to {n}"),
+            _ => "nobody's (the pair hears itself, or nobody asks)".into(),
+        }
+    );
+    for n in st["nodes"].as_array().into_iter().flatten() {
+        out += &format!(
+            "node {}: {}  {}{}  ({})\n",
+            s(&n["node"]),
+            if n["heard"] == json!(true) {
+                "heard"
+            } else {
+                "NOT HEARD"
+            },
+            s(&n["role"]),
+            if n["asks_for_vote"] == json!(true) {
+                ", lost its peer and asks for the vote"
+            } else {
+                ""
+            },
+            s(&n["address"])
+        );
+    }
+    for h in st["history"].as_array().into_iter().flatten() {
+        out += &format!("  {}s ago: {}\n", s(&h["seconds_ago"]), s(&h["why"]));
+    }
+    out
+}
+
 /// crm_mon-like text: what an operator scans for first comes first.
 pub fn status(st: &Value) -> String {
+    if st["role"] == json!("witness") {
+        return witness(st);
+    }
     let v = &st["volume"];
     let mut out = String::new();
     out += &format!(
@@ -110,6 +149,19 @@ pub fn status(st: &Value) -> String {
             },
             rings.join("  ")
         );
+        let w = &hb["witness"];
+        if w.is_object() {
+            out += &format!(
+                "witness {}: {}  vote: {}\n",
+                s(&w["node"]),
+                if w["heard"] == json!(true) {
+                    "heard"
+                } else {
+                    "NOT HEARD"
+                },
+                s(&w["vote"])
+            );
+        }
     }
     out += &format!(
         "volume: {} {}  link {}  mode {}{}{}\n",

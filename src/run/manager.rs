@@ -30,6 +30,7 @@ pub fn inputs(hb: &Heartbeat, shared: &Shared, service_failed: bool) -> Inputs {
         peer_alive: alive,
         peer: report.as_ref().map(PeerView::of),
         service_failed,
+        vote: hb.vote(),
     }
 }
 
@@ -45,6 +46,7 @@ pub struct Driver {
     pub fencer: Arc<Fencer>,
     /// `manager.maintenance`, as reloaded: watch, never act.
     pub maintenance: Arc<std::sync::atomic::AtomicBool>,
+    pub watchdog: Option<Arc<crate::run::watchdog::Armed>>,
 }
 
 pub async fn run(d: Driver) {
@@ -57,6 +59,7 @@ pub async fn run(d: Driver) {
         resources,
         fencer,
         maintenance,
+        watchdog,
     } = d;
     let mut was_maintenance = None;
     loop {
@@ -111,6 +114,15 @@ pub async fn run(d: Driver) {
                     .await
                 }
                 Action::OutdateSelf => ask(&events, Command::OutdateSelf).await,
+                Action::SelfFence => {
+                    match &watchdog {
+                        Some(w) => w.self_fence(),
+                        None => log::error!(
+                            "manager: self-fence asked, but no watchdog is armed here: this node cannot fence itself"
+                        ),
+                    }
+                    continue;
+                }
             };
             if let Err(e) = result {
                 log::info!("manager: not done now: {e}");

@@ -21,6 +21,7 @@ pub mod store;
 pub mod systemd;
 pub mod volume;
 pub mod watchdog;
+pub mod witness;
 
 use std::future::Future;
 use std::sync::LazyLock;

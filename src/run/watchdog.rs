@@ -11,6 +11,9 @@ use crate::sys::watchdog::Watchdog;
 
 pub struct Armed {
     dog: Mutex<Option<Watchdog>>,
+    /// No quorum: never petted or disarmed again; the kernel reboots the
+    /// node (the peer's `watchdog` fence counts on it).
+    fenced: std::sync::atomic::AtomicBool,
     /// The timeout the device uses, advertised in the heartbeat.
     pub timeout: Duration,
 }
@@ -42,6 +45,7 @@ pub fn arm(cfg: &WatchdogConfig) -> Option<Armed> {
             );
             Some(Armed {
                 dog: Mutex::new(Some(dog)),
+                fenced: std::sync::atomic::AtomicBool::new(false),
                 timeout,
             })
         }
@@ -59,6 +63,9 @@ impl Armed {
     }
 
     pub fn pet(&self) {
+        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Some(dog) = crate::run::manager::lock(&self.dog).as_mut()
             && let Err(e) = dog.pet()
         {
@@ -66,8 +73,21 @@ impl Armed {
         }
     }
 
+    /// Stops petting for good: the node reboots within the timeout.
+    pub fn self_fence(&self) {
+        self.fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+        log::error!(
+            "watchdog: SELF-FENCE: no longer petted; this node reboots within {} s",
+            self.timeout.as_secs()
+        );
+    }
+
     /// The clean stop: magic close, no reboot.
     pub fn disarm(&self) {
+        if self.fenced.load(std::sync::atomic::Ordering::SeqCst) {
+            log::warn!("watchdog: not disarmed: this node fenced itself and reboots");
+            return;
+        }
         if let Some(dog) = crate::run::manager::lock(&self.dog).take() {
             match dog.disarm() {
                 Ok(()) => log::info!("watchdog: disarmed (clean stop)"),

@@ -15,7 +15,9 @@ use serde_json::json;
 
 use crate::config::{Config, FenceMethod};
 use crate::core::fence::{FencePlan, Next, Outcome, Silence, Trigger, ssh_silence};
+use crate::core::heartbeat::FLAG_WATCHDOG;
 use crate::core::manager::{Fence, Manager};
+use crate::core::quorum::{Vote, WatchdogProof, watchdog_proof};
 use crate::run::fence::azure::AzureFence;
 use crate::run::fence::ssh::SshFence;
 use crate::run::heartbeat::Heartbeat;
@@ -184,6 +186,7 @@ impl Fencer {
                     let (outcome, detail) = match method {
                         FenceMethod::Azure => self.by_azure(),
                         FenceMethod::Ssh => self.by_ssh(),
+                        FenceMethod::Watchdog => self.by_watchdog(),
                         // The plan never offers manual: it is the operator.
                         FenceMethod::Manual => (Outcome::Failed, "manual is the operator's".into()),
                     };
@@ -321,6 +324,79 @@ impl Fencer {
         }
     }
 
+    /// Waits out twice the peer's advertised watchdog timeout of silence
+    /// while this node holds the witness's vote (see `watchdog_proof`).
+    fn by_watchdog(&self) -> (Outcome, String) {
+        let started_us = self.hb.now_us();
+        loop {
+            if let Some(why) = self.unwanted() {
+                return (Outcome::Abandoned, why.into());
+            }
+            if self.hb.vote() != Some(Vote::Mine) {
+                return (
+                    Outcome::Failed,
+                    format!(
+                        "this node does not hold the witness's vote ({}): the peer may have quorum and no reason to reboot",
+                        self.hb.vote().map_or("no witness", Vote::name)
+                    ),
+                );
+            }
+            let (report, alive, last) = {
+                let m = lock(&self.hb.membership);
+                (m.peer_report(), m.peer_alive(), m.last_heard_us())
+            };
+            let (ms, armed) = report.map_or((0, false), |r| {
+                (r.watchdog_timeout_ms, r.flags & FLAG_WATCHDOG != 0)
+            });
+            let now = self.hb.now_us();
+            match watchdog_proof(ms, armed, started_us, last, alive, now) {
+                WatchdogProof::NotArmed => {
+                    return (
+                        Outcome::Failed,
+                        format!(
+                            "{} never said its watchdog is armed: it would not reboot itself",
+                            self.peer
+                        ),
+                    );
+                }
+                WatchdogProof::Confirmed { silent_us } => {
+                    return (
+                        Outcome::Confirmed,
+                        format!(
+                            "{} (watchdog {} s) silent on every ring for {:.1}s, twice its watchdog since this node won the witness's vote: it has rebooted",
+                            self.peer,
+                            ms / 1000,
+                            silent_us as f64 / 1e6
+                        ),
+                    );
+                }
+                WatchdogProof::Wait { .. } => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// The watchdog method's preconditions, as they stand now.
+    fn watchdog_test(&self) -> (bool, String) {
+        let report = lock(&self.hb.membership).peer_report();
+        let armed = report.filter(|r| r.flags & FLAG_WATCHDOG != 0 && r.watchdog_timeout_ms > 0);
+        match (armed, self.hb.vote()) {
+            (None, _) => (
+                false,
+                format!("{} has not said its watchdog is armed", self.peer),
+            ),
+            (_, None | Some(Vote::Unheard)) => (false, "the witness is not heard".into()),
+            (Some(r), Some(_)) => (
+                true,
+                format!(
+                    "{} advertises an armed watchdog of {} s and the witness is heard: a fence would wait {} s",
+                    self.peer,
+                    r.watchdog_timeout_ms / 1000,
+                    2 * r.watchdog_timeout_ms / 1000
+                ),
+            ),
+        }
+    }
+
     /// `hadb fence test`: each configured method checked without fencing,
     /// the operator's last. Blocks.
     pub fn test(&self) -> Vec<Check> {
@@ -345,6 +421,7 @@ impl Fencer {
                     Some((_, Err(e))) => (false, e.to_string()),
                     None => (false, "not set up".into()),
                 },
+                FenceMethod::Watchdog => self.watchdog_test(),
                 FenceMethod::Manual => continue,
             };
             out.push(Check {
