@@ -69,6 +69,9 @@ pub struct Net {
     /// Whether a netem qdisc is on the link, so that `link_up` does not
     /// wait for pings that netem is there to drop.
     netem: Vec<AtomicBool>,
+    /// A third namespace `w` for a witness, joined to each node by a veth
+    /// of its own (`add_witness`).
+    witness: Option<String>,
 }
 
 impl Net {
@@ -145,6 +148,7 @@ socket = "{d}/{me}.ctl"
             ns,
             links,
             netem: (0..links).map(|_| AtomicBool::new(false)).collect(),
+            witness: None,
         };
         sweep_leftovers(&net.ns);
         // From here on a panic drops `net`, which deletes what was made.
@@ -175,6 +179,75 @@ socket = "{d}/{me}.ctl"
             net.wait_ping(link, "Net::new");
         }
         net
+    }
+
+    /// A third namespace, `w`, for a witness: its own veth to each node
+    /// (10.220+n.T.0/24, the node .1 or .2, `w` .3), and the witness's
+    /// address, 10.222.T.3 on `w`'s loopback, routed from both nodes (and
+    /// the nodes' ring0 addresses routed back), so a node's heartbeat
+    /// socket on ring0 reaches it. Returns that address.
+    pub fn add_witness(&mut self) -> IpAddr {
+        // `hadb-<test>-<tag>-a` -> `hadb-<test>-<tag>-w`.
+        let w = format!("{}-w", &self.ns[0][..self.ns[0].len() - 2]);
+        sweep_leftovers(&[w.clone(), w.clone()]);
+        let out = ip(&["netns", "add", &w]);
+        assert!(
+            out.status.success(),
+            "cannot create network namespace {w}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.witness = Some(w.clone());
+        ip_ok(&["-n", &w, "link", "set", "dev", "lo", "up"]);
+        let t = self.octet;
+        let me = format!("10.222.{t}.3");
+        ip_ok(&["-n", &w, "addr", "add", &format!("{me}/32"), "dev", "lo"]);
+        for node in 0..2 {
+            let (in_node, in_w) = self.witness_ifaces(node);
+            ip_ok(&[
+                "-n", &self.ns[node], "link", "add", &in_node, "type", "veth", "peer", "name",
+                &in_w, "netns", &w,
+            ]);
+            let subnet = 220 + node;
+            let node_addr = format!("10.{subnet}.{t}.{}/24", node + 1);
+            ip_ok(&["-n", &self.ns[node], "addr", "add", &node_addr, "dev", &in_node]);
+            ip_ok(&["-n", &w, "addr", "add", &format!("10.{subnet}.{t}.3/24"), "dev", &in_w]);
+            ip_ok(&["-n", &self.ns[node], "link", "set", "dev", &in_node, "up"]);
+            ip_ok(&["-n", &w, "link", "set", "dev", &in_w, "up"]);
+            ip_ok(&[
+                "-n", &self.ns[node], "route", "add", &format!("{me}/32"), "dev", &in_node,
+            ]);
+            let ring0 = format!("{}/32", self.addr(node, 0));
+            ip_ok(&["-n", &w, "route", "add", &ring0, "dev", &in_w]);
+        }
+        me.parse().unwrap()
+    }
+
+    /// Node `node`'s veth to the witness, and the witness's end of it.
+    fn witness_ifaces(&self, node: usize) -> (String, String) {
+        (
+            format!("hadb{}w{}", self.tag, NODES[node]),
+            format!("hadb{}{}w", self.tag, NODES[node]),
+        )
+    }
+
+    /// The witness's namespace (after `add_witness`).
+    pub fn witness_ns(&self) -> &str {
+        self.witness.as_deref().expect("add_witness first")
+    }
+
+    /// Cuts (or restores) the path between node `node` and the witness.
+    pub fn witness_link(&self, node: usize, up: bool) {
+        let (in_node, in_w) = self.witness_ifaces(node);
+        let state = if up { "up" } else { "down" };
+        ip_ok(&["-n", &self.ns[node], "link", "set", "dev", &in_node, state]);
+        ip_ok(&["-n", self.witness_ns(), "link", "set", "dev", &in_w, state]);
+        if up {
+            // The routes over it went with the link.
+            let me = format!("10.222.{}.3/32", self.octet);
+            let _ = ip(&["-n", &self.ns[node], "route", "replace", &me, "dev", &in_node]);
+            let ring0 = format!("{}/32", self.addr(node, 0));
+            let _ = ip(&["-n", self.witness_ns(), "route", "replace", &ring0, "dev", &in_w]);
+        }
     }
 
     /// Node `node`'s address on link `link` (node 0 is `a`, 1 is `b`).
@@ -331,7 +404,7 @@ impl Drop for Net {
         // end gone the pair goes.
         // Not `ip()`: a panic while the test is already panicking aborts
         // the whole binary.
-        for ns in &self.ns {
+        for ns in self.ns.iter().chain(&self.witness) {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
@@ -366,7 +439,7 @@ fn leftover_pid(name: &str) -> Option<u32> {
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     };
-    if *hadb != "hadb" || !NODES.contains(side) || !plain(test) || !plain(tag) || tag.len() > 7 {
+    if *hadb != "hadb" || !(NODES.contains(side) || *side == "w") || !plain(test) || !plain(tag) || tag.len() > 7 {
         return None;
     }
     let id = u64::from_str_radix(tag, 36).ok()?;
