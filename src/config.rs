@@ -1798,6 +1798,60 @@ socket = "/run/hadb/control.sock"
         assert_eq!(c.peer().0, "hadb01");
     }
 
+    const WITNESS: &str = "\n[witness]\nnode = \"hadbw\"\naddress = \"10.10.10.6\"\n";
+
+    #[test]
+    fn a_witness_needs_no_volume_and_names_itself() {
+        let text = format!(
+            "cluster = \"hadb\"\nnode = \"hadbw\"\nrole = \"witness\"\n\n[nodes.hadb01]\naddress = \"10.10.10.4\"\n[nodes.hadb02]\naddress = \"10.10.10.5\"\n{WITNESS}"
+        );
+        let c = p(&text, None).unwrap();
+        assert_eq!(c.role, NodeRole::Witness);
+        let no_section = text.replace(WITNESS, "");
+        let err = p(&no_section, None).unwrap_err().to_string();
+        assert!(
+            err.contains("key `role`") && err.contains("[witness]"),
+            "{err}"
+        );
+        let other = text.replace("node = \"hadbw\"\nrole", "node = \"w2\"\nrole");
+        let err = p(&other, None).unwrap_err().to_string();
+        assert!(err.contains("must be the same name"), "{err}");
+        // A node of the pair named as the witness is told to say so.
+        let err = p(&format!("{SEED}{WITNESS}").replace("hadbw", "hadb01"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("witness.node"), "{err}");
+        // A node of the pair still needs its volume.
+        let err = p(&SEED.replace("device = \"/dev/sdc1\"", ""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("volume.device") && err.contains("required"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_watchdog_method_needs_a_witness_an_armed_watchdog_and_a_long_timeout() {
+        let methods = "\n[fencing]\nmethods = [\"watchdog\"]\n";
+        let err = p(&format!("{SEED}{methods}"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a [witness]"), "{err}");
+        assert!(err.contains("[watchdog] enabled"), "{err}");
+        let short = "\n[watchdog]\nenabled = true\ntimeout = \"5s\"\n";
+        let err = p(&format!("{SEED}{methods}{WITNESS}{short}"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `watchdog.timeout`") && err.contains("at least 6"),
+            "{err}"
+        );
+        let ok = short.replace("5s", "6s");
+        let c = p(&format!("{SEED}{methods}{WITNESS}{ok}"), None).unwrap();
+        assert_eq!(c.fencing.methods, vec![FenceMethod::Watchdog]);
+    }
+
     #[test]
     fn node_defaults_to_host_name() {
         let text = SEED.replace("node = \"hadb01\"\n", "");

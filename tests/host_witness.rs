@@ -69,7 +69,13 @@ socket = "{d}/w.ctl"
         let log = d.join("w.log");
         let child = Command::new("ip")
             .args(["netns", "exec", net.witness_ns(), hadb_bin()])
-            .args(["--config", config.to_str().unwrap(), "--cmdline", "none", "run"])
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--cmdline",
+                "none",
+                "run",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -82,7 +88,12 @@ socket = "{d}/w.ctl"
 
     fn status(&self) -> Option<Value> {
         let out = Command::new(hadb_bin())
-            .args(["--config", self.config.to_str().unwrap(), "--cmdline", "none"])
+            .args([
+                "--config",
+                self.config.to_str().unwrap(),
+                "--cmdline",
+                "none",
+            ])
             .args(["status", "--json"])
             .output()
             .unwrap();
@@ -91,7 +102,12 @@ socket = "{d}/w.ctl"
 
     fn human(&self) -> String {
         let out = Command::new(hadb_bin())
-            .args(["--config", self.config.to_str().unwrap(), "--cmdline", "none"])
+            .args([
+                "--config",
+                self.config.to_str().unwrap(),
+                "--cmdline",
+                "none",
+            ])
             .arg("status")
             .output()
             .unwrap();
@@ -166,7 +182,12 @@ fn a_witness_settles_a_partition_without_a_fence_race() {
     // promotes; a keeps the role and fences b (manual: pending).
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(6) {
-        assert_eq!(field(&p, 1, "manager", "fence")["state"], "none", "{}", p.log(1));
+        assert_eq!(
+            field(&p, 1, "manager", "fence")["state"],
+            "none",
+            "{}",
+            p.log(1)
+        );
         assert_eq!(field(&p, 1, "volume", "role"), "secondary");
         assert_eq!(field(&p, 0, "volume", "role"), "primary");
         std::thread::sleep(Duration::from_millis(200));
@@ -189,7 +210,11 @@ fn a_witness_settles_a_partition_without_a_fence_race() {
     // The operator powers b off and confirms: a goes on alone.
     p.kill(1);
     let ok = p.hadb(0, &["fence", "confirm", "b"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     qemu_io(
         &p.uri(0),
         &["read -P 0x5a 0 4m", "write -P 0x6b 8m 1m", "flush"],
@@ -200,7 +225,9 @@ fn a_witness_settles_a_partition_without_a_fence_race() {
     net.link_up(1);
     p.start(1);
     p.wait_in_sync(0);
-    w.wait("the vote released", |s| s.is_some_and(|s| s["vote"].is_null()));
+    w.wait("the vote released", |s| {
+        s.is_some_and(|s| s["vote"].is_null())
+    });
 
     // Now the primary is cut off from its peer and from the witness: the
     // vote goes to b, which fences at once; a, without quorum, neither
@@ -221,11 +248,20 @@ fn a_witness_settles_a_partition_without_a_fence_race() {
                 .is_some_and(|r| r.contains("no quorum"))
         })
     });
-    assert_eq!(field(&p, 0, "manager", "fence")["state"], "none", "{}", p.log(0));
+    assert_eq!(
+        field(&p, 0, "manager", "fence")["state"],
+        "none",
+        "{}",
+        p.log(0)
+    );
     assert_eq!(w.status().unwrap()["vote"], "b");
     p.kill(0);
     let ok = p.hadb(1, &["fence", "confirm", "a"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     p.wait(1, "b primary", |s| {
         s.is_some_and(|s| s["volume"]["role"] == "primary")
     });

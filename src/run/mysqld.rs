@@ -337,6 +337,19 @@ fn lookup_user(name: &str) -> Result<(u32, u32), String> {
         })
 }
 
+/// mysqld (or its initialiser) in the datadir, with no stdin, and without
+/// systemd's notify socket, which is hadb's: a mysqld built with systemd
+/// support would report to it as if it were hadb (the lab saw systemd
+/// warn about it).
+fn server_command(program: &str, rest: &[String], datadir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .current_dir(datadir)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// Spawns mysqld; a thread copies its output into the log and another
 /// waits for its exit.
 fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
@@ -354,14 +367,8 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
     {
         prepare_dir(dir, uid, gid)?;
     }
-    let mut cmd = Command::new(program);
-    cmd.args(rest)
-        .current_dir(&cfg.datadir)
-        // systemd's notify socket is hadb's: a mysqld built with systemd
-        // support would report to it as if it were hadb.
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let mut cmd = server_command(program, rest, &cfg.datadir);
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if uid != 0 {
         // std drops the supplementary groups when root sets a uid.
@@ -549,13 +556,7 @@ fn init_database(cfg: &MysqlConfig) -> Result<String, String> {
     let args = cfg.init_command_line();
     let (program, rest) = args.split_first().ok_or("mysql.init_command is empty")?;
     log::info!("mysqld: initialising the database: {}", args.join(" "));
-    let out = crate::run::process::output(
-        Command::new(program)
-            .args(rest)
-            .current_dir(&cfg.datadir)
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null()),
-    )
+    let out = crate::run::process::output(&mut server_command(program, rest, &cfg.datadir))
     .map_err(|e| format!("cannot run {program}: {e}"))?;
     let text = format!(
         "{}{}",
@@ -576,4 +577,21 @@ fn prepare_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))
         .map_err(|e| format!("cannot give {} to uid {uid}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mysqld_does_not_inherit_the_notify_socket() {
+        let cmd = server_command("mysqld", &["--datadir=/d".into()], std::path::Path::new("/d"));
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        assert_eq!(removed, ["NOTIFY_SOCKET"]);
+        assert_eq!(cmd.get_current_dir(), Some(std::path::Path::new("/d")));
+    }
 }

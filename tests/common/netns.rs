@@ -204,17 +204,49 @@ socket = "{d}/{me}.ctl"
         for node in 0..2 {
             let (in_node, in_w) = self.witness_ifaces(node);
             ip_ok(&[
-                "-n", &self.ns[node], "link", "add", &in_node, "type", "veth", "peer", "name",
-                &in_w, "netns", &w,
+                "-n",
+                &self.ns[node],
+                "link",
+                "add",
+                &in_node,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &in_w,
+                "netns",
+                &w,
             ]);
             let subnet = 220 + node;
             let node_addr = format!("10.{subnet}.{t}.{}/24", node + 1);
-            ip_ok(&["-n", &self.ns[node], "addr", "add", &node_addr, "dev", &in_node]);
-            ip_ok(&["-n", &w, "addr", "add", &format!("10.{subnet}.{t}.3/24"), "dev", &in_w]);
+            ip_ok(&[
+                "-n",
+                &self.ns[node],
+                "addr",
+                "add",
+                &node_addr,
+                "dev",
+                &in_node,
+            ]);
+            ip_ok(&[
+                "-n",
+                &w,
+                "addr",
+                "add",
+                &format!("10.{subnet}.{t}.3/24"),
+                "dev",
+                &in_w,
+            ]);
             ip_ok(&["-n", &self.ns[node], "link", "set", "dev", &in_node, "up"]);
             ip_ok(&["-n", &w, "link", "set", "dev", &in_w, "up"]);
             ip_ok(&[
-                "-n", &self.ns[node], "route", "add", &format!("{me}/32"), "dev", &in_node,
+                "-n",
+                &self.ns[node],
+                "route",
+                "add",
+                &format!("{me}/32"),
+                "dev",
+                &in_node,
             ]);
             let ring0 = format!("{}/32", self.addr(node, 0));
             ip_ok(&["-n", &w, "route", "add", &ring0, "dev", &in_w]);
@@ -244,9 +276,25 @@ socket = "{d}/{me}.ctl"
         if up {
             // The routes over it went with the link.
             let me = format!("10.222.{}.3/32", self.octet);
-            let _ = ip(&["-n", &self.ns[node], "route", "replace", &me, "dev", &in_node]);
+            let _ = ip(&[
+                "-n",
+                &self.ns[node],
+                "route",
+                "replace",
+                &me,
+                "dev",
+                &in_node,
+            ]);
             let ring0 = format!("{}/32", self.addr(node, 0));
-            let _ = ip(&["-n", self.witness_ns(), "route", "replace", &ring0, "dev", &in_w]);
+            let _ = ip(&[
+                "-n",
+                self.witness_ns(),
+                "route",
+                "replace",
+                &ring0,
+                "dev",
+                &in_w,
+            ]);
         }
     }
 
@@ -439,7 +487,12 @@ fn leftover_pid(name: &str) -> Option<u32> {
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     };
-    if *hadb != "hadb" || !(NODES.contains(side) || *side == "w") || !plain(test) || !plain(tag) || tag.len() > 7 {
+    if *hadb != "hadb"
+        || !(NODES.contains(side) || *side == "w")
+        || !plain(test)
+        || !plain(tag)
+        || tag.len() > 7
+    {
         return None;
     }
     let id = u64::from_str_radix(tag, 36).ok()?;
