@@ -337,7 +337,10 @@ fn a_read_only_identity_gets_a_message_naming_the_role() {
     let err = fence.power_off().unwrap_err();
     assert!(matches!(err, AzureError::Forbidden { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("'Virtual Machine Contributor'"), "{text}");
+    assert!(
+        text.contains("a role with Microsoft.Compute/virtualMachines/powerOff/action"),
+        "{text}"
+    );
     assert!(
         text.contains("power off VM hadb02 in resource group hadb-rg"),
         "{text}"
@@ -406,6 +409,27 @@ fn throttling_waits_as_long_as_retry_after_says() {
         );
         eprintln!("request after a 429 came {gap:.3}s later");
     }
+}
+
+/// A role scoped to the VM may power it off but not follow the operation
+/// (403 on the poll): the fence still counts, on the instance view.
+#[test]
+fn a_power_off_that_cannot_be_followed_is_confirmed_by_the_instance_view() {
+    let mut s = StandIn::start("opforbid", true, &["--op-seconds", "1", "--op-forbidden"]);
+    let fence = s.fence("hadb02", "30s", "").unwrap();
+    let state = fence.power_off().unwrap();
+    assert_eq!(state, PowerState::Stopped);
+    assert!(killed(s.vm_process_ended()), "the VM's process was killed");
+    assert!(
+        s.count("operations/") >= 1
+            && s.requests()
+                .iter()
+                .any(|r| r.contains("operations/") && r.ends_with(" 403")),
+        "the poll was refused: {:#?}",
+        s.requests()
+    );
+    let last = s.requests().last().unwrap().clone();
+    assert!(last.contains("/instanceView 200"), "{last}");
 }
 
 #[test]

@@ -368,8 +368,7 @@ fn start_mysqld(cfg: &MysqlConfig, tx: &Sender<Msg>) -> Result<u32, String> {
         prepare_dir(dir, uid, gid)?;
     }
     let mut cmd = server_command(program, rest, &cfg.datadir);
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     if uid != 0 {
         // std drops the supplementary groups when root sets a uid.
         cmd.uid(uid).gid(gid);
@@ -557,7 +556,7 @@ fn init_database(cfg: &MysqlConfig) -> Result<String, String> {
     let (program, rest) = args.split_first().ok_or("mysql.init_command is empty")?;
     log::info!("mysqld: initialising the database: {}", args.join(" "));
     let out = crate::run::process::output(&mut server_command(program, rest, &cfg.datadir))
-    .map_err(|e| format!("cannot run {program}: {e}"))?;
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -585,7 +584,11 @@ mod tests {
 
     #[test]
     fn mysqld_does_not_inherit_the_notify_socket() {
-        let cmd = server_command("mysqld", &["--datadir=/d".into()], std::path::Path::new("/d"));
+        let cmd = server_command(
+            "mysqld",
+            &["--datadir=/d".into()],
+            std::path::Path::new("/d"),
+        );
         let removed: Vec<_> = cmd
             .get_envs()
             .filter(|(_, v)| v.is_none())

@@ -72,6 +72,7 @@ Flags:
   --read-only P        principal P may read but not power off or start
   --op-seconds S       how long a power-off or start runs (2)
   --op-never           operations never end
+  --op-forbidden       polling an operation gets 403 (a role scoped to the VM)
   --op-fail            operations end Failed, the VM unchanged
   --view-lag S         after a power-off succeeds, the instance view says
                        `stopping` for S more seconds (0)
@@ -482,6 +483,14 @@ class Arm(Handler):
             op = dict(op) if op else None
         if op is None:
             return self.arm_error(404, "NotFound", f"Operation {op_id} not found.", principal=principal)
+        if a.op_forbidden:
+            # A role scoped to the VM: it may power off, but following the
+            # operation needs a read at the location's scope.
+            scope = f"/subscriptions/{a.subscription}/providers/Microsoft.Compute/locations/{a.location}/operations/{op_id}"
+            return self.arm_error(
+                403, "AuthorizationFailed",
+                f"The client '{principal}' with object id '{principal}' does not have authorization to perform action 'Microsoft.Compute/locations/operations/read' over scope '{scope}' or the scope is invalid.",
+                principal=principal)
         running = op["status"] == "InProgress"
         headers = {"Retry-After": a.retry_after} if running else {}
         if q.get("monitor") == "true":
@@ -547,6 +556,7 @@ def main():
     p.add_argument("--read-only", action="append", default=[])
     p.add_argument("--op-seconds", type=float, default=2.0)
     p.add_argument("--op-never", action="store_true")
+    p.add_argument("--op-forbidden", action="store_true")
     p.add_argument("--op-fail", action="store_true")
     p.add_argument("--view-lag", type=float, default=0.0)
     p.add_argument("--retry-after", type=int, default=1)

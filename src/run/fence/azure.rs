@@ -265,7 +265,7 @@ impl fmt::Display for AzureError {
             ),
             AzureError::Forbidden { op, target, reason } => write!(
                 f,
-                "the identity has no permission to {} VM {} in resource group {} (403 {reason}); give it the 'Virtual Machine Contributor' role on the VM (it needs {})",
+                "the identity has no permission to {} VM {} in resource group {} (403 {reason}); give it a role with {} on the VM or its resource group (docs/fencing.md has a least-privilege one)",
                 op.verb(),
                 target.vm,
                 target.resource_group,
@@ -708,6 +708,19 @@ impl AzureFence {
                 },
                 (false, 202) => {}
                 (false, 200 | 204) => return Ok(()),
+                // Azure took the power-off; only following it is refused
+                // (a role scoped to the VM lacks the operation read). The
+                // instance view, which the fence waits for anyway, tells.
+                (_, 401 | 403 | 404) => {
+                    log::warn!(
+                        "azure fence: cannot follow the {} of VM {} ({}: {}); watching the VM's instance view instead (give the role Microsoft.Compute/locations/operations/read on the subscription to follow it)",
+                        op.verb(),
+                        target.vm,
+                        reply.status,
+                        arm_error_in(&serde_json::from_str(&reply.body).unwrap_or(Value::Null))
+                    );
+                    return Ok(());
+                }
                 (_, status) => return Err(classify(status, &reply.body, op, target)),
             }
         }
@@ -1556,7 +1569,10 @@ mod tests {
         let e = classify(403, body, Op::PowerOff, &target());
         assert!(matches!(e, AzureError::Forbidden { .. }));
         let text = e.to_string();
-        assert!(text.contains("Virtual Machine Contributor"), "{text}");
+        assert!(
+            text.contains("Microsoft.Compute/virtualMachines/powerOff/action"),
+            "{text}"
+        );
         assert!(
             text.contains("power off VM hadb02 in resource group rg"),
             "{text}"
