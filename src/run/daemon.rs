@@ -429,13 +429,21 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                 .then(|| crate::config::self_fence_after(&config.heartbeat).as_micros() as u64),
         },
     )));
-    let watchdog = crate::run::watchdog::arm(&config.watchdog).map(Arc::new);
     // Built now so that an unreadable key or secret stops the start, not a
     // fence.
     let fencer = Arc::new(
         crate::run::fence::Fencer::new(&config, manager.clone(), heartbeat.clone())
             .map_err(|e| Error::Fence(Box::new(e)))?,
     );
+    let signals = async_signal::Signals::new([
+        async_signal::Signal::Term,
+        async_signal::Signal::Int,
+        async_signal::Signal::Hup,
+    ])
+    .map_err(Error::Signals)?;
+    // Armed last: a start that fails after it would exit without the
+    // magic close, and the node would reboot for a typo in a key file.
+    let watchdog = crate::run::watchdog::arm(&config.watchdog).map(Arc::new);
     let resources = crate::run::resources::Resources::new(&config);
     let maintenance = Arc::new(std::sync::atomic::AtomicBool::new(
         config.manager.maintenance,
@@ -455,13 +463,6 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         sources,
         watchdog: watchdog.clone(),
     });
-    let signals = async_signal::Signals::new([
-        async_signal::Signal::Term,
-        async_signal::Signal::Int,
-        async_signal::Signal::Hup,
-    ])
-    .map_err(Error::Signals)?;
-
     let nbd_settings_stop = nbd_settings.clone();
     crate::run::block_on(0, async move {
         let _volume = crate::run::spawn(volume.run());
