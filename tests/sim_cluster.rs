@@ -222,6 +222,7 @@ impl Sim {
             start_grace_us: 2 * HB_TIMEOUT_US,
             restart_grace_us: 30_000_000,
             self_fence_after_us: with_witness.then_some(SELF_FENCE_AFTER_US),
+            fence_retry_us: with_witness.then_some(30_000_000),
         }));
         node.wmember = with_witness
             .then(|| Membership::new("sim", node.name, "w", KEY, 1, HB_TIMEOUT_US, incarnation));

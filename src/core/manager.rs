@@ -118,6 +118,10 @@ pub struct Config {
     /// With a witness: a node without quorum this long stops petting its
     /// watchdog (the peer's `watchdog` fence counts on it). None: never.
     pub self_fence_after_us: Option<u64>,
+    /// A lost-peer fence whose methods all failed runs them again after
+    /// this (Pacemaker retries too: a token still propagating, Azure
+    /// throttling). None: no automatic method, the operator decides.
+    pub fence_retry_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +190,8 @@ pub struct Manager {
     /// Since when this node has had no quorum (peer lost, vote not its).
     no_quorum_since_us: Option<u64>,
     self_fenced: bool,
+    /// When the last run of the fence methods failed.
+    fence_failed_us: Option<u64>,
     reason: String,
     /// The last reasons, newest last, with when they began (status's "last
     /// transitions and why").
@@ -214,6 +220,7 @@ impl Manager {
             started_us: None,
             no_quorum_since_us: None,
             self_fenced: false,
+            fence_failed_us: None,
             reason: "starting".into(),
             history: std::collections::VecDeque::new(),
             now_us: 0,
@@ -301,6 +308,7 @@ impl Manager {
     /// a heard peer clears it at the next step; a lost one leaves it
     /// pending for `hadb fence confirm`, as a lost-peer fence always is.
     pub fn fence_failed(&mut self) {
+        self.fence_failed_us = Some(self.now_us);
         if let Fence::Pending {
             since_us,
             by_operator: true,
@@ -364,7 +372,22 @@ impl Manager {
     fn fenced(&mut self, now: u64, out: &mut Vec<Action>) -> bool {
         match self.fence {
             Fence::Confirmed { .. } => true,
-            Fence::Pending { .. } => false,
+            Fence::Pending { .. } => {
+                if let (Some(failed), Some(retry)) = (self.fence_failed_us, self.cfg.fence_retry_us)
+                    && now.saturating_sub(failed) >= retry
+                {
+                    self.fence_failed_us = None;
+                    out.push(Action::Log {
+                        warn: true,
+                        message: format!(
+                            "manager: every fence method failed {} s ago; trying them again",
+                            retry / 1_000_000
+                        ),
+                    });
+                    out.push(Action::Fence);
+                }
+                false
+            }
             Fence::None => {
                 self.fence = Fence::Pending {
                     since_us: now,
@@ -397,6 +420,7 @@ impl Manager {
                     ..
                 }
             );
+            self.fence_failed_us = None;
             if self.fence != Fence::None && !operators {
                 // It is back (rebooted): the fence is history. Not the
                 // operator's, which fences a peer that is heard.
@@ -769,6 +793,7 @@ mod tests {
             start_grace_us: 0,
             restart_grace_us: 30 * S,
             self_fence_after_us: None,
+            fence_retry_us: Some(30 * S),
         }
     }
 
@@ -1252,5 +1277,27 @@ mod tests {
             assert_eq!(acts(&m.step(&i)), vec![]);
         }
         assert!(!m.self_fenced());
+    }
+
+    #[test]
+    fn a_failed_fence_is_tried_again_after_the_retry_time() {
+        let mut m = Manager::new(cfg(true));
+        let v = vol(Role::Primary);
+        m.step(&at(0, v, Some(peer(false))));
+        assert_eq!(acts(&m.step(&at(1, v, None))), vec![Action::Fence]);
+        m.fence_failed();
+        for t in [2, 20, 30] {
+            assert_eq!(acts(&m.step(&at(t, v, None))), vec![], "at {t} s");
+        }
+        assert_eq!(acts(&m.step(&at(31, v, None))), vec![Action::Fence]);
+        // Without an automatic method, nothing is retried.
+        let mut m = Manager::new(Config {
+            fence_retry_us: None,
+            ..cfg(true)
+        });
+        m.step(&at(0, v, Some(peer(false))));
+        m.step(&at(1, v, None));
+        m.fence_failed();
+        assert_eq!(acts(&m.step(&at(100, v, None))), vec![]);
     }
 }

@@ -18,6 +18,8 @@ use crate::core::replica::Role;
 /// How long a peer that said it restarts in place is given, beyond
 /// `fence_delay`, before it counts as lost: an exec and a start.
 const RESTART_GRACE: Duration = Duration::from_secs(30);
+/// A lost-peer fence whose methods all failed is tried again after this.
+const FENCE_RETRY: Duration = Duration::from_secs(30);
 use crate::run::control::{self, Request};
 use crate::run::nbd::Server;
 use crate::run::peer::{self, LinkSetup};
@@ -427,6 +429,12 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                     .contains(&crate::config::FenceMethod::Watchdog)
                 && config.watchdog.enabled)
                 .then(|| crate::config::self_fence_after(&config.heartbeat).as_micros() as u64),
+            fence_retry_us: config
+                .fencing
+                .methods
+                .iter()
+                .any(|m| *m != crate::config::FenceMethod::Manual)
+                .then_some(FENCE_RETRY.as_micros() as u64),
         },
     )));
     // Built now so that an unreadable key or secret stops the start, not a
