@@ -74,6 +74,17 @@ struct FenceCmd {
 enum FenceSub {
     Confirm(FenceConfirmCmd),
     Test(FenceTestCmd),
+    Unfence(FenceUnfenceCmd),
+}
+
+/// start the fenced peer again (`azure`: start its VM and wait until it
+/// runs), once it may rejoin; Pacemaker's `stonith_admin --unfence`
+#[derive(FromArgs)]
+#[argh(subcommand, name = "unfence")]
+struct FenceUnfenceCmd {
+    /// the peer's name
+    #[argh(positional)]
+    node: String,
 }
 
 /// check each fence method without fencing: a token and the peer VM's
@@ -414,6 +425,11 @@ fn fence_command(config: &config::Config, f: &FenceCmd) -> Result<(), Box<dyn st
             println!("fence of {} confirmed", c.node);
             Ok(())
         }
+        (Some(FenceSub::Unfence(u)), None) => {
+            let r = run::control::call(socket, json!({"command": "fence.unfence", "node": u.node}))?;
+            println!("{} is {} again ({})", u.node, s(&r["state"]), s(&r["method"]));
+            Ok(())
+        }
         (Some(FenceSub::Test(_)), None) => {
             let r = run::control::call(socket, json!({"command": "fence.test"}))?;
             let mut failed = 0;
@@ -452,7 +468,7 @@ fn fence_command(config: &config::Config, f: &FenceCmd) -> Result<(), Box<dyn st
             Ok(())
         }
         _ => Err(
-            "say `hadb fence NODE [--yes]`, `hadb fence test` or `hadb fence confirm NODE`".into(),
+            "say `hadb fence NODE [--yes]`, `hadb fence test`, `hadb fence confirm NODE` or `hadb fence unfence NODE`".into(),
         ),
     }
 }

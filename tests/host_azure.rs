@@ -688,4 +688,23 @@ power_timeout = "30s"
         confirmed < promoted,
         "promoted before the fence was confirmed:\n{log}"
     );
+    // The operator starts the fenced VM again (unfence) through the same
+    // method: Azure's start, followed until the VM runs.
+    let out = p.hadb(1, &["fence", "unfence", "a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("a is running again (azure)"), "{text}");
+    assert!(
+        s.requests()
+            .iter()
+            .any(|r| r.contains("POST /subscriptions") && r.contains("/virtualMachines/a/start")),
+        "{:#?}",
+        s.requests()
+    );
+    let wrong = p.hadb(1, &["fence", "unfence", "b"]);
+    assert!(!wrong.status.success(), "unfenced itself");
 }

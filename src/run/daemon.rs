@@ -263,6 +263,12 @@ impl control::Handler for Daemon {
                     )),
                 }
             }
+            "fence.unfence" => {
+                let peer = self.peer_named(request.node.as_deref(), "hadb fence unfence")?;
+                log::warn!("fence: the operator starts {peer} again (unfence)");
+                let fencer = self.fencer.clone();
+                smol::unblock(move || fencer.unfence()).await
+            }
             "fence.test" => {
                 let fencer = self.fencer.clone();
                 let checks = smol::unblock(move || fencer.test()).await;
@@ -360,7 +366,7 @@ impl control::Handler for Daemon {
             "volume.discard-my-data" => self.ask(Command::DiscardMyData).await,
             "volume.verify" => self.ask(Command::Verify).await,
             other => Err(format!(
-                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence, fence.test, fence.confirm, standby, switchover, restart-in-place, mysql.init, mysql.reset, log"
+                "unknown command `{other}`; known: status, volume.primary, volume.secondary, volume.go-alone, volume.down, volume.up, volume.discard-my-data, volume.verify, volume.mkfs, fence, fence.test, fence.confirm, fence.unfence, standby, switchover, restart-in-place, mysql.init, mysql.reset, log"
             )),
         }
     }

@@ -375,6 +375,22 @@ impl Fencer {
         }
     }
 
+    /// `hadb fence unfence`: starts the peer again where a method can
+    /// (azure); says what to do where none can. Blocks.
+    pub fn unfence(&self) -> Result<serde_json::Value, String> {
+        let peer = &self.peer;
+        match &self.azure {
+            Some(azure) => {
+                let state = azure.start().map_err(|e| e.to_string())?;
+                log::warn!("fence: {peer} started again through Azure: {state}");
+                Ok(json!({"method": "azure", "state": state.to_string()}))
+            }
+            None => Err(format!(
+                "no method here starts {peer} again: `ssh` and `watchdog` reboot it (it comes back by itself); otherwise power it on yourself"
+            )),
+        }
+    }
+
     /// The watchdog method's preconditions, as they stand now.
     fn watchdog_test(&self) -> (bool, String) {
         let report = lock(&self.hb.membership).peer_report();
