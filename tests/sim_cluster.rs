@@ -508,17 +508,7 @@ impl Sim {
             return;
         }
         w.next_hb_us = now + HB_INTERVAL_US;
-        let views: [VoterView; 2] = std::array::from_fn(|n| {
-            let m = &members[n];
-            let r = m.peer_report().unwrap_or_default();
-            VoterView {
-                heard: m.peer_alive(),
-                incarnation: m.peer_incarnation().unwrap_or(0),
-                asks: r.flags & FLAG_WANTS_VOTE != 0,
-                primary: r.role == 1,
-                up_to_date: hadb::core::replica::disk_from_code(r.disk) == DiskState::UpToDate,
-            }
-        });
+        let views: [VoterView; 2] = std::array::from_fn(|n| VoterView::of(&members[n]));
         let changes = w.core.as_mut().unwrap().step(now, &views);
         let vote = w.core.as_ref().unwrap().vote().map_or(0, |(_, inc)| inc);
         let report = NodeReport {

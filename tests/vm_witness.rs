@@ -9,11 +9,13 @@
 
 #[path = "support/vm.rs"]
 mod vm;
+#[path = "support/vm_pair.rs"]
+mod vm_pair;
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use vm::{Vm, VmConfig};
+use vm_pair::{status, wait_nbd, wait_status};
 
 const CONFIG: &str = r#"cluster = "hadb-test"
 key_file = "/etc/hadb/authkey"
@@ -59,32 +61,6 @@ impl Drop for Report<'_> {
             }
             eprintln!("===== {} =====\n{report}", vm.name());
         }
-    }
-}
-
-fn status(vm: &mut Vm) -> Option<Value> {
-    match vm.run("hadb status --json") {
-        Ok((out, 0)) => serde_json::from_str(out.trim()).ok(),
-        _ => None,
-    }
-}
-
-fn wait_status(vm: &mut Vm, what: &str, timeout: Duration, want: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(st) = status(vm) {
-            if want(&st) {
-                return st;
-            }
-            last = Some(st);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}: not {what} after {timeout:?}; last status: {last:?}",
-            vm.name()
-        );
-        std::thread::sleep(Duration::from_millis(300));
     }
 }
 
@@ -181,13 +157,7 @@ fn a_hung_primary_resets_itself_and_the_vote_holder_fences_it_by_waiting() {
     );
 
     // 8 MiB written through the kernel device and flushed.
-    vm1.wait_until(
-        "blockdev --getsize64 /dev/nbd0",
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-        |out, rc| rc == 0 && out.trim() != "0",
-    )
-    .expect("/dev/nbd0 attached on hadb01");
+    wait_nbd(vm1, true);
     let written = vm1.run_ok(
         "dd if=/dev/urandom of=/tmp/pat bs=1M count=8 2>/dev/null && \
          dd if=/tmp/pat of=/dev/nbd0 bs=1M oflag=direct conv=fsync 2>/dev/null && sha256sum </tmp/pat",
@@ -224,13 +194,7 @@ fn a_hung_primary_resets_itself_and_the_vote_holder_fences_it_by_waiting() {
         took_over > reset_after,
         "took over at {took_over:?}, reset at {reset_after:?}"
     );
-    vm2.wait_until(
-        "blockdev --getsize64 /dev/nbd0",
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-        |out, rc| rc == 0 && out.trim() != "0",
-    )
-    .expect("/dev/nbd0 attached on hadb02");
+    wait_nbd(vm2, true);
     let read = vm2.run_ok("dd if=/dev/nbd0 bs=1M count=8 iflag=direct 2>/dev/null | sha256sum");
     assert_eq!(read, written, "hadb02 holds every byte hadb01 wrote");
     eprintln!(

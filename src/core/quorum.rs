@@ -31,6 +31,22 @@ pub struct VoterView {
     pub up_to_date: bool,
 }
 
+impl VoterView {
+    /// What the witness's heartbeat with one node says of it.
+    pub fn of(m: &crate::core::heartbeat::Membership) -> VoterView {
+        use crate::core::heartbeat::FLAG_WANTS_VOTE;
+        use crate::core::replica::{DiskState, disk_from_code};
+        let r = m.peer_report().unwrap_or_default();
+        VoterView {
+            heard: m.peer_alive(),
+            incarnation: m.peer_incarnation().unwrap_or(0),
+            asks: r.flags & FLAG_WANTS_VOTE != 0,
+            primary: r.role == 1,
+            up_to_date: disk_from_code(r.disk) == DiskState::UpToDate,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WitnessConfig {
     /// A holder the witness no longer hears keeps the vote this long;

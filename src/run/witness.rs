@@ -12,9 +12,8 @@ use smol::net::UdpSocket;
 use smol::stream::StreamExt;
 
 use crate::config::Config;
-use crate::core::heartbeat::{FLAG_WANTS_VOTE, FLAG_WITNESS, Membership, NodeReport};
+use crate::core::heartbeat::{FLAG_WITNESS, Membership, NodeReport};
 use crate::core::quorum::{VoterView, Witness, WitnessConfig};
-use crate::core::replica::DiskState;
 use crate::run::control::{self, Handler, Request};
 use crate::run::manager::lock;
 
@@ -65,17 +64,7 @@ impl State {
     }
 
     fn views(&self) -> [VoterView; 2] {
-        let view = |v: &Voter| {
-            let m = lock(&v.membership);
-            let r = m.peer_report().unwrap_or_default();
-            VoterView {
-                heard: m.peer_alive(),
-                incarnation: m.peer_incarnation().unwrap_or(0),
-                asks: r.flags & FLAG_WANTS_VOTE != 0,
-                primary: r.role == 1,
-                up_to_date: crate::core::replica::disk_from_code(r.disk) == DiskState::UpToDate,
-            }
-        };
+        let view = |v: &Voter| VoterView::of(&lock(&v.membership));
         [view(&self.voters[0]), view(&self.voters[1])]
     }
 

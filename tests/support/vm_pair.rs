@@ -2,6 +2,10 @@
 //! tests: hadb01 primary and hadb02 an up-to-date secondary, with helpers to
 //! read and wait for `hadb status`, and a report of both nodes when a test
 //! fails.
+//!
+//! Each VM test binary includes it and uses part of it, hence `dead_code`.
+
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
