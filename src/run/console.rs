@@ -24,6 +24,7 @@ const HELP: &str = "commands:\r
   mysql reset                   mysqld failed here: its cause is fixed, try again\r
   fence confirm NODE            NODE is powered off: let the pending fence succeed\r
   fence test                    check each fence method without fencing\r
+  fence unfence NODE            start the fenced NODE again (azure)\r
   volume primary [--force]      volume secondary   volume go-alone   volume verify\r
   help\r
 ";
@@ -52,6 +53,10 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
         ["fence", "confirm", node] => Request {
             node: Some((*node).to_owned()),
             ..req("fence.confirm")
+        },
+        ["fence", "unfence", node] => Request {
+            node: Some((*node).to_owned()),
+            ..req("fence.unfence")
         },
         ["volume", "primary"] => req("volume.primary"),
         ["volume", "primary", "--force"] => Request {
@@ -203,6 +208,11 @@ mod tests {
         assert_eq!((r.command.as_str(), r.on), ("standby", Some(true)));
         let r = parse("fence confirm hadb01").unwrap().unwrap();
         assert_eq!(r.node.as_deref(), Some("hadb01"));
+        let r = parse("fence unfence hadb01").unwrap().unwrap();
+        assert_eq!(
+            (r.command.as_str(), r.node.as_deref()),
+            ("fence.unfence", Some("hadb01"))
+        );
         let r = parse("fence test").unwrap().unwrap();
         assert_eq!(r.command, "fence.test");
         let r = parse("volume primary --force").unwrap().unwrap();
