@@ -46,7 +46,16 @@ fn killed_secondary_rejoins_and_only_changed_blocks_move() {
     let size = p.data_size();
     // Writes under way when the secondary dies.
     let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x10 0 8m", "flush"]);
-    std::thread::sleep(Duration::from_millis(50));
+    // Until the secondary has logged a region (a loaded machine may not
+    // have started the writer within a fixed sleep; CI's did not).
+    let start = std::time::Instant::now();
+    while p.counter(1, "counters", "al_transactions") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the secondary never logged a region of the writes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     p.kill(1);
     p.wait_link_lost(0);
     assert!(p.hadb(0, &["volume", "go-alone"]).status.success());
