@@ -24,6 +24,12 @@ against the protocol rather than against itself:
   Every request needs `Authorization: Bearer <token issued above>` whose
   audience is this endpoint (else 401) and an api-version (else 400).
     GET  .../virtualMachines/{vm}/instanceView
+    GET  .../virtualMachines/{vm}?$expand=instanceView
+        -> the VM resource with properties.instanceView (what the Python SDK's
+           virtual_machines.get(rg, vm, "instanceView") asks, as
+           fence_azure_arm does); without $expand, no instanceView
+    GET  /subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines
+        -> {"value": [VM resources]} (fence_azure_arm's list and monitor)
         -> {"statuses": [{"code": "ProvisioningState/..."},
                          {"code": "PowerState/running|stopping|stopped|..."}]}
     POST .../virtualMachines/{vm}/powerOff[?skipShutdown=true]
@@ -413,19 +419,31 @@ class Arm(Handler):
         # /subscriptions/s/providers/Microsoft.Compute/locations/l/operations/id
         if len(seg) == 8 and seg[2] == "providers" and seg[6] == "operations" and method == "GET":
             return self.operation(seg[7], q, principal)
-        # /subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm/action
-        if not (len(seg) == 9 and seg[2].lower() == "resourcegroups" and seg[4] == "providers"
+        # /subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines[/vm[/action]]
+        if not (len(seg) in (7, 8, 9) and seg[2].lower() == "resourcegroups" and seg[4] == "providers"
                 and seg[5].lower() == "microsoft.compute" and seg[6].lower() == "virtualmachines"):
             return self.arm_error(404, "NotFound", "No such path.", principal=principal)
         if seg[3].lower() != a.resource_group.lower():
             return self.arm_error(404, "ResourceGroupNotFound",
                                   f"Resource group '{seg[3]}' could not be found.", principal=principal)
+        if len(seg) == 7:
+            if method != "GET":
+                return self.arm_error(404, "NotFound", "No such path.", principal=principal)
+            with LOCK:
+                vms = list(self.world.vms.values())
+            return self.reply(200, {"value": [self.vm_resource(vm, False) for vm in vms]},
+                              principal=principal)
         with LOCK:
             vm = self.world.vms.get(seg[7].lower())
         if vm is None:
             return self.arm_error(404, "ResourceNotFound",
                                   f"The Resource 'Microsoft.Compute/virtualMachines/{seg[7]}' under resource group '{seg[3]}' was not found.",
                                   principal=principal)
+        if len(seg) == 8:
+            if method != "GET":
+                return self.arm_error(404, "NotFound", "No such path.", principal=principal)
+            expand = q.get("$expand", "").lower() == "instanceview"
+            return self.reply(200, self.vm_resource(vm, expand), principal=principal)
         action = seg[8]
         if method == "GET" and action == "instanceView":
             return self.instance_view(vm, principal)
@@ -433,16 +451,32 @@ class Arm(Handler):
             return self.act(vm, action, q, principal)
         self.arm_error(404, "NotFound", "No such path.", principal=principal)
 
-    def instance_view(self, vm, principal):
+    def view(self, vm):
         with LOCK:
             state, prov = vm["state"], vm["provisioning"]
-        self.reply(200, {
+        return {
             "computerName": vm["name"], "osName": "ubuntu", "osVersion": "24.04",
             "statuses": [
                 {"code": f"ProvisioningState/{prov}", "level": "Info",
                  "displayStatus": f"Provisioning {prov}", "time": iso(time.time())},
                 {"code": f"PowerState/{state}", "level": "Info",
-                 "displayStatus": f"VM {state}"}]}, principal=principal)
+                 "displayStatus": f"VM {state}"}]}
+
+    def instance_view(self, vm, principal):
+        self.reply(200, self.view(vm), principal=principal)
+
+    def vm_resource(self, vm, expand):
+        a = self.world.args
+        props = {"vmId": str(uuid.uuid5(uuid.NAMESPACE_URL, vm["name"])),
+                 "provisioningState": "Succeeded",
+                 "hardwareProfile": {"vmSize": "Standard_D2s_v5"}}
+        if expand:
+            props["instanceView"] = self.view(vm)
+        return {
+            "id": f"/subscriptions/{a.subscription}/resourceGroups/{a.resource_group}"
+                  f"/providers/Microsoft.Compute/virtualMachines/{vm['name']}",
+            "name": vm["name"], "type": "Microsoft.Compute/virtualMachines",
+            "location": a.location, "properties": props}
 
     def act(self, vm, action, q, principal):
         a = self.world.args
