@@ -411,6 +411,22 @@ fn throttling_waits_as_long_as_retry_after_says() {
     }
 }
 
+/// The fence called off (the peer heard again) while the token and the
+/// instance view were fetched: the power-off is never sent.
+#[test]
+fn a_fence_called_off_before_the_power_off_sends_nothing() {
+    let mut s = StandIn::start("calledoff", true, &["--op-seconds", "1"]);
+    let fence = s.fence("hadb02", "30s", "").unwrap();
+    let err = fence
+        .power_off_unless(&|| Some("the peer is heard again"))
+        .unwrap_err();
+    assert!(matches!(err, AzureError::Abandoned(_)), "{err}");
+    assert!(err.to_string().contains("not sent"), "{err}");
+    assert_eq!(s.count("POST"), 0, "{:#?}", s.requests());
+    assert!(s.vm_process_ended().is_none(), "the VM still runs");
+    assert_eq!(fence.power_state().unwrap(), PowerState::Running);
+}
+
 /// A role scoped to the VM may power it off but not follow the operation
 /// (403 on the poll): the fence still counts, on the instance view.
 #[test]

@@ -256,8 +256,9 @@ impl Fencer {
         let Some(azure) = &self.azure else {
             return (Outcome::Failed, "not set up".into());
         };
-        match azure.power_off() {
+        match azure.power_off_unless(&|| self.unwanted()) {
             Ok(state) => (Outcome::Confirmed, format!("Azure reports the VM {state}")),
+            Err(e @ azure::AzureError::Abandoned(_)) => (Outcome::Abandoned, e.to_string()),
             Err(e) => (Outcome::Failed, e.to_string()),
         }
     }
