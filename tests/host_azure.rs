@@ -724,3 +724,89 @@ power_timeout = "30s"
     let wrong = p.hadb(1, &["fence", "unfence", "b"]);
     assert!(!wrong.status.success(), "unfenced itself");
 }
+
+/// The fence race of a cut network: both nodes lost each other, and both
+/// fence. The one whose power-off Azure accepted first wins; the other,
+/// still running while that power-off completes (seconds, tens of seconds
+/// on Azure), must not power the winner off in turn — the double fence
+/// the two-VM lab saw on `image/lab cut`, which left both VMs off.
+#[test]
+fn a_node_being_powered_off_does_not_fence_its_peer_back() {
+    // hadb02 (the loser) is a process the stand-in ends; hadb01 too, so a
+    // power-off of the winner would show as its process ending.
+    let winner = Command::new("sleep")
+        .arg("1000")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dir = dir_for("race");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pidfile = dir.join("hadb01.pid");
+    std::fs::write(&pidfile, winner.id().to_string()).unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut winner = Reap(winner);
+    let vm01 = format!("hadb01,pidfile={}", pidfile.display());
+    let mut s = StandIn::start("race", true, &["--op-seconds", "4", "--vm", &vm01]);
+    // hadb01 fences hadb02 (it looks at its own VM hadb01 first) ...
+    let a = s.fence("hadb02", "30s", "").unwrap().with_own_vm("hadb01");
+    // ... and hadb02, a moment later, fences hadb01, looking at hadb02.
+    let b = s.fence("hadb01", "30s", "").unwrap().with_own_vm("hadb02");
+    let first = std::thread::spawn(move || a.power_off());
+    let accepted = Instant::now() + Duration::from_secs(20);
+    while s.count("POST /subscriptions/") == 0 {
+        assert!(
+            Instant::now() < accepted,
+            "no power-off of hadb02 was asked for"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = b.power_off().unwrap_err();
+    assert!(matches!(err, AzureError::BeingFenced { .. }), "{err}");
+    assert!(err.to_string().contains("hadb02 is stopping"), "{err}");
+    assert_eq!(first.join().unwrap().unwrap(), PowerState::Stopped);
+    assert!(killed(s.vm_process_ended()), "hadb02 was powered off");
+    let posts: Vec<String> = s
+        .log()
+        .iter()
+        .filter(|e| e["method"] == "POST")
+        .filter_map(|e| e["path"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(posts.len(), 1, "one power-off only: {posts:#?}");
+    assert!(
+        posts[0].contains("/virtualMachines/hadb02/powerOff"),
+        "{posts:?}"
+    );
+    assert!(
+        winner.0.try_wait().unwrap().is_none(),
+        "hadb01, the winner, still runs"
+    );
+}
+
+/// Without the race, a fence that looks at its own VM powers the peer off
+/// as before: the look is one more read, nothing else.
+#[test]
+fn a_running_node_that_looks_at_itself_still_fences() {
+    let mut s = StandIn::start(
+        "self-running",
+        true,
+        &["--op-seconds", "1", "--vm", "hadb01"],
+    );
+    let fence = s.fence("hadb02", "30s", "").unwrap().with_own_vm("hadb01");
+    assert_eq!(fence.power_off().unwrap(), PowerState::Stopped);
+    assert!(killed(s.vm_process_ended()));
+    // Its own VM unknown to Azure (another resource group, no read
+    // permission): it fences, and says it could not look.
+    let mut s = StandIn::start("self-unknown", true, &["--op-seconds", "1"]);
+    let fence = s
+        .fence("hadb02", "30s", "")
+        .unwrap()
+        .with_own_vm("elsewhere");
+    assert_eq!(fence.power_off().unwrap(), PowerState::Stopped);
+    assert!(killed(s.vm_process_ended()));
+}

@@ -352,6 +352,10 @@ pub struct Counters {
     pub al_transactions: u64,
     /// Bitmap pages written.
     pub bitmap_page_writes: u64,
+    /// Online verifies that ended (finished, or abandoned with the link):
+    /// how `hadb volume verify --wait` tells a new result from the last
+    /// one, which may be identical.
+    pub verifies_ended: u64,
 }
 
 /// The outcome of comparing generations at connect time.
@@ -1580,6 +1584,7 @@ impl Replica {
             });
             self.verify_result = Some((v.checked, v.differing));
             self.verify_complete = false;
+            self.counters.verifies_ended += 1;
         }
         self.verify_asked.clear();
         if let Some(rs) = self.resync.take() {
@@ -2516,6 +2521,7 @@ impl Replica {
             let v = self.verify.take().expect("checked");
             self.verify_result = Some((v.checked, v.differing));
             self.verify_complete = true;
+            self.counters.verifies_ended += 1;
             out.push(Action::Log {
                 warn: v.differing > 0,
                 message: format!(
@@ -3240,6 +3246,12 @@ mod tests {
         let a = p.nodes[0].verify_start().unwrap();
         p.run(0, a);
         assert_eq!(p.nodes[0].verify_result(), Some((64, 0, true)));
+        // A third verify ends exactly as the second: only the count says
+        // it ran (what `hadb volume verify --wait` waits for).
+        let a = p.nodes[0].verify_start().unwrap();
+        p.run(0, a);
+        assert_eq!(p.nodes[0].verify_result(), Some((64, 0, true)));
+        assert_eq!(p.nodes[0].counters.verifies_ended, 3);
         assert!(
             p.nodes[1].verify_start().is_err(),
             "verify runs on the primary"

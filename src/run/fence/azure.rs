@@ -14,11 +14,15 @@
 //!    from `GET /metadata/instance/compute`.
 //! 3. `GET …/virtualMachines/{vm}/instanceView`: the VM exists, the
 //!    identity can read it, and whether it is off already.
-//! 4. `POST …/virtualMachines/{vm}/powerOff?skipShutdown=true`: 200 (done)
+//! 4. `GET …/virtualMachines/{own vm}/instanceView`: whether this node's
+//!    own VM is being powered off. If it is, the peer (or an operator)
+//!    fences this node, and the fence stops here: powering the peer off
+//!    as well would leave both off (see [`AzureError::BeingFenced`]).
+//! 5. `POST …/virtualMachines/{vm}/powerOff?skipShutdown=true`: 200 (done)
 //!    or 202 with `Azure-AsyncOperation` (poll it until `status` is
 //!    terminal) or else `Location` (poll it while it answers 202), each
 //!    poll after `Retry-After` seconds.
-//! 5. The instance view again, until `PowerState/stopped` or
+//! 6. The instance view again, until `PowerState/stopped` or
 //!    `PowerState/deallocated`.
 //!
 //! Everything runs within `power_timeout`; a 429 waits its `Retry-After`
@@ -209,6 +213,17 @@ pub enum AzureError {
         status: u16,
         reason: String,
     },
+    /// This node's own VM is being powered off (or is off): the peer is
+    /// fencing this node. Nothing was asked of the peer's VM. A fence race
+    /// (both nodes lost each other, both fence) ends with one survivor
+    /// only if the loser does not power the winner off in turn: the
+    /// winner's power-off takes seconds (tens of seconds on Azure) to
+    /// complete, and until it does the loser still runs its fence.
+    BeingFenced {
+        /// This node's VM.
+        vm: String,
+        state: PowerState,
+    },
     /// `power_timeout` passed before the VM reached the state asked for.
     Timeout {
         op: Op,
@@ -312,6 +327,10 @@ impl fmt::Display for AzureError {
                 op.verb(),
                 target.vm
             ),
+            AzureError::BeingFenced { vm, state } => write!(
+                f,
+                "this node's own VM {vm} is {state}: the peer (or an operator) is powering this node off, so it does not power the peer off in turn (that would leave both off); nothing was asked of the peer's VM"
+            ),
             AzureError::Timeout {
                 op,
                 target,
@@ -384,6 +403,9 @@ enum Credential {
 /// The `azure` fence of one peer VM.
 pub struct AzureFence {
     vm: String,
+    /// This node's own VM, looked at before the power-off (step 4 above);
+    /// in the peer's subscription and resource group.
+    own_vm: Option<String>,
     subscription: Option<String>,
     resource_group: Option<String>,
     credential: Credential,
@@ -543,6 +565,7 @@ impl AzureFence {
         let management = cfg.management_endpoint.trim_end_matches('/').to_owned();
         Ok(AzureFence {
             vm: peer_vm.to_owned(),
+            own_vm: None,
             subscription: cfg.subscription_id.clone(),
             resource_group: cfg.resource_group.clone(),
             credential,
@@ -559,8 +582,18 @@ impl AzureFence {
         })
     }
 
+    /// Before each power-off, look at this node's own VM (`own_vm`, in
+    /// the peer's subscription and resource group) and give up if it is
+    /// being powered off: see [`AzureError::BeingFenced`].
+    pub fn with_own_vm(mut self, own_vm: &str) -> Self {
+        self.own_vm = Some(own_vm.to_owned());
+        self
+    }
+
     /// Powers the VM off without a shutdown and waits until Azure says it
-    /// is stopped or deallocated, within `power_timeout`.
+    /// is stopped or deallocated, within `power_timeout`. Refuses, asking
+    /// nothing of the peer's VM, when this node's own VM is being powered
+    /// off.
     pub fn power_off(&self) -> Result<PowerState, AzureError> {
         self.power_off_unless(&|| None)
     }
@@ -587,6 +620,9 @@ impl AzureFence {
         if let Some(why) = unwanted() {
             return Err(AzureError::Abandoned(why.to_owned()));
         }
+        // As late as possible: the peer's power-off of this VM may have
+        // been accepted a moment ago.
+        self.not_being_fenced(&target, &budget)?;
         log::warn!(
             "azure fence: powering off VM {} in resource group {} without shutdown (it is {state})",
             target.vm,
@@ -636,6 +672,33 @@ impl AzureFence {
             target.resource_group
         );
         Ok(state)
+    }
+
+    /// Err([`AzureError::BeingFenced`]) when this node's own VM is going
+    /// down or down. When its state cannot be read (no read permission on
+    /// it, another resource group), the fence goes on as it did without
+    /// this check, and says so.
+    fn not_being_fenced(&self, peer: &Target, budget: &Budget) -> Result<(), AzureError> {
+        let Some(vm) = &self.own_vm else {
+            return Ok(());
+        };
+        let me = Target {
+            vm: vm.clone(),
+            ..peer.clone()
+        };
+        match self.instance_view(&me, budget) {
+            Ok(state) if going_down(&state) => Err(AzureError::BeingFenced {
+                vm: vm.clone(),
+                state,
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                log::warn!(
+                    "azure fence: cannot read this node's own VM {vm} ({e}); fencing the peer without knowing whether this node is being fenced itself"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The VM's power state now.
@@ -1246,6 +1309,18 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// The power state in an instance view (`statuses[].code` =
 /// `PowerState/…`).
+/// A power state that means the VM is being (or has been) powered off:
+/// for this node's own VM, that someone is fencing it.
+pub fn going_down(state: &PowerState) -> bool {
+    matches!(
+        state,
+        PowerState::Stopping
+            | PowerState::Stopped
+            | PowerState::Deallocating
+            | PowerState::Deallocated
+    )
+}
+
 pub fn parse_power_state(body: &str) -> Result<PowerState, String> {
     let v: Value =
         serde_json::from_str(body).map_err(|e| format!("the instance view is not JSON: {e}"))?;
@@ -1524,6 +1599,24 @@ mod tests {
         assert!(!s.is_off());
         assert!(parse_power_state("<html>").is_err());
         assert!(parse_power_state(r#"{"error":{}}"#).is_err());
+    }
+
+    #[test]
+    fn a_vm_stopping_counts_as_being_fenced_but_not_as_off() {
+        for (code, down, off) in [
+            ("running", false, false),
+            ("starting", false, false),
+            ("stopping", true, false),
+            ("stopped", true, true),
+            ("deallocating", true, false),
+            ("deallocated", true, true),
+            ("hibernated", false, false),
+        ] {
+            let body = format!(r#"{{"statuses":[{{"code":"PowerState/{code}"}}]}}"#);
+            let s = parse_power_state(&body).unwrap();
+            assert_eq!(going_down(&s), down, "{code}");
+            assert_eq!(s.is_off(), off, "{code}");
+        }
     }
 
     #[test]

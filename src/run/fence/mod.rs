@@ -92,7 +92,8 @@ impl Fencer {
         let azure = match (&config.fencing.azure, methods.contains(&FenceMethod::Azure)) {
             (Some(az), true) => Some(
                 AzureFence::new(az, config.azure_vm(peer))
-                    .map_err(|e| Error::Azure(Box::new(e)))?,
+                    .map_err(|e| Error::Azure(Box::new(e)))?
+                    .with_own_vm(config.azure_vm(&config.node)),
             ),
             _ => None,
         };
@@ -259,6 +260,14 @@ impl Fencer {
         match azure.power_off_unless(&|| self.unwanted()) {
             Ok(state) => (Outcome::Confirmed, format!("Azure reports the VM {state}")),
             Err(e @ azure::AzureError::Abandoned(_)) => (Outcome::Abandoned, e.to_string()),
+            // This node is being fenced: no further level may power the
+            // peer off either (an ssh reboot of the winner would end the
+            // race with both down). The fence stays pending; this node
+            // goes down with its VM.
+            Err(e @ azure::AzureError::BeingFenced { .. }) => {
+                log::error!("fence: {}: {e}", self.peer);
+                (Outcome::Abandoned, e.to_string())
+            }
             Err(e) => (Outcome::Failed, e.to_string()),
         }
     }
