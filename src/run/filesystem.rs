@@ -125,12 +125,6 @@ pub fn unmount(device: &Path, fs: &MysqlConfig) -> Result<(), String> {
 pub fn mkfs(device: &Path, fs: &MysqlConfig, force: bool) -> Result<(), String> {
     use std::io::Read;
     let _held = fs_lock();
-    if let Some(at) = mounted_at(device) {
-        return Err(format!(
-            "{} is mounted at {at}: it already has a filesystem in use; nothing to make",
-            device.display()
-        ));
-    }
     let mut head = vec![0u8; 70 * 1024];
     let n = std::fs::File::open(device)
         .and_then(|mut f| f.read(&mut head))
@@ -138,6 +132,13 @@ pub fn mkfs(device: &Path, fs: &MysqlConfig, force: bool) -> Result<(), String> 
     if !force && let Some(what) = crate::core::meta::detect_contents(&head[..n]) {
         return Err(format!(
             "{} already holds {what}; refusing to make a filesystem over it (`--force` if you mean it)",
+            device.display()
+        ));
+    }
+    // Not even with --force: the filesystem is in use.
+    if let Some(at) = mounted_at(device) {
+        return Err(format!(
+            "{} is mounted at {at}: its filesystem is in use; unmount it first (`hadb volume secondary` on this node) if you really mean to replace it",
             device.display()
         ));
     }
