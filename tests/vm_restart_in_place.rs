@@ -212,12 +212,13 @@ fn check_after(vm1: &mut Vm, vm2: &mut Vm, what: &str, mysqld_pid: u64, t0: Inst
         "{what}: {ok} writes ok, none failed; the longest took {:.1} s",
         longest_write(vm1)
     );
-    // Well past the heartbeat timeout plus fence_delay (6 s) since the
-    // restart: the secondary never took it for a death.
-    assert!(
-        t0.elapsed() > Duration::from_secs(6),
-        "{what}: checked too early"
-    );
+    // The secondary's verdict only means something once the heartbeat
+    // timeout plus fence_delay (6 s) have passed since the restart; on a
+    // fast run the checks above can finish sooner, so wait out the rest.
+    let verdict_after = Duration::from_secs(8);
+    if let Some(rest) = verdict_after.checked_sub(t0.elapsed()) {
+        std::thread::sleep(rest);
+    }
     let peer = status(vm2).expect("hadb02 answers");
     assert_eq!(
         peer["manager"]["fences_requested"], 0,
