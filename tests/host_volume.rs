@@ -429,6 +429,16 @@ fn sync_write_waits_for_the_peer_and_go_alone_releases_it() {
     require("qemu-io", "qemu-utils");
     let mut p = Pair::up("goalone", "sync", SIZE);
     let size = p.data_size();
+    // With the peer there, nothing is held: go-alone refuses rather than
+    // claim it did something, and so does the secondary.
+    for node in [0, 1] {
+        let out = p.hadb(node, &["volume", "go-alone"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "go-alone on node {node} succeeded");
+        let want = ["nothing to release", "not primary"][node];
+        assert!(err.contains(want), "node {node}: {err}");
+    }
+    assert_eq!(p.status(0).unwrap()["volume"]["alone"], false);
     p.kill(1);
     p.wait_link_lost(0);
     let mut writer = qemu_io_spawn(&p.uri(0), &["write -P 0x5a 1m 64k", "flush"]);

@@ -905,6 +905,11 @@ impl Replica {
     pub fn peer_state(&self) -> Option<NodeState> {
         self.peer
     }
+    /// The peer is connected, in step, and takes this primary's writes.
+    pub fn peer_ready(&self) -> bool {
+        self.peer_ready
+    }
+
     pub fn alone(&self) -> bool {
         self.alone
     }
