@@ -1,0 +1,204 @@
+//! Where a replicated write's time goes inside the test VMs: boots a hadb
+//! pair under qemu (TCG, one vCPU each), writes /dev/nbd0 with `dd` at
+//! several block sizes (replicating, then with the primary alone), times the
+//! same on the raw data disk, and profiles both nodes with `perf` during a
+//! replicated run. Not a test: `tests/bench/vm-profile` runs it and says
+//! how to read it.
+//!
+//! Needs HADB_PROFILE_PERF: a directory holding a `perf` binary and, in
+//! `lib/`, the dynamic loader and every library it needs (the script
+//! collects them from the host).
+
+#[path = "../tests/support/vm.rs"]
+mod vm;
+#[path = "../tests/support/vm_pair.rs"]
+mod vm_pair;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vm::{Vm, VmConfig};
+use vm_pair::{replicating_as, wait_nbd, wait_status};
+
+const CONFIG: &str = r#"cluster = "hadb-profile"
+key_file = "/etc/hadb/authkey"
+
+[nodes.hadb01]
+address = "10.10.10.4"
+
+[nodes.hadb02]
+address = "10.10.10.5"
+
+[volume]
+device = "/dev/vdb"
+nbd_device = "/dev/nbd0"
+
+# Roles move by hand: the profile must not be interrupted by a failover.
+[manager]
+maintenance = true
+"#;
+
+/// 40 MiB at each block size, direct I/O; the CPU's ticks (USER_HZ) from
+/// /proc/stat around each run.
+const DD_LOOP: &str = r#"for bs in 4 64 256 1024 4096; do
+  set -- $(head -1 /proc/stat); u0=$2; s0=$4; q0=$8
+  t0=$(cut -d" " -f1 /proc/uptime)
+  dd if=/dev/zero of="$DEV" bs=${bs}k count=$((40960 / bs)) oflag=direct 2>/dev/null || exit 1
+  t1=$(cut -d" " -f1 /proc/uptime)
+  set -- $(head -1 /proc/stat)
+  echo "$bs $t0 $t1 $(($2 - u0)) $(($4 - s0)) $(($8 - q0))"
+done
+"#;
+
+const PERF: &str = "/xp/lib/ld-linux-x86-64.so.2 --library-path /xp/lib /xp/perf";
+
+fn table(what: &str, out: &str) {
+    println!("\n{what}: 40 MiB of dd oflag=direct per block size");
+    println!("  block    MiB/s   user   sys  softirq  (CPU ticks of 10 ms)");
+    for line in out.lines() {
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if let [bs, t0, t1, user, sys, softirq] = f[..] {
+            println!(
+                "  {:>5}k {:>8.1} {:>6} {:>5} {:>8}",
+                bs,
+                40.0 / (t1 - t0).max(0.01),
+                user,
+                sys,
+                softirq
+            );
+        }
+    }
+}
+
+fn profile(vm: &mut Vm) -> String {
+    vm.run_ok(&format!(
+        "{PERF} report --stdio --no-children --sort comm,dso,sym -i /tmp/perf.data 2>/dev/null \
+         | grep -v '^#' | grep -v '^$' | head -30"
+    ))
+}
+
+fn main() {
+    let perf_dir = PathBuf::from(std::env::var_os("HADB_PROFILE_PERF").expect(
+        "HADB_PROFILE_PERF: the directory with perf and lib/ (tests/bench/vm-profile sets it)",
+    ));
+    let hash_speed = vm::static_example("hash_speed");
+    let mut initrd = vec![
+        ("/usr/sbin/hash_speed".to_owned(), hash_speed),
+        ("/xp/perf".to_owned(), perf_dir.join("perf")),
+    ];
+    for entry in std::fs::read_dir(perf_dir.join("lib")).expect("HADB_PROFILE_PERF/lib") {
+        let entry = entry.expect("a directory entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        initrd.push((format!("/xp/lib/{name}"), entry.path()));
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).expect("random bytes for the auth key");
+    let (p1, p2) = vm::udp_port_pair();
+    let node = |name: &str, host: &str, addr: &str, link: (u16, u16)| {
+        let mut c = VmConfig::new(name, host, addr)
+            .link(link.0, link.1)
+            .data_disk_size(64 << 20)
+            .file("/etc/hadb/hadb.toml", 0o644, CONFIG.as_bytes())
+            .file("/etc/hadb/authkey", 0o600, &key);
+        // Through the initramfs: perf and its libraries are tens of MiB,
+        // too much for the serial line `file` uses.
+        for (path, host_path) in &initrd {
+            c = c.initrd_file(path, 0o755, host_path);
+        }
+        c
+    };
+    let mut vms = vm::boot_all(
+        vm::assets(),
+        vec![
+            node("hadb-prof1", "hadb01", "10.10.10.4/24", (p1, p2)),
+            node("hadb-prof2", "hadb02", "10.10.10.5/24", (p2, p1)),
+        ],
+    );
+    let mut vm2 = vms.pop().expect("two VMs");
+    let mut vm1 = vms.pop().expect("two VMs");
+    for vm in [&mut vm1, &mut vm2] {
+        vm.run_ok("hadb volume create-md");
+        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
+        vm.write_file("/tmp/ddloop.sh", 0o755, DD_LOOP.as_bytes())
+            .expect("the dd loop written");
+        vm.run_ok("echo 0 > /proc/sys/kernel/kptr_restrict");
+    }
+    for vm in [&mut vm1, &mut vm2] {
+        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
+    }
+    vm1.wait_until(
+        "hadb volume primary",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("hadb volume primary on hadb01");
+    wait_status(
+        &mut vm1,
+        "primary and replicating",
+        Duration::from_secs(180),
+        |st| replicating_as(st, "primary"),
+    );
+    wait_nbd(&mut vm1, true);
+
+    println!("hash_speed in the VM:\n{}", vm1.run_ok("hash_speed"));
+    table(
+        "replicating (hadb01 primary, hadb02 secondary)",
+        &vm1.run_ok("DEV=/dev/nbd0 sh /tmp/ddloop.sh"),
+    );
+
+    // Both nodes profiled while hadb01 writes 1 MiB blocks.
+    vm2.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- sleep 8 >/tmp/perf.log 2>&1 &"
+    ));
+    vm1.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- \
+         dd if=/dev/zero of=/dev/nbd0 bs=1M count=60 oflag=direct >/tmp/perf.log 2>&1"
+    ));
+    println!(
+        "\nperf on hadb01 (primary), 60 MiB in 1 MiB writes:\n{}",
+        profile(&mut vm1)
+    );
+    // hadb02's perf records for 8 s from before the dd began.
+    std::thread::sleep(Duration::from_secs(8));
+    vm2.wait_until(
+        "grep -q 'perf record: Captured' /tmp/perf.log",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("perf on hadb02 done");
+    println!(
+        "perf on hadb02 (secondary), the same seconds:\n{}",
+        profile(&mut vm2)
+    );
+
+    vm2.run_ok("pkill -9 -x hadb || true");
+    // go-alone is refused while the link is still up.
+    vm1.wait_until(
+        "hadb volume go-alone",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("hadb volume go-alone on hadb01");
+    table(
+        "alone (hadb01 primary, no peer)",
+        &vm1.run_ok("DEV=/dev/nbd0 sh /tmp/ddloop.sh"),
+    );
+    vm1.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- \
+         dd if=/dev/zero of=/dev/nbd0 bs=1M count=60 oflag=direct >/tmp/perf.log 2>&1"
+    ));
+    println!(
+        "\nperf on hadb01 alone, 60 MiB in 1 MiB writes:\n{}",
+        profile(&mut vm1)
+    );
+    table(
+        "the raw data disk (hadb02's /dev/vdb, hadb stopped)",
+        &vm2.run_ok("DEV=/dev/vdb sh /tmp/ddloop.sh"),
+    );
+}
