@@ -176,7 +176,10 @@ fn main() {
         profile(&mut vm2)
     );
 
-    vm2.run_ok("pkill -9 -x hadb || true");
+    let pid = vm_pair::status(&mut vm2)
+        .and_then(|st| st["pid"].as_u64())
+        .expect("hadb02's pid");
+    vm2.run_ok(&format!("kill -9 {pid}"));
     // go-alone is refused while the link is still up.
     vm1.wait_until(
         "hadb volume go-alone",
