@@ -17,8 +17,8 @@ mod vm_pair;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vm::{Vm, VmConfig};
-use vm_pair::{replicating_as, wait_nbd, wait_status};
+use vm::Vm;
+use vm_pair::{Pair, boot_pair_with};
 
 const CONFIG: &str = r#"cluster = "hadb-profile"
 key_file = "/etc/hadb/authkey"
@@ -94,55 +94,15 @@ fn main() {
         let name = entry.file_name().to_string_lossy().into_owned();
         initrd.push((format!("/xp/lib/{name}"), entry.path()));
     }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).expect("random bytes for the auth key");
-    let (p1, p2) = vm::udp_port_pair();
-    let node = |name: &str, host: &str, addr: &str, link: (u16, u16)| {
-        let mut c = VmConfig::new(name, host, addr)
-            .link(link.0, link.1)
-            .data_disk_size(64 << 20)
-            .file("/etc/hadb/hadb.toml", 0o644, CONFIG.as_bytes())
-            .file("/etc/hadb/authkey", 0o600, &key);
-        // Through the initramfs: perf and its libraries are tens of MiB,
-        // too much for the serial line `file` uses.
-        for (path, host_path) in &initrd {
-            c = c.initrd_file(path, 0o755, host_path);
-        }
-        c
-    };
-    let mut vms = vm::boot_all(
-        vm::assets(),
-        vec![
-            node("hadb-prof1", "hadb01", "10.10.10.4/24", (p1, p2)),
-            node("hadb-prof2", "hadb02", "10.10.10.5/24", (p2, p1)),
-        ],
-    );
-    let mut vm2 = vms.pop().expect("two VMs");
-    let mut vm1 = vms.pop().expect("two VMs");
-    for vm in [&mut vm1, &mut vm2] {
-        vm.run_ok("hadb volume create-md");
-        vm.run_ok("mkdir -p /run/hadb; hadb run >/tmp/hadb.log 2>&1 &");
+    // Through the initramfs: perf and its libraries are tens of MiB, too
+    // much for the serial line that small files take.
+    let mut pair = boot_pair_with("hadb-prof", CONFIG, &[], &initrd);
+    let Pair { vm1, vm2 } = &mut pair;
+    for vm in [&mut *vm1, &mut *vm2] {
         vm.write_file("/tmp/ddloop.sh", 0o755, DD_LOOP.as_bytes())
             .expect("the dd loop written");
         vm.run_ok("echo 0 > /proc/sys/kernel/kptr_restrict");
     }
-    for vm in [&mut vm1, &mut vm2] {
-        wait_status(vm, "answering", Duration::from_secs(30), |_| true);
-    }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
-    wait_status(
-        &mut vm1,
-        "primary and replicating",
-        Duration::from_secs(180),
-        |st| replicating_as(st, "primary"),
-    );
-    wait_nbd(&mut vm1, true);
 
     println!("hash_speed in the VM:\n{}", vm1.run_ok("hash_speed"));
     table(
@@ -160,7 +120,7 @@ fn main() {
     ));
     println!(
         "\nperf on hadb01 (primary), 60 MiB in 1 MiB writes:\n{}",
-        profile(&mut vm1)
+        profile(vm1)
     );
     // hadb02's perf records for 8 s from before the dd began.
     std::thread::sleep(Duration::from_secs(8));
@@ -173,10 +133,10 @@ fn main() {
     .expect("perf on hadb02 done");
     println!(
         "perf on hadb02 (secondary), the same seconds:\n{}",
-        profile(&mut vm2)
+        profile(vm2)
     );
 
-    let pid = vm_pair::status(&mut vm2)
+    let pid = vm_pair::status(vm2)
         .and_then(|st| st["pid"].as_u64())
         .expect("hadb02's pid");
     vm2.run_ok(&format!("kill -9 {pid}"));
@@ -198,7 +158,7 @@ fn main() {
     ));
     println!(
         "\nperf on hadb01 alone, 60 MiB in 1 MiB writes:\n{}",
-        profile(&mut vm1)
+        profile(vm1)
     );
     table(
         "the raw data disk (hadb02's /dev/vdb, hadb stopped)",

@@ -106,6 +106,17 @@ pub fn wait_nbd(vm: &mut Vm, attached: bool) {
 /// metadata created, `hadb run` started on both, hadb01 made primary and
 /// its peer caught up, /dev/nbd0 attached on hadb01.
 pub fn boot_pair(name: &str, config: &str, files: &[(&str, u32, &[u8])]) -> Pair {
+    boot_pair_with(name, config, files, &[])
+}
+
+/// [`boot_pair`], with host files put in both VMs through the initramfs
+/// (guest path, host path; mode 0755): large ones, such as binaries.
+pub fn boot_pair_with(
+    name: &str,
+    config: &str,
+    files: &[(&str, u32, &[u8])],
+    initrd_files: &[(String, std::path::PathBuf)],
+) -> Pair {
     let assets = vm::assets();
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).expect("random bytes for the auth key");
@@ -120,6 +131,9 @@ pub fn boot_pair(name: &str, config: &str, files: &[(&str, u32, &[u8])]) -> Pair
     let with_files = |mut c: VmConfig| {
         for (path, mode, data) in files {
             c = c.file(path, *mode, data);
+        }
+        for (path, host) in initrd_files {
+            c = c.initrd_file(path, 0o755, host);
         }
         c
     };
