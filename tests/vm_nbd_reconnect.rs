@@ -13,11 +13,17 @@
 
 #[path = "support/vm.rs"]
 mod vm;
+#[path = "support/vm_writer.rs"]
+mod vm_writer;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vm::{Vm, VmConfig};
+use vm_writer::{
+    WRITER_PATH, Write, dmesg_errors, longest_write, stop_writer, wait_writes, writer_script,
+    writes,
+};
 
 const SERVER: &str = "/usr/local/bin/nbd_file_server";
 
@@ -25,34 +31,6 @@ const SERVER: &str = "/usr/local/bin/nbd_file_server";
 /// write that is in flight at the kill waits, after the reconnect, to be
 /// resent (with the kernel's 30 s it took 30.8 s).
 const IO_TIMEOUT_MS: u64 = 5000;
-
-/// Writes one file after another (8 KiB each, `dd conv=fsync`), logging
-/// `ok I START END` (uptime seconds) or `FAIL I START END ERROR` to
-/// /tmp/writer.log, until /tmp/writer.stop exists. The log is on tmpfs, not
-/// on the device under test.
-const WRITER: &str = r#"i=0
-: > /tmp/writer.log
-while [ ! -e /tmp/writer.stop ]; do
-    i=$((i+1))
-    t0=$(cut -d' ' -f1 /proc/uptime)
-    if out=$(yes "hadb-$i" | head -c 8192 | dd of=/mnt/w/f$i bs=4096 conv=fsync 2>&1); then
-        echo "ok $i $t0 $(cut -d' ' -f1 /proc/uptime)" >> /tmp/writer.log
-    else
-        echo "FAIL $i $t0 $(cut -d' ' -f1 /proc/uptime) $(echo $out | tr '\n' ' ')" >> /tmp/writer.log
-    fi
-done
-echo "stopped $i" >> /tmp/writer.log
-"#;
-
-/// Kernel messages that mean an I/O failed.
-const IO_ERRORS: &[&str] = &[
-    "I/O error",
-    "blk_update_request",
-    "Buffer I/O error",
-    "EXT4-fs error",
-    "Aborting journal",
-    "Remounting filesystem read-only",
-];
 
 fn server_binary() -> &'static std::path::Path {
     static BIN: OnceLock<std::path::PathBuf> = OnceLock::new();
@@ -150,68 +128,10 @@ fn mount_and_write(vm: &mut Vm, first: usize) {
         "set -e; mke2fs -q -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 /dev/nbd0; \
          mkdir -p /mnt; mount -t ext4 /dev/nbd0 /mnt; mkdir /mnt/w; sync",
     );
-    vm.write_file("/tmp/writer.sh", 0o755, WRITER.as_bytes())
+    vm.write_file(WRITER_PATH, 0o755, writer_script("/mnt/w").as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     vm.run_ok("sh /tmp/writer.sh > /tmp/writer.out 2>&1 &");
     wait_writes(vm, first, Duration::from_secs(120));
-}
-
-#[derive(Debug, Clone)]
-struct Write {
-    ok: bool,
-    i: u64,
-    start: f64,
-    end: f64,
-}
-
-fn writes(vm: &mut Vm) -> Vec<Write> {
-    vm.run_ok("cat /tmp/writer.log")
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let ok = match *f.first()? {
-                "ok" => true,
-                "FAIL" => false,
-                _ => return None,
-            };
-            Some(Write {
-                ok,
-                i: f.get(1)?.parse().ok()?,
-                start: f.get(2)?.parse().ok()?,
-                end: f.get(3)?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-/// Waits until the writer has logged `n` writes (ok or failed).
-fn wait_writes(vm: &mut Vm, n: usize, timeout: Duration) {
-    vm.wait_until(
-        "grep -c -E '^(ok|FAIL) ' /tmp/writer.log || true",
-        timeout,
-        Duration::from_millis(500),
-        |out, _| out.trim().parse::<usize>().unwrap_or(0) >= n,
-    )
-    .unwrap_or_else(|e| panic!("the writer did not get to {n} writes: {e}"));
-}
-
-fn stop_writer(vm: &mut Vm, timeout: Duration) -> bool {
-    vm.run_ok("touch /tmp/writer.stop");
-    vm.wait_until(
-        "grep -c '^stopped' /tmp/writer.log || true",
-        timeout,
-        Duration::from_millis(500),
-        |out, _| out.trim() == "1",
-    )
-    .is_ok()
-}
-
-fn dmesg_errors(vm: &mut Vm) -> Vec<String> {
-    vm.run_ok("dmesg")
-        .lines()
-        .filter(|l| IO_ERRORS.iter().any(|e| l.contains(e)))
-        .map(str::to_owned)
-        .collect()
 }
 
 fn nbd_dmesg(vm: &mut Vm) -> String {
@@ -287,7 +207,7 @@ fn the_device_survives_a_killed_server() {
         .iter()
         .filter(|w| w.start < reattached && w.end > killed)
         .collect();
-    let longest = log.iter().map(|w| w.end - w.start).fold(0.0f64, f64::max);
+    let longest = longest_write(&log);
     let last_before = log
         .iter()
         .filter(|w| w.end <= killed)

@@ -13,11 +13,14 @@
 mod vm;
 #[path = "support/vm_pair.rs"]
 mod vm_pair;
+#[path = "support/vm_writer.rs"]
+mod vm_writer;
 
 use std::time::{Duration, Instant};
 
 use vm::Vm;
 use vm_pair::{Pair, replicating_as, status, wait_status};
+use vm_writer::{WRITER_PATH, dmesg_errors, longest_write, wait_writes, writer_script, writes};
 
 const CONFIG: &str = r#"cluster = "hadb-test"
 key_file = "/etc/hadb/authkey"
@@ -46,39 +49,11 @@ start_timeout = "1h"
 maintenance = true
 "#;
 
-/// Writes one file after another (8 KiB each, `dd conv=fsync`) on /data,
-/// logging `ok I START END` or `FAIL I START END ERROR` to /tmp (tmpfs),
-/// until /tmp/writer.stop exists.
-const WRITER: &str = r#"i=0
-mkdir -p /data/w
-: > /tmp/writer.log
-while [ ! -e /tmp/writer.stop ]; do
-    i=$((i+1))
-    t0=$(cut -d' ' -f1 /proc/uptime)
-    if out=$(yes "hadb-$i" | head -c 8192 | dd of=/data/w/f$i bs=4096 conv=fsync 2>&1); then
-        echo "ok $i $t0 $(cut -d' ' -f1 /proc/uptime)" >> /tmp/writer.log
-    else
-        echo "FAIL $i $t0 $(cut -d' ' -f1 /proc/uptime) $(echo $out | tr '\n' ' ')" >> /tmp/writer.log
-    fi
-done
-echo "stopped $i" >> /tmp/writer.log
-"#;
-
-/// Kernel messages that mean an I/O failed.
-const IO_ERRORS: &[&str] = &[
-    "I/O error",
-    "blk_update_request",
-    "Buffer I/O error",
-    "EXT4-fs error",
-    "Aborting journal",
-    "Remounting filesystem read-only",
-];
-
 fn boot_pair() -> Pair {
     let mut pair = vm_pair::boot_pair(
         "hadb-rip",
         CONFIG,
-        &[("/tmp/writer.sh", 0o755, WRITER.as_bytes())],
+        &[(WRITER_PATH, 0o755, writer_script("/data/w").as_bytes())],
     );
     let Pair { vm1, vm2 } = &mut pair;
     // A filesystem and a database directory, then down and up again so
@@ -103,50 +78,6 @@ fn boot_pair() -> Pair {
         |st| replicating_as(st, "secondary"),
     );
     pair
-}
-
-fn writes(vm: &mut Vm) -> (usize, Vec<String>) {
-    let log = vm.run_ok("cat /tmp/writer.log");
-    let ok = log.lines().filter(|l| l.starts_with("ok ")).count();
-    let failed = log
-        .lines()
-        .filter(|l| l.starts_with("FAIL "))
-        .map(str::to_owned)
-        .collect();
-    (ok, failed)
-}
-
-fn wait_writes(vm: &mut Vm, n: usize, timeout: Duration) {
-    vm.wait_until(
-        "grep -c -E '^(ok|FAIL) ' /tmp/writer.log || true",
-        timeout,
-        Duration::from_millis(300),
-        |out, _| out.trim().parse::<usize>().unwrap_or(0) >= n,
-    )
-    .unwrap_or_else(|e| panic!("the writer did not get to {n} writes: {e}"));
-}
-
-/// The longest a single write took, in seconds.
-fn longest_write(vm: &mut Vm) -> f64 {
-    vm.run_ok("cat /tmp/writer.log")
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.first() == Some(&"ok")).then(|| {
-                let s: f64 = f.get(2)?.parse().ok()?;
-                let e: f64 = f.get(3)?.parse().ok()?;
-                Some(e - s)
-            })?
-        })
-        .fold(0.0, f64::max)
-}
-
-fn dmesg_errors(vm: &mut Vm) -> Vec<String> {
-    vm.run_ok("dmesg")
-        .lines()
-        .filter(|l| IO_ERRORS.iter().any(|e| l.contains(e)))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// After a restart of either kind: hadb answers as primary, the peer
@@ -189,9 +120,15 @@ fn check_after(vm1: &mut Vm, vm2: &mut Vm, what: &str, mysqld_pid: u64, t0: Inst
         |st| replicating_as(st, "secondary"),
     );
     // The writer goes on past the restart.
-    let (ok, _) = writes(vm1);
-    wait_writes(vm1, ok + 10, Duration::from_secs(120));
-    let (ok, failed) = writes(vm1);
+    let before = writes(vm1).len();
+    wait_writes(vm1, before + 10, Duration::from_secs(120));
+    let log = writes(vm1);
+    let ok = log.iter().filter(|w| w.ok).count();
+    let failed: Vec<&str> = log
+        .iter()
+        .filter(|w| !w.ok)
+        .map(|w| w.line.as_str())
+        .collect();
     assert!(
         failed.is_empty(),
         "{what}: writes failed:\n{}",
@@ -210,7 +147,7 @@ fn check_after(vm1: &mut Vm, vm2: &mut Vm, what: &str, mysqld_pid: u64, t0: Inst
     );
     eprintln!(
         "{what}: {ok} writes ok, none failed; the longest took {:.1} s",
-        longest_write(vm1)
+        longest_write(&log)
     );
     // The secondary's verdict only means something once the heartbeat
     // timeout plus fence_delay (6 s) have passed since the restart; on a
