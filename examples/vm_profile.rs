@@ -73,6 +73,22 @@ fn table(what: &str, out: &str) {
     }
 }
 
+/// Each ring's longest silence while up, from `hadb status`: how close the
+/// heartbeat came to its timeout while the writes ran.
+fn heartbeat_gaps(vm: &mut Vm) -> String {
+    let st = vm_pair::status(vm).expect("hadb answers");
+    st["heartbeat"]["links"]
+        .as_array()
+        .map(|links| {
+            links
+                .iter()
+                .map(|l| format!("ring{} longest gap {} ms", l["ring"], l["longest_gap_ms"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|| format!("no heartbeat links in status: {}", st["heartbeat"]))
+}
+
 fn profile(vm: &mut Vm) -> String {
     vm.run_ok(&format!(
         "{PERF} report --stdio --no-children --sort comm,dso,sym -i /tmp/perf.data 2>/dev/null \
@@ -136,6 +152,11 @@ fn main() {
         profile(vm2)
     );
 
+    println!(
+        "\nheartbeat (timeout 1 s) over all the replicated runs: hadb01 {}; hadb02 {}",
+        heartbeat_gaps(vm1),
+        heartbeat_gaps(vm2)
+    );
     let pid = vm_pair::status(vm2)
         .and_then(|st| st["pid"].as_u64())
         .expect("hadb02's pid");

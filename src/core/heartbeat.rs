@@ -234,6 +234,10 @@ pub struct LinkView {
     pub silent_us: Option<u64>,
     /// The last round trip measured on it (None: not yet).
     pub rtt_us: Option<u64>,
+    /// The longest silence between two believed packets while the link
+    /// stayed up: how close it came to the timeout (under load, a busy
+    /// link or CPU shows here long before the link is lost).
+    pub longest_gap_us: u64,
     pub counters: LinkCounters,
 }
 
@@ -281,6 +285,7 @@ pub struct Membership {
     /// it arrived (the echo we send back), and the last round trip.
     echo: Vec<Option<(u64, u64)>>,
     rtt_us: Vec<Option<u64>>,
+    longest_gap_us: Vec<u64>,
 }
 
 impl Membership {
@@ -314,6 +319,7 @@ impl Membership {
             alive: false,
             echo: vec![None; links.max(1)],
             rtt_us: vec![None; links.max(1)],
+            longest_gap_us: vec![0; links.max(1)],
         }
     }
 
@@ -383,6 +389,10 @@ impl Membership {
                 .saturating_sub(p.timing.echo_us)
                 .saturating_sub(p.timing.echo_hold_us as u64);
             self.rtt_us[link] = Some(rtt);
+        }
+        if let (Some(last), true) = self.heard[link] {
+            let gap = now_us.saturating_sub(last);
+            self.longest_gap_us[link] = self.longest_gap_us[link].max(gap);
         }
         self.heard[link].0 = Some(now_us);
         if !self.heard[link].1 {
@@ -507,10 +517,12 @@ impl Membership {
             .iter()
             .zip(&self.counters)
             .zip(&self.rtt_us)
-            .map(|(((last, up), c), rtt)| LinkView {
+            .zip(&self.longest_gap_us)
+            .map(|((((last, up), c), rtt), gap)| LinkView {
                 up: *up,
                 silent_us: last.map(|t| now_us.saturating_sub(t)),
                 rtt_us: *rtt,
+                longest_gap_us: *gap,
                 counters: *c,
             })
             .collect()
@@ -608,6 +620,14 @@ mod tests {
         assert_eq!(links[1].counters.received, 1);
         assert_eq!(links[0].counters.unconfirmed, 1);
         assert_eq!(links[1].silent_us, Some(100_000));
+        // Link 1 came up with that packet: no gap yet; link 0's silence
+        // before it went down is not a gap while up.
+        assert_eq!((links[0].longest_gap_us, links[1].longest_gap_us), (0, 0));
+        let pkt = b.outgoing(1, NodeReport::default(), 0);
+        a.receive(1, &pkt, 1_400_000).unwrap();
+        let pkt = b.outgoing(1, NodeReport::default(), 0);
+        a.receive(1, &pkt, 1_500_000).unwrap();
+        assert_eq!(a.links(1_500_000)[1].longest_gap_us, 300_000);
     }
 
     #[test]

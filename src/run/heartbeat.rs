@@ -54,6 +54,7 @@ impl Heartbeat {
                     "up": v.up,
                     "silent_ms": v.silent_us.map(|us| us / 1000),
                     "rtt_us": v.rtt_us,
+                    "longest_gap_ms": v.longest_gap_us / 1000,
                     "counters": v.counters,
                 })
             })
