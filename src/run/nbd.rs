@@ -240,7 +240,9 @@ impl Server {
     }
 
     async fn requests<R: AsyncRead + Unpin>(&self, input: &mut R, replies: &Sender<Reply>) -> Stop {
+        let mut fair = crate::run::Fair::default();
         let stop = loop {
+            fair.done(0).await;
             let mut hdr = [0u8; nbd::REQUEST_LEN];
             if let Err(e) = input.read_exact(&mut hdr).await {
                 break Stop::Io(e);
@@ -307,6 +309,7 @@ impl Server {
                     length,
                     fua,
                 } => {
+                    fair.done(length as usize).await;
                     let mut data = vec![0u8; length as usize];
                     if let Err(e) = input.read_exact(&mut data).await {
                         break Stop::Io(e);

@@ -319,6 +319,7 @@ async fn write_frames(
 ) -> String {
     let mut out = BufWriter::with_capacity(256 * 1024, stream);
     let mut ping_seq = 0u64;
+    let mut fair = crate::run::Fair::default();
     loop {
         let next = async { frames.recv().await.ok() }
             .or(async {
@@ -352,6 +353,7 @@ async fn write_frames(
         if let Err(e) = res {
             return format!("sending failed: {e}");
         }
+        fair.done(wire::HEADER_LEN + payload.len()).await;
     }
 }
 
@@ -365,7 +367,9 @@ async fn read_frames(
     let mut input = BufReader::with_capacity(256 * 1024, stream);
     let mut header_bytes = [0u8; wire::HEADER_LEN];
     let mut mac = [0u8; wire::MAC_LEN];
+    let mut fair = crate::run::Fair::default();
     loop {
+        fair.done(wire::HEADER_LEN).await;
         let got = async { Some(input.read_exact(&mut header_bytes).await) }
             .or(async {
                 smol::Timer::after(DEAD_AFTER).await;
@@ -385,6 +389,7 @@ async fn read_frames(
                 return format!("bad frame: {e}");
             }
         };
+        fair.done(header.payload_len as usize).await;
         let mut payload = vec![0u8; header.payload_len as usize];
         if let Err(e) = input.read_exact(&mut payload).await {
             Stats::bump(&shared.stats.repl_bad_frames);

@@ -373,7 +373,9 @@ impl Volume {
         let mut next_tick = Instant::now() + TICK;
         let actions = self.replica.started();
         self.apply(actions);
+        let mut fair = crate::run::Fair::default();
         loop {
+            fair.done(0).await;
             let event = async { self.events.recv().await.ok() }
                 .or(async {
                     smol::Timer::at(next_tick).await;
