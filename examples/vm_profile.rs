@@ -153,7 +153,29 @@ fn main() {
     );
 
     println!(
-        "\nheartbeat (timeout 1 s) over all the replicated runs: hadb01 {}; hadb02 {}",
+        "\nheartbeat (timeout 1 s) after the runs at depth 1: hadb01 {}; hadb02 {}",
+        heartbeat_gaps(vm1),
+        heartbeat_gaps(vm2)
+    );
+    // Depth 4: four writers at once keep frames queued on both nodes, the
+    // load under which a busy loop could starve the heartbeat.
+    let out = vm1.run_ok(
+        "t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         for i in 0 1 2 3; do dd if=/dev/zero of=/dev/nbd0 bs=1M count=12 seek=$((i * 12)) oflag=direct 2>/dev/null & done; wait\n\
+         echo $t0 $(cut -d' ' -f1 /proc/uptime)",
+    );
+    let t: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [t0, t1] = t[..] {
+        println!(
+            "four writers, 48 MiB in 1 MiB writes: {:.1} MiB/s",
+            48.0 / (t1 - t0).max(0.01)
+        );
+    }
+    println!(
+        "heartbeat after the four writers: hadb01 {}; hadb02 {}",
         heartbeat_gaps(vm1),
         heartbeat_gaps(vm2)
     );
