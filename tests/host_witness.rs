@@ -14,10 +14,10 @@ mod common;
 #[path = "common/netns.rs"]
 mod netns;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Pair, hadb_bin, qemu_io, require};
+use common::{Pair, hadb_bin, qemu_io, require, spawn_hadb_run};
 use netns::Net;
 use serde_json::Value;
 
@@ -67,20 +67,11 @@ socket = "{d}/w.ctl"
         )
         .unwrap();
         let log = d.join("w.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", net.witness_ns(), hadb_bin()])
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--cmdline",
-                "none",
-                "run",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_hadb_run(
+            Some(net.witness_ns()),
+            &config,
+            std::fs::File::create(&log).unwrap(),
+        );
         let w = WitnessDaemon { child, config, log };
         w.wait("its control socket", |s| s.is_some());
         w

@@ -159,28 +159,7 @@ maintenance = true
             .append(true)
             .open(self.dir.join(format!("{}.log", NAMES[n])))
             .unwrap();
-        let mut cmd = match &self.netns[n] {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, hadb_bin()]);
-                c
-            }
-            None => Command::new(hadb_bin()),
-        };
-        let child = cmd
-            .args([
-                "--config",
-                config.to_str().unwrap(),
-                "--cmdline",
-                "none",
-                "run",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.procs[n] = Some(child);
+        self.procs[n] = Some(spawn_hadb_run(self.netns[n].as_deref(), &config, log));
         self.wait(n, "control socket", |s| s.is_some());
     }
 
@@ -363,6 +342,31 @@ pub fn qemu_io_spawn(uri: &str, cmds: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// `hadb run` with `config`, in network namespace `netns` if given, its
+/// log (stderr) to `log`.
+pub fn spawn_hadb_run(netns: Option<&str>, config: &Path, log: std::fs::File) -> Child {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, hadb_bin()]);
+            c
+        }
+        None => Command::new(hadb_bin()),
+    };
+    cmd.args([
+        "--config",
+        config.to_str().unwrap(),
+        "--cmdline",
+        "none",
+        "run",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .unwrap()
 }
 
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
