@@ -61,13 +61,7 @@ fn boot_pair() -> Pair {
     vm1.run_ok("hadb volume mkfs");
     vm1.run_ok("mkdir -p /data/mysql && sync");
     assert_eq!(vm1.run_ok("hadb volume secondary").trim(), "secondary");
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01, again");
+    vm_pair::make_primary(vm1);
     wait_status(vm1, "running the stand-in", Duration::from_secs(60), |st| {
         st["mysqld"]["pid"].as_u64().is_some()
     });

@@ -69,13 +69,7 @@ pub fn volume_failover_scenario() {
         Duration::from_secs(60),
         |st| st["volume"]["peer"]["role"] == "secondary",
     );
-    vm2.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb02");
+    vm_pair::make_primary(vm2);
     wait_status(
         vm2,
         "primary and replicating",
@@ -170,13 +164,7 @@ fn the_filesystem_follows_the_primary() {
         Duration::from_secs(60),
         |st| st["volume"]["peer"]["role"] == "secondary",
     );
-    vm2.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb02");
+    vm_pair::make_primary(vm2);
     vm2.wait_until(
         "grep -c ' /data ' /proc/mounts",
         Duration::from_secs(60),

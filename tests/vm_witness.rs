@@ -133,13 +133,7 @@ fn a_hung_primary_resets_itself_and_the_vote_holder_fences_it_by_waiting() {
             |s| s["heartbeat"]["witness"]["heard"] == true && s["watchdog"]["armed"] == true,
         );
     }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
+    vm_pair::make_primary(vm1);
     wait_status(
         vm1,
         "primary, the peer up to date",

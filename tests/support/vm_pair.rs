@@ -90,6 +90,19 @@ pub fn wait_status(
     }
 }
 
+/// `hadb volume primary` on `vm`, asked again every second for up to a
+/// minute: at start the peer's answer (or the link) may not be there yet.
+pub fn make_primary(vm: &mut Vm) {
+    if let Err(e) = vm.wait_until(
+        "hadb volume primary",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    ) {
+        panic!("hadb volume primary on {}: {e}", vm.name());
+    }
+}
+
 /// Waits until /dev/nbd0 is attached (has a size) or detached (size 0).
 pub fn wait_nbd(vm: &mut Vm, attached: bool) {
     let want = if attached { "attached" } else { "detached" };
@@ -167,13 +180,7 @@ pub fn boot_pair_with(
     for vm in [&mut *vm1, &mut *vm2] {
         wait_status(vm, "answering", Duration::from_secs(30), |_| true);
     }
-    vm1.wait_until(
-        "hadb volume primary",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume primary on hadb01");
+    make_primary(vm1);
     wait_status(
         vm1,
         "primary and replicating",
