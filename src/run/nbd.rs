@@ -242,7 +242,6 @@ impl Server {
     async fn requests<R: AsyncRead + Unpin>(&self, input: &mut R, replies: &Sender<Reply>) -> Stop {
         let mut fair = crate::run::Fair::default();
         let stop = loop {
-            fair.done(0).await;
             let mut hdr = [0u8; nbd::REQUEST_LEN];
             if let Err(e) = input.read_exact(&mut hdr).await {
                 break Stop::Io(e);
@@ -251,6 +250,7 @@ impl Server {
                 Ok(r) => r,
                 Err(why) => break Stop::Protocol(why),
             };
+            fair.done(req.length as usize).await;
             let command = match nbd::validate(&req, self.shared.data_size, self.writable()) {
                 Ok(c) => c,
                 Err(refusal) => {
@@ -309,7 +309,6 @@ impl Server {
                     length,
                     fua,
                 } => {
-                    fair.done(length as usize).await;
                     let mut data = vec![0u8; length as usize];
                     if let Err(e) = input.read_exact(&mut data).await {
                         break Stop::Io(e);

@@ -369,7 +369,6 @@ async fn read_frames(
     let mut mac = [0u8; wire::MAC_LEN];
     let mut fair = crate::run::Fair::default();
     loop {
-        fair.done(wire::HEADER_LEN).await;
         let got = async { Some(input.read_exact(&mut header_bytes).await) }
             .or(async {
                 smol::Timer::after(DEAD_AFTER).await;
@@ -389,7 +388,8 @@ async fn read_frames(
                 return format!("bad frame: {e}");
             }
         };
-        fair.done(header.payload_len as usize).await;
+        fair.done(wire::HEADER_LEN + header.payload_len as usize)
+            .await;
         let mut payload = vec![0u8; header.payload_len as usize];
         if let Err(e) = input.read_exact(&mut payload).await {
             Stats::bump(&shared.stats.repl_bad_frames);
