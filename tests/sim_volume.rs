@@ -360,7 +360,8 @@ impl Sim {
         }
         self.log(format!("go-alone on {}", self.nodes[p].name));
         self.outdated[1 - p] = true;
-        let a = self.r(p).go_alone();
+        // Refused (nothing done) where the peer is still taking writes.
+        let a = self.r(p).go_alone().unwrap_or_default();
         self.apply(p, a);
     }
 

@@ -905,11 +905,6 @@ impl Replica {
     pub fn peer_state(&self) -> Option<NodeState> {
         self.peer
     }
-    /// The peer is connected, in step, and takes this primary's writes.
-    pub fn peer_ready(&self) -> bool {
-        self.peer_ready
-    }
-
     pub fn alone(&self) -> bool {
         self.alone
     }
@@ -2813,13 +2808,18 @@ impl Replica {
     }
 
     /// The operator's word that the primary may go on without its peer.
-    pub fn go_alone(&mut self) -> Vec<Action> {
-        let mut out = Vec::new();
-        if self.role != Role::Primary || self.peer_ready {
-            return out;
+    /// Refused where it would change nothing: saying "going on alone" then
+    /// would send the operator on with a wrong picture of the pair.
+    pub fn go_alone(&mut self) -> Result<Vec<Action>, String> {
+        if self.role != Role::Primary {
+            return Err("this node is not primary: go-alone releases a primary's writes held for an absent peer; run it on the primary".into());
         }
+        if self.peer_ready {
+            return Err("the peer is connected and acknowledging writes: nothing is held, so there is nothing to release (go-alone is for a peer that is away)".into());
+        }
+        let mut out = Vec::new();
         self.stop_waiting_for_peer("operator's go-alone", &mut out);
-        out
+        Ok(out)
     }
 
     /// A local disk failure the driver saw outside a request (e.g. at open).
@@ -3024,7 +3024,7 @@ mod tests {
         p.run(0, a);
         // Go alone: writes complete locally, then only they are resynced.
         p.disconnect();
-        let a = p.nodes[0].go_alone();
+        let a = p.nodes[0].go_alone().unwrap();
         p.run(0, a);
         p.write(2, 8192, 2, 100);
         p.write(3, 40960, 3, 4096);
@@ -3044,7 +3044,7 @@ mod tests {
         let a = p.nodes[0].promote(false).unwrap();
         p.run(0, a);
         p.disconnect();
-        let a = p.nodes[0].go_alone();
+        let a = p.nodes[0].go_alone().unwrap();
         p.run(0, a);
         p.write(1, 0, 1, 4096);
         assert_eq!(p.completed, vec![(1, Ok(()))]);
@@ -3059,7 +3059,7 @@ mod tests {
         p.write(2, 4096, 2, 4096);
         assert_eq!(p.completed.len(), 1, "a write completed alone");
         assert!(p.nodes[0].frozen());
-        let a = p.nodes[0].go_alone();
+        let a = p.nodes[0].go_alone().unwrap();
         p.run(0, a);
         assert_eq!(p.completed.len(), 2);
     }

@@ -608,15 +608,7 @@ impl Volume {
                 Ok(json!({"discard_my_data": true}))
             }
             Command::GoAlone => {
-                // Saying "going on alone" when nothing changed would send
-                // the operator on with a wrong picture of the pair.
-                if self.replica.role() != Role::Primary {
-                    return Err("this node is not primary: go-alone releases a primary's writes held for an absent peer; run it on the primary".into());
-                }
-                if self.replica.peer_ready() {
-                    return Err("the peer is connected and acknowledging writes: nothing is held, so there is nothing to release (go-alone is for a peer that is away)".into());
-                }
-                let actions = self.replica.go_alone();
+                let actions = self.replica.go_alone()?;
                 self.apply(actions);
                 Ok(json!({"alone": self.replica.alone()}))
             }
