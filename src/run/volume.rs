@@ -12,7 +12,9 @@ use serde_json::json;
 use smol::channel::{Receiver, Sender};
 
 use crate::core::meta::{self, Superblock, flags};
-use crate::core::replica::{self, Action, DiskOp, DiskTag, Frame, Payload, Replica, ReqId, Role};
+use crate::core::replica::{
+    self, Action, DiskOp, DiskTag, Frame, FrameGate, Payload, Replica, ReqId, Role,
+};
 use crate::core::wire;
 use crate::run::stats::Stats;
 use crate::run::store::{self, Store};
@@ -37,7 +39,12 @@ pub enum Event {
         payload: Option<Payload>,
     },
     /// The disk thread wrote metadata (false: it failed).
-    Persisted(bool),
+    /// Metadata written (`ok`); `log` when it was an activity-log
+    /// transaction, which frames may be waiting for.
+    Persisted {
+        ok: bool,
+        log: bool,
+    },
     LinkLost {
         link: u64,
         reason: String,
@@ -140,7 +147,13 @@ fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: S
                 if let Err(e) = store.write_superblock(sb) {
                     log::error!("volume: {e}");
                 }
-                if events.send_blocking(Event::Persisted(true)).is_err() {
+                if events
+                    .send_blocking(Event::Persisted {
+                        ok: true,
+                        log: false,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -162,7 +175,11 @@ fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: S
                     );
                     broken = true;
                 }
-                if events.send_blocking(Event::Persisted(!broken)).is_err() {
+                let log = matches!(job, Job::ActivityLog(_));
+                if events
+                    .send_blocking(Event::Persisted { ok: !broken, log })
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -241,6 +258,8 @@ pub struct Volume {
     promote_waiter: Option<Sender<Result<serde_json::Value, String>>>,
     /// A metadata write failed: no more inline I/O.
     meta_broken: bool,
+    /// Frames waiting for an activity-log transaction to be on disk.
+    gate: FrameGate,
     /// A clean stop asked for, waiting for the disk queue to drain.
     stopping: Option<Sender<Result<serde_json::Value, String>>>,
     /// That stop is for a restart in place (see `Command::Stop`).
@@ -359,6 +378,7 @@ impl Volume {
                 restored: 0,
                 promote_waiter: None,
                 meta_broken: false,
+                gate: FrameGate::default(),
                 stopping: None,
                 restarting: false,
                 parked: 0,
@@ -478,6 +498,7 @@ impl Volume {
                 log::info!("volume: stopping: the link goes down, then the disk queue drains");
                 self.restarting = restart;
                 if self.link.take().is_some() {
+                    self.gate.link_lost();
                     let actions = self.replica.link_lost();
                     self.apply(actions);
                 }
@@ -491,12 +512,17 @@ impl Volume {
                 let actions = self.replica.request(id, req);
                 self.apply(actions);
             }
-            Event::Persisted(ok) => {
+            Event::Persisted { ok, log } => {
                 self.queued -= 1;
                 if !ok {
                     // Everything goes through the disk thread now, which
                     // fails it.
                     self.meta_broken = true;
+                }
+                if log {
+                    for frame in self.gate.log_done() {
+                        self.send(frame);
+                    }
                 }
             }
             Event::Disk { tag, result } => {
@@ -514,6 +540,7 @@ impl Volume {
                 if self.link.is_some() {
                     log::info!("volume: a new link to {} replaces the old one", link.peer);
                     self.link = None;
+                    self.gate.link_lost();
                     let actions = self.replica.link_lost();
                     self.apply(actions);
                 }
@@ -545,6 +572,7 @@ impl Volume {
                         self.started.elapsed().as_secs()
                     ));
                     self.link = None;
+                    self.gate.link_lost();
                     let actions = self.replica.link_lost();
                     self.apply(actions);
                 }
@@ -562,6 +590,12 @@ impl Volume {
                 let answer = self.command(command);
                 let _ = reply.try_send(answer);
             }
+        }
+    }
+
+    fn send(&self, frame: Frame) {
+        if let Some(link) = &self.link {
+            let _ = link.frames.try_send(frame);
         }
     }
 
@@ -624,6 +658,7 @@ impl Volume {
                     );
                     if let Some(link) = self.link.take() {
                         log::info!("volume: dropping the link to {}", link.peer);
+                        self.gate.link_lost();
                         let actions = self.replica.link_lost();
                         self.apply(actions);
                     }
@@ -705,6 +740,7 @@ impl Volume {
                 }
                 Action::PersistActivityLog(extents) => {
                     self.queued += 1;
+                    self.gate.log_queued();
                     let _ = self.jobs.send(Job::ActivityLog(extents));
                 }
                 Action::Disk { tag, op } => {
@@ -724,8 +760,8 @@ impl Volume {
                     }
                 }
                 Action::Send(frame) => {
-                    if let Some(link) = &self.link {
-                        let _ = link.frames.try_send(frame);
+                    if let Some(frame) = self.gate.send(frame) {
+                        self.send(frame);
                     }
                 }
                 Action::Complete { id, result } => {
@@ -744,6 +780,7 @@ impl Volume {
                 }
                 Action::DropLink(why) => {
                     if let Some(link) = self.link.take() {
+                        self.gate.link_lost();
                         log::warn!("volume: dropping the link to {}: {why}", link.peer);
                         self.shared
                             .stats

@@ -172,7 +172,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hadb::core::bitmap::{Bitmap, PAGE_BYTES};
-use hadb::core::replica::{Action, Frame, MetaUpdate, Payload};
+use hadb::core::replica::{Action, Frame, FrameGate, MetaUpdate, Payload};
 
 /// A simulated node's volume below the state machine: what survives a
 /// crash (the disk, the metadata, the bitmap, the activity log, whether
@@ -187,8 +187,7 @@ pub struct SimVolume {
     pub active: bool,
     pub queue: VecDeque<Op>,
     /// Log transactions queued and not yet on disk; frames wait for them.
-    log_pending: usize,
-    held_frames: Vec<Frame>,
+    gate: FrameGate,
 }
 
 /// What one disk step did.
@@ -218,8 +217,7 @@ impl SimVolume {
             activity_log: Vec::new(),
             active: false,
             queue: VecDeque::new(),
-            log_pending: 0,
-            held_frames: Vec::new(),
+            gate: FrameGate::default(),
         }
     }
 
@@ -273,10 +271,10 @@ impl SimVolume {
             Action::Disk { tag, op } => self.queue.push_back(Op::Io(tag, op)),
             Action::PersistBitmap(pages) => self.queue.push_back(Op::Bitmap(pages)),
             Action::PersistActivityLog(x) => {
-                self.log_pending += 1;
+                self.gate.log_queued();
                 self.queue.push_back(Op::Log(x));
             }
-            Action::Send(f) if self.log_pending > 0 => self.held_frames.push(f),
+            Action::Send(f) => return self.gate.send(f).map(Action::Send),
             other => return Some(other),
         }
         None
@@ -284,14 +282,13 @@ impl SimVolume {
 
     /// The link went: frames held for it go too.
     pub fn link_lost(&mut self) {
-        self.held_frames.clear();
+        self.gate.link_lost();
     }
 
     /// The node crashed: the queue is lost and the cache loses any part.
     pub fn crash(&mut self, rng: &mut Rng) {
         self.queue.clear();
-        self.log_pending = 0;
-        self.held_frames.clear();
+        self.gate.reset();
         self.disk.crash(rng);
     }
 
@@ -312,13 +309,7 @@ impl SimVolume {
             Op::Log(extents) => {
                 self.disk.flush();
                 self.activity_log = extents;
-                self.log_pending -= 1;
-                let frames = if self.log_pending == 0 {
-                    std::mem::take(&mut self.held_frames)
-                } else {
-                    Vec::new()
-                };
-                return Step::Meta(frames);
+                return Step::Meta(self.gate.log_done());
             }
         };
         let disk = &mut self.disk;
