@@ -260,6 +260,10 @@ pub struct Volume {
     meta_broken: bool,
     /// Frames waiting for an activity-log transaction to be on disk.
     gate: FrameGate,
+    /// Disk work that comes after a frame in the same batch: done once the
+    /// link's writer has had its turn, so the peer's copy is under way
+    /// before the local one (see `apply`).
+    deferred: VecDeque<Action>,
     /// A clean stop asked for, waiting for the disk queue to drain.
     stopping: Option<Sender<Result<serde_json::Value, String>>>,
     /// That stop is for a restart in place (see `Command::Stop`).
@@ -379,6 +383,7 @@ impl Volume {
                 promote_waiter: None,
                 meta_broken: false,
                 gate: FrameGate::default(),
+                deferred: VecDeque::new(),
                 stopping: None,
                 restarting: false,
                 parked: 0,
@@ -414,6 +419,13 @@ impl Volume {
                 let actions = self.replica.tick();
                 self.apply(actions);
             }
+            while !self.deferred.is_empty() {
+                // The link's writer (woken by the frames just queued) runs
+                // first: the executor is first come, first served.
+                smol::future::yield_now().await;
+                let later: Vec<Action> = self.deferred.drain(..).collect();
+                self.apply(later);
+            }
             self.answer_promotion();
             self.publish_report();
             if self.stopping.is_some() && self.queued == 0 {
@@ -448,6 +460,10 @@ impl Volume {
     async fn finish_stop(&mut self) {
         let (actions, clean) = self.replica.stop();
         self.apply(actions);
+        while !self.deferred.is_empty() {
+            let later: Vec<Action> = self.deferred.drain(..).collect();
+            self.apply(later);
+        }
         let mut sb = self.superblock.clone();
         if clean {
             sb.flags &= !flags::ACTIVE;
@@ -593,10 +609,11 @@ impl Volume {
         }
     }
 
-    fn send(&self, frame: Frame) {
-        if let Some(link) = &self.link {
-            let _ = link.frames.try_send(frame);
-        }
+    /// Queues a frame for the link's writer; false when there is no link.
+    fn send(&self, frame: Frame) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|link| link.frames.try_send(frame).is_ok())
     }
 
     fn answer_promotion(&mut self) {
@@ -698,9 +715,35 @@ impl Volume {
     /// handing a 4 KiB page-cache write to another thread and back costs
     /// two wake-ups, more than the write. Flushes, FUA and large I/O go to
     /// the disk thread, which keeps the event loop free while they block.
+    ///
+    /// A write or flush that goes to the peer too is sent before the local
+    /// disk is touched: disk work after a frame waits in `deferred` until
+    /// the event loop has let the link's writer run. Otherwise the local
+    /// write (inline, or a disk thread that takes the only CPU when woken)
+    /// comes first, and the peer's round trip, the longer of the two, waits
+    /// behind it. Metadata work keeps its place: it takes the deferred
+    /// disk work with it.
     fn apply(&mut self, actions: Vec<Action>) {
         let mut todo: VecDeque<Action> = actions.into();
+        let mut frame_out = false;
         while let Some(action) = todo.pop_front() {
+            let action = match action {
+                Action::Disk { .. } if frame_out => {
+                    self.deferred.push_back(action);
+                    continue;
+                }
+                Action::Persist(_) | Action::PersistBitmap(_) | Action::PersistActivityLog(_)
+                    if !self.deferred.is_empty() =>
+                {
+                    todo.push_front(action);
+                    while let Some(later) = self.deferred.pop_back() {
+                        todo.push_front(later);
+                    }
+                    frame_out = false;
+                    continue;
+                }
+                action => action,
+            };
             match action {
                 Action::Persist(m) => {
                     let mut sb = self.superblock.clone();
@@ -761,7 +804,7 @@ impl Volume {
                 }
                 Action::Send(frame) => {
                     if let Some(frame) = self.gate.send(frame) {
-                        self.send(frame);
+                        frame_out |= self.send(frame);
                     }
                 }
                 Action::Complete { id, result } => {
