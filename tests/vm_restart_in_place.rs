@@ -10,6 +10,7 @@
 //! roles stay as they are.
 
 #[path = "support/vm.rs"]
+#[macro_use]
 mod vm;
 #[path = "support/vm_pair.rs"]
 mod vm_pair;
@@ -22,15 +23,9 @@ use vm::Vm;
 use vm_pair::{Pair, replicating_as, status, wait_status};
 use vm_writer::{WRITER_PATH, dmesg_errors, longest_write, wait_writes, writer_script, writes};
 
-const CONFIG: &str = r#"cluster = "hadb-test"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+const CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [volume]
 device = "/dev/vdb"
 nbd_device = "/dev/nbd0"
@@ -47,7 +42,8 @@ start_timeout = "1h"
 # manager on (SIGHUP).
 [manager]
 maintenance = true
-"#;
+"#
+);
 
 fn boot_pair() -> Pair {
     let mut pair = vm_pair::boot_pair(

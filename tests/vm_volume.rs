@@ -4,6 +4,7 @@
 //! filesystem clean.
 
 #[path = "support/vm.rs"]
+#[macro_use]
 mod vm;
 #[path = "support/vm_pair.rs"]
 mod vm_pair;
@@ -13,16 +14,10 @@ use std::time::Duration;
 use vm::Vm;
 use vm_pair::{Pair, boot_pair, replicating_as, wait_nbd, wait_status};
 
-const CONFIG: &str = r#"# hadb test pair; `node` defaults to the host name (hadb01 / hadb02)
-cluster = "hadb-test"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+// `node` is not set: it defaults to the host name (hadb01 / hadb02).
+const CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [volume]
 device = "/dev/vdb"
 port = 7789
@@ -31,7 +26,8 @@ nbd_device = "/dev/nbd0"
 # This test moves the volume by hand.
 [manager]
 maintenance = true
-"#;
+"#
+);
 
 /// The files written on the first primary and checked on the second.
 const FILES: &[&str] = &["big.bin", "small.txt", "dir/nested.txt", "dir/empty"];
@@ -103,15 +99,9 @@ fn volume_failover() {
     volume_failover_scenario();
 }
 
-const FS_CONFIG: &str = r#"cluster = "hadb-test"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+const FS_CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [volume]
 device = "/dev/vdb"
 nbd_device = "/dev/nbd0"
@@ -124,7 +114,8 @@ supervise = false
 # Roles move by hand here; the filesystem follows them.
 [manager]
 maintenance = true
-"#;
+"#
+);
 
 fn mounted(vm: &mut Vm) -> bool {
     vm.run_ok("grep -c ' /data ' /proc/mounts || true").trim() != "0"

@@ -4,21 +4,16 @@
 //! stops petting and the VM resets within the timeout.
 
 #[path = "support/vm.rs"]
+#[macro_use]
 mod vm;
 
 use std::time::{Duration, Instant};
 
 use vm::{Vm, VmConfig};
 
-const CONFIG: &str = r#"cluster = "hadb-test"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+const CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [volume]
 device = "/dev/vdb"
 
@@ -28,7 +23,8 @@ maintenance = true
 [watchdog]
 enabled = true
 timeout = "5s"
-"#;
+"#
+);
 
 fn start_hadb(vm: &mut Vm) {
     vm.run_ok("mkdir -p /run/hadb; hadb run >>/tmp/hadb.log 2>&1 &");

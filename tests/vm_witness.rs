@@ -8,6 +8,7 @@
 //! with every byte written before.
 
 #[path = "support/vm.rs"]
+#[macro_use]
 mod vm;
 #[path = "support/vm_pair.rs"]
 mod vm_pair;
@@ -17,15 +18,9 @@ use std::time::{Duration, Instant};
 use vm::{Vm, VmConfig};
 use vm_pair::{status, wait_nbd, wait_status};
 
-const CONFIG: &str = r#"cluster = "hadb-test"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+const CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [witness]
 node = "hadbw"
 address = "10.10.30.6"
@@ -40,7 +35,8 @@ methods = ["watchdog"]
 [watchdog]
 enabled = true
 timeout = "6s"
-"#;
+"#
+);
 
 /// Each VM's report when the test fails.
 struct Report<'a>(&'a mut [Vm]);

@@ -15,6 +15,25 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+/// The start of every test pair's `hadb.toml`: the cluster, its key and
+/// the two nodes at the addresses the VM tests give them. A macro rather
+/// than a const so that a test's `concat!(pair_nodes!(), r#"..."#)` is
+/// still one literal. Include this file with `#[macro_use]` to use it.
+#[allow(unused_macros)]
+macro_rules! pair_nodes {
+    () => {
+        r#"cluster = "hadb-test"
+key_file = "/etc/hadb/authkey"
+
+[nodes.hadb01]
+address = "10.10.10.4"
+
+[nodes.hadb02]
+address = "10.10.10.5"
+"#
+    };
+}
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
@@ -948,6 +967,15 @@ impl Vm {
             "1",
         ])
         .args(["-m", &memory_mib.to_string()])
+        // HADB_VM_CPU: a CPU model (e.g. `max`, with SSE4.2 and AVX2 as
+        // Azure's VMs have); TCG's default, qemu64, has nothing past SSE2.
+        .args(
+            std::env::var("HADB_VM_CPU")
+                .ok()
+                .filter(|c| !c.is_empty())
+                .map(|c| vec!["-cpu".to_owned(), c])
+                .unwrap_or_default(),
+        )
         .arg("-chardev")
         .arg(format!(
             "socket,id=ser0,path={},server=on,wait=off,logfile={}",
