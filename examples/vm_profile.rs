@@ -10,6 +10,7 @@
 //! collects them from the host).
 
 #[path = "../tests/support/vm.rs"]
+#[macro_use]
 mod vm;
 #[path = "../tests/support/vm_pair.rs"]
 mod vm_pair;
@@ -20,15 +21,9 @@ use std::time::Duration;
 use vm::Vm;
 use vm_pair::{Pair, boot_pair_with};
 
-const CONFIG: &str = r#"cluster = "hadb-profile"
-key_file = "/etc/hadb/authkey"
-
-[nodes.hadb01]
-address = "10.10.10.4"
-
-[nodes.hadb02]
-address = "10.10.10.5"
-
+const CONFIG: &str = concat!(
+    pair_nodes!(),
+    r#"
 [volume]
 device = "/dev/vdb"
 nbd_device = "/dev/nbd0"
@@ -36,7 +31,8 @@ nbd_device = "/dev/nbd0"
 # Roles move by hand: the profile must not be interrupted by a failover.
 [manager]
 maintenance = true
-"#;
+"#
+);
 
 /// 40 MiB at each block size, direct I/O; the CPU's ticks (USER_HZ) from
 /// /proc/stat around each run.
@@ -89,6 +85,31 @@ fn heartbeat_gaps(vm: &mut Vm) -> String {
         .unwrap_or_else(|| format!("no heartbeat links in status: {}", st["heartbeat"]))
 }
 
+/// One TCP stream of 40 MiB from `from` to `to` over the pair's link, with
+/// nothing of hadb's in the way: the ceiling any mirror has in these VMs.
+fn link_speed(from: &mut Vm, to: &mut Vm) -> String {
+    to.run_ok("tcp_speed listen 9000 >/tmp/tcp_speed.out 2>&1 &");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = from.run_ok("tcp_speed send 10.10.10.5:9000 40 2>&1");
+    let received = to.run_ok("sleep 1; cat /tmp/tcp_speed.out");
+    format!("{} / {}", sent.trim(), received.trim())
+}
+
+/// 4 KiB write + flush pairs per latency run.
+const SYNCS: u32 = 300;
+
+/// Waits for a `perf record` started in the background to have written
+/// its data.
+fn wait_perf(vm: &mut Vm) {
+    vm.wait_until(
+        "grep -q 'perf record: Captured' /tmp/perf.log",
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        |_, rc| rc == 0,
+    )
+    .expect("perf on the secondary done");
+}
+
 fn profile(vm: &mut Vm) -> String {
     vm.run_ok(&format!(
         "{PERF} report --stdio --no-children --sort comm,dso,sym -i /tmp/perf.data 2>/dev/null \
@@ -103,6 +124,14 @@ fn main() {
     let hash_speed = vm::static_example("hash_speed");
     let mut initrd = vec![
         ("/usr/sbin/hash_speed".to_owned(), hash_speed),
+        (
+            "/usr/sbin/tcp_speed".to_owned(),
+            vm::static_example("tcp_speed"),
+        ),
+        (
+            "/usr/sbin/sync_latency".to_owned(),
+            vm::static_example("sync_latency"),
+        ),
         ("/xp/perf".to_owned(), perf_dir.join("perf")),
     ];
     for entry in std::fs::read_dir(perf_dir.join("lib")).expect("HADB_PROFILE_PERF/lib") {
@@ -120,7 +149,37 @@ fn main() {
         vm.run_ok("echo 0 > /proc/sys/kernel/kptr_restrict");
     }
 
-    println!("hash_speed in the VM:\n{}", vm1.run_ok("hash_speed"));
+    println!(
+        "cpu model {}\nhash_speed in the VM:\n{}",
+        std::env::var("HADB_VM_CPU").unwrap_or_else(|_| "qemu64 (default)".into()),
+        vm1.run_ok("hash_speed")
+    );
+    println!("\nthe link alone (busybox nc, one TCP stream, hadb01 to hadb02):");
+    for _ in 0..2 {
+        println!("  {}", link_speed(vm1, vm2));
+    }
+    println!(
+        "\nreplicating (hadb01 primary, hadb02 secondary): {}",
+        vm1.run_ok(&format!("sync_latency /dev/nbd0 {SYNCS}"))
+    );
+    // Both nodes profiled during the same commits.
+    vm2.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- sleep 8 >/tmp/perf.log 2>&1 &"
+    ));
+    vm1.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- \
+         sync_latency /dev/nbd0 {SYNCS} >/tmp/perf.log 2>&1"
+    ));
+    println!(
+        "perf on hadb01 (primary), {SYNCS} × 4 KiB write + flush:\n{}",
+        profile(vm1)
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    wait_perf(vm2);
+    println!(
+        "perf on hadb02 (secondary), the same seconds:\n{}",
+        profile(vm2)
+    );
     table(
         "replicating (hadb01 primary, hadb02 secondary)",
         &vm1.run_ok("DEV=/dev/nbd0 sh /tmp/ddloop.sh"),
@@ -140,13 +199,7 @@ fn main() {
     );
     // hadb02's perf records for 8 s from before the dd began.
     std::thread::sleep(Duration::from_secs(8));
-    vm2.wait_until(
-        "grep -q 'perf record: Captured' /tmp/perf.log",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("perf on hadb02 done");
+    wait_perf(vm2);
     println!(
         "perf on hadb02 (secondary), the same seconds:\n{}",
         profile(vm2)
@@ -191,6 +244,10 @@ fn main() {
         |_, rc| rc == 0,
     )
     .expect("hadb volume go-alone on hadb01");
+    println!(
+        "\nalone (hadb01 primary, no peer): {}",
+        vm1.run_ok(&format!("sync_latency /dev/nbd0 {SYNCS}"))
+    );
     table(
         "alone (hadb01 primary, no peer)",
         &vm1.run_ok("DEV=/dev/nbd0 sh /tmp/ddloop.sh"),
@@ -202,6 +259,10 @@ fn main() {
     println!(
         "\nperf on hadb01 alone, 60 MiB in 1 MiB writes:\n{}",
         profile(vm1)
+    );
+    println!(
+        "\nthe raw data disk (hadb02's /dev/vdb, hadb stopped): {}",
+        vm2.run_ok(&format!("sync_latency /dev/vdb {SYNCS}"))
     );
     table(
         "the raw data disk (hadb02's /dev/vdb, hadb stopped)",
