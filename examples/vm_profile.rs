@@ -132,6 +132,10 @@ fn main() {
             "/usr/sbin/sync_latency".to_owned(),
             vm::static_example("sync_latency"),
         ),
+        (
+            "/usr/sbin/switch_cost".to_owned(),
+            vm::static_example("switch_cost"),
+        ),
         ("/xp/perf".to_owned(), perf_dir.join("perf")),
     ];
     for entry in std::fs::read_dir(perf_dir.join("lib")).expect("HADB_PROFILE_PERF/lib") {
@@ -154,7 +158,8 @@ fn main() {
         std::env::var("HADB_VM_CPU").unwrap_or_else(|_| "qemu64 (default)".into()),
         vm1.run_ok("hash_speed")
     );
-    println!("\nthe link alone (busybox nc, one TCP stream, hadb01 to hadb02):");
+    println!("\nwake-ups in the VM: {}", vm1.run_ok("switch_cost 2000"));
+    println!("\nthe link alone (tcp_speed: one TCP stream, hadb01 to hadb02):");
     for _ in 0..2 {
         println!("  {}", link_speed(vm1, vm2));
     }
