@@ -98,16 +98,43 @@ fn link_speed(from: &mut Vm, to: &mut Vm) -> String {
 /// 4 KiB write + flush pairs per latency run.
 const SYNCS: u32 = 300;
 
-/// Waits for a `perf record` started in the background to have written
-/// its data.
-fn wait_perf(vm: &mut Vm) {
+/// Runs `cmd` every second until it succeeds, for at most a minute.
+fn until_ok(vm: &mut Vm, cmd: &str, what: &str) {
     vm.wait_until(
-        "grep -q 'perf record: Captured' /tmp/perf.log",
+        cmd,
         Duration::from_secs(60),
         Duration::from_secs(1),
         |_, rc| rc == 0,
     )
-    .expect("perf on the secondary done");
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// Waits for a `perf record` started in the background to have written
+/// its data.
+fn wait_perf(vm: &mut Vm) {
+    until_ok(
+        vm,
+        "grep -q 'perf record: Captured' /tmp/perf.log",
+        "perf on the secondary done",
+    );
+}
+
+/// Both nodes profiled while hadb01 runs `work`; hadb02's perf records for
+/// 8 s from before the work began.
+fn profile_both(vm1: &mut Vm, vm2: &mut Vm, work: &str, what: &str) {
+    vm2.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- sleep 8 >/tmp/perf.log 2>&1 &"
+    ));
+    vm1.run_ok(&format!(
+        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- {work} >/tmp/perf.log 2>&1"
+    ));
+    println!("\nperf on hadb01 (primary), {what}:\n{}", profile(vm1));
+    std::thread::sleep(Duration::from_secs(8));
+    wait_perf(vm2);
+    println!(
+        "perf on hadb02 (secondary), the same seconds:\n{}",
+        profile(vm2)
+    );
 }
 
 fn profile(vm: &mut Vm) -> String {
@@ -168,46 +195,22 @@ fn main() {
         vm1.run_ok(&format!("sync_latency /dev/nbd0 {SYNCS}"))
     );
     // Both nodes profiled during the same commits.
-    vm2.run_ok(&format!(
-        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- sleep 8 >/tmp/perf.log 2>&1 &"
-    ));
-    vm1.run_ok(&format!(
-        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- \
-         sync_latency /dev/nbd0 {SYNCS} >/tmp/perf.log 2>&1"
-    ));
-    println!(
-        "perf on hadb01 (primary), {SYNCS} × 4 KiB write + flush:\n{}",
-        profile(vm1)
-    );
-    std::thread::sleep(Duration::from_secs(8));
-    wait_perf(vm2);
-    println!(
-        "perf on hadb02 (secondary), the same seconds:\n{}",
-        profile(vm2)
+    profile_both(
+        vm1,
+        vm2,
+        &format!("sync_latency /dev/nbd0 {SYNCS}"),
+        &format!("{SYNCS} × 4 KiB write + flush"),
     );
     table(
         "replicating (hadb01 primary, hadb02 secondary)",
         &vm1.run_ok("DEV=/dev/nbd0 sh /tmp/ddloop.sh"),
     );
 
-    // Both nodes profiled while hadb01 writes 1 MiB blocks.
-    vm2.run_ok(&format!(
-        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- sleep 8 >/tmp/perf.log 2>&1 &"
-    ));
-    vm1.run_ok(&format!(
-        "{PERF} record -e cpu-clock -a -o /tmp/perf.data -- \
-         dd if=/dev/zero of=/dev/nbd0 bs=1M count=60 oflag=direct >/tmp/perf.log 2>&1"
-    ));
-    println!(
-        "\nperf on hadb01 (primary), 60 MiB in 1 MiB writes:\n{}",
-        profile(vm1)
-    );
-    // hadb02's perf records for 8 s from before the dd began.
-    std::thread::sleep(Duration::from_secs(8));
-    wait_perf(vm2);
-    println!(
-        "perf on hadb02 (secondary), the same seconds:\n{}",
-        profile(vm2)
+    profile_both(
+        vm1,
+        vm2,
+        "dd if=/dev/zero of=/dev/nbd0 bs=1M count=60 oflag=direct",
+        "60 MiB in 1 MiB writes",
     );
 
     println!(
@@ -242,13 +245,11 @@ fn main() {
         .expect("hadb02's pid");
     vm2.run_ok(&format!("kill -9 {pid}"));
     // go-alone is refused while the link is still up.
-    vm1.wait_until(
+    until_ok(
+        vm1,
         "hadb volume go-alone",
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-        |_, rc| rc == 0,
-    )
-    .expect("hadb volume go-alone on hadb01");
+        "hadb volume go-alone on hadb01",
+    );
     println!(
         "\nalone (hadb01 primary, no peer): {}",
         vm1.run_ok(&format!("sync_latency /dev/nbd0 {SYNCS}"))
