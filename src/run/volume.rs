@@ -514,8 +514,7 @@ impl Volume {
                 log::info!("volume: stopping: the link goes down, then the disk queue drains");
                 self.restarting = restart;
                 if self.link.take().is_some() {
-                    self.gate.link_lost();
-                    let actions = self.replica.link_lost();
+                    let actions = self.lose_link();
                     self.apply(actions);
                 }
                 self.stopping = Some(reply);
@@ -556,8 +555,7 @@ impl Volume {
                 if self.link.is_some() {
                     log::info!("volume: a new link to {} replaces the old one", link.peer);
                     self.link = None;
-                    self.gate.link_lost();
-                    let actions = self.replica.link_lost();
+                    let actions = self.lose_link();
                     self.apply(actions);
                 }
                 log::info!("volume: replication link to {} is up", link.peer);
@@ -588,8 +586,7 @@ impl Volume {
                         self.started.elapsed().as_secs()
                     ));
                     self.link = None;
-                    self.gate.link_lost();
-                    let actions = self.replica.link_lost();
+                    let actions = self.lose_link();
                     self.apply(actions);
                 }
             }
@@ -607,6 +604,13 @@ impl Volume {
                 let _ = reply.try_send(answer);
             }
         }
+    }
+
+    /// The link is gone (already taken out of `self.link`): the frames held
+    /// for it go with it, and the replica says what follows.
+    fn lose_link(&mut self) -> Vec<Action> {
+        self.gate.link_lost();
+        self.replica.link_lost()
     }
 
     /// Queues a frame for the link's writer; false when there is no link.
@@ -675,8 +679,7 @@ impl Volume {
                     );
                     if let Some(link) = self.link.take() {
                         log::info!("volume: dropping the link to {}", link.peer);
-                        self.gate.link_lost();
-                        let actions = self.replica.link_lost();
+                        let actions = self.lose_link();
                         self.apply(actions);
                     }
                 }
@@ -728,7 +731,9 @@ impl Volume {
         let mut frame_out = false;
         while let Some(action) = todo.pop_front() {
             let action = match action {
-                Action::Disk { .. } if frame_out => {
+                // Behind deferred disk work too, from this batch or an
+                // earlier one of the same turn: disk work keeps its order.
+                Action::Disk { .. } if frame_out || !self.deferred.is_empty() => {
                     self.deferred.push_back(action);
                     continue;
                 }
@@ -823,13 +828,12 @@ impl Volume {
                 }
                 Action::DropLink(why) => {
                     if let Some(link) = self.link.take() {
-                        self.gate.link_lost();
                         log::warn!("volume: dropping the link to {}: {why}", link.peer);
                         self.shared
                             .stats
                             .repl_protocol_errors
                             .fetch_add(1, Ordering::Relaxed);
-                        todo.extend(self.replica.link_lost());
+                        todo.extend(self.lose_link());
                     }
                 }
                 Action::RoleChanged(role) => {
