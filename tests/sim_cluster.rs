@@ -103,6 +103,9 @@ struct Sim {
     now_us: u64,
     mode: Mode,
     repl_up: bool,
+    /// A story cut the replication link alone (silently, heartbeats
+    /// still flow): it stays down until healed.
+    repl_cut: bool,
     wire: [VecDeque<Frame>; 2],
     /// cut[ring][from]: datagrams from `from` on `ring` are lost.
     cut: [[bool; 2]; RINGS],
@@ -119,6 +122,15 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, verbose: bool) -> Sim {
+        let mode = if seed.is_multiple_of(2) {
+            Mode::Sync
+        } else {
+            Mode::Semisync
+        };
+        Sim::with_mode(seed, verbose, mode)
+    }
+
+    fn with_mode(seed: u64, verbose: bool, mode: Mode) -> Sim {
         let node = |name| Node {
             name,
             up: false,
@@ -138,12 +150,9 @@ impl Sim {
             rng: Rng::new(seed),
             nodes: [node("a"), node("b")],
             now_us: 0,
-            mode: if seed.is_multiple_of(2) {
-                Mode::Sync
-            } else {
-                Mode::Semisync
-            },
+            mode,
             repl_up: false,
+            repl_cut: false,
             wire: [VecDeque::new(), VecDeque::new()],
             cut: [[false; 2]; RINGS],
             air: Vec::new(),
@@ -302,10 +311,16 @@ impl Sim {
         }
     }
 
+    /// Whether the replication link can be up: both nodes up, ring0
+    /// carrying both ways, and no story holding it cut.
+    fn repl_path(&self) -> bool {
+        self.nodes[0].up && self.nodes[1].up && !self.cut[0][0] && !self.cut[0][1] && !self.repl_cut
+    }
+
     /// The replication link runs over ring0: it comes up when both nodes
     /// are up and ring0 carries both ways, and breaks when it does not.
     fn link_weather(&mut self) {
-        let path = self.nodes[0].up && self.nodes[1].up && !self.cut[0][0] && !self.cut[0][1];
+        let path = self.repl_path();
         if self.repl_up && !path && self.rng.chance(300) {
             self.log("replication link breaks".into());
             self.drop_link();
@@ -323,11 +338,7 @@ impl Sim {
     fn disk_step(&mut self, n: usize) {
         match self.nodes[n].vol.step() {
             Step::Idle => {}
-            Step::Meta(frames) => {
-                if self.repl_up {
-                    self.wire[n].extend(frames);
-                }
-            }
+            Step::Meta(released) => self.apply(n, released),
             Step::Done(tag, result) => {
                 let a = self.r(n).disk_done(tag, result);
                 self.apply(n, a);
@@ -344,10 +355,10 @@ impl Sim {
     }
 
     /// This node's heartbeat report, as the daemon builds it.
-    fn report(&self, n: usize) -> NodeReport {
+    fn report(&mut self, n: usize) -> NodeReport {
+        let now = self.nodes[n].replica.as_ref().unwrap().node_state();
+        let s = self.nodes[n].vol.report(now);
         let node = &self.nodes[n];
-        let r = node.replica.as_ref().unwrap();
-        let s = r.node_state();
         let (standby, ask) = node.manager.as_ref().unwrap().flags();
         NodeReport {
             role: s.role,
@@ -893,7 +904,7 @@ impl Sim {
         self.now_us += 1_000;
         self.deliver_datagrams();
         self.timers(false)?;
-        let path = self.nodes[0].up && self.nodes[1].up && !self.cut[0][0] && !self.cut[0][1];
+        let path = self.repl_path();
         if self.repl_up && !path {
             self.log("replication link breaks".into());
             self.drop_link();
@@ -1130,6 +1141,24 @@ impl Sim {
                 }
                 Ok(())
             }
+            [verb @ ("cut" | "heal"), "replication"] => {
+                self.repl_cut = *verb == "cut";
+                Ok(())
+            }
+            [verb @ ("stall" | "resume"), "disk", n] => {
+                let n = node_of(n)?;
+                self.nodes[n].vol.stalled = *verb == "stall";
+                Ok(())
+            }
+            ["issue", count] => {
+                // Writes handed to the primary and not waited for.
+                let count: usize = count.parse().map_err(|_| format!("`{count}`: a number"))?;
+                for _ in 0..count {
+                    self.client();
+                    self.scripted_tick()?;
+                }
+                Ok(())
+            }
             ["standby", n, on @ ("on" | "off")] => {
                 let n = node_of(n)?;
                 self.nodes[n]
@@ -1244,19 +1273,27 @@ fn scenario_stories() {
     );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        // A story that starts `with witness` runs with one (seed 2 has).
-        let with_witness = text
+        // A story's first lines may say `with witness` (seed 2 has one)
+        // and `mode semisync` (the default is sync).
+        let header: Vec<&str> = text
             .lines()
             .map(|l| l.split('#').next().unwrap_or("").trim())
-            .find(|l| !l.is_empty())
-            == Some("with witness");
+            .filter(|l| !l.is_empty())
+            .take_while(|l| *l == "with witness" || l.starts_with("mode "))
+            .collect();
+        let with_witness = header.contains(&"with witness");
+        let mode = match header.iter().find_map(|l| l.strip_prefix("mode ")) {
+            None | Some("sync") => Mode::Sync,
+            Some("semisync") => Mode::Semisync,
+            Some(other) => panic!("{}: no mode `{other}` (sync or semisync)", file.display()),
+        };
         let seed = if with_witness { 2 } else { 1 };
-        let mut sim = Sim::new(seed, std::env::var_os("HADB_SIM_VERBOSE").is_some());
-        sim.mode = Mode::Sync;
+        let verbose = std::env::var_os("HADB_SIM_VERBOSE").is_some();
+        let mut sim = Sim::with_mode(seed, verbose, mode);
         sim.establish().unwrap();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() || line == "with witness" {
+            if line.is_empty() || header.contains(&line) {
                 continue;
             }
             if let Err(e) = sim.story_line(line) {

@@ -270,11 +270,7 @@ impl Sim {
         }
         match self.nodes[n].vol.step() {
             Step::Idle => {}
-            Step::Meta(frames) => {
-                if self.link_up {
-                    self.wire[n].extend(frames);
-                }
-            }
+            Step::Meta(released) => self.apply(n, released),
             Step::Done(tag, result) => {
                 let a = self.r(n).disk_done(tag, result);
                 self.apply(n, a);

@@ -4,6 +4,7 @@
 pub mod al;
 pub mod bitmap;
 pub mod fence;
+pub mod gate;
 pub mod heartbeat;
 pub mod manager;
 pub mod meta;

@@ -177,7 +177,9 @@ pub struct MetaUpdate {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Persist (and flush) the metadata now, before the actions after it.
+    /// Persist (and flush) the metadata now, before the actions after it:
+    /// frames and completions after it leave only once it is on disk
+    /// (`core::gate::MetaGate`), and so does any heartbeat that reports it.
     Persist(MetaUpdate),
     /// Write these pages of the on-disk bitmap, (page, 4 KiB image),
     /// durably, after everything before and before everything after.
@@ -185,7 +187,8 @@ pub enum Action {
     /// Flush the disk, then write this activity-log transaction (the
     /// extents it holds) durably, before everything after it, frames
     /// included: a frame sent after it goes out only once it is on disk
-    /// (and is dropped with the link if the link goes first). Otherwise
+    /// (and is dropped with the link if the link goes first; see
+    /// `core::gate::MetaGate`). Otherwise
     /// the peer could apply a write that a crash keeps out of both the
     /// local disk and the local log.
     PersistActivityLog(Vec<u64>),
@@ -209,59 +212,6 @@ pub enum Action {
         warn: bool,
         message: String,
     },
-}
-
-/// Keeps `Action::PersistActivityLog`'s promise for a driver: frames that
-/// come after a log transaction wait until it is on disk, in order. One
-/// type so that the simulation and the real driver keep the same promise
-/// with the same code.
-#[derive(Debug, Default)]
-pub struct FrameGate {
-    logs_pending: usize,
-    held: Vec<Frame>,
-}
-
-impl FrameGate {
-    /// A log transaction was queued for the disk.
-    pub fn log_queued(&mut self) {
-        self.logs_pending += 1;
-    }
-
-    /// The frame if it may go now; otherwise it is held.
-    pub fn send(&mut self, frame: Frame) -> Option<Frame> {
-        if self.logs_pending == 0 {
-            Some(frame)
-        } else {
-            self.held.push(frame);
-            None
-        }
-    }
-
-    /// A log transaction is done (written, or failed: the disk is failed
-    /// then and the writes behind it fail too); the frames that may go now.
-    pub fn log_done(&mut self) -> Vec<Frame> {
-        self.logs_pending = self.logs_pending.saturating_sub(1);
-        if self.logs_pending == 0 {
-            std::mem::take(&mut self.held)
-        } else {
-            Vec::new()
-        }
-    }
-
-    /// The link went: the frames held for it go with it (the replica
-    /// marks what they carried out of sync).
-    pub fn link_lost(&mut self) {
-        self.held.clear();
-    }
-
-    /// The disk queue is gone (a crash): nothing is pending any more.
-    pub fn reset(&mut self) {
-        *self = FrameGate::default();
-    }
-
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
 }
 
 /// An application request.
@@ -2892,35 +2842,6 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ping(seq: u64) -> Frame {
-        Frame {
-            header: wire::Header::new(Kind::Ping, seq, 0, 0),
-            payload: None,
-        }
-    }
-
-    #[test]
-    fn frames_after_a_log_transaction_wait_for_it_in_order() {
-        let mut g = FrameGate::default();
-        assert!(g.send(ping(1)).is_some(), "nothing pending: goes at once");
-        g.log_queued();
-        assert!(g.send(ping(2)).is_none());
-        g.log_queued();
-        assert!(g.send(ping(3)).is_none());
-        assert!(g.log_done().is_empty(), "one transaction still pending");
-        let out: Vec<u64> = g.log_done().iter().map(|f| f.header.seq).collect();
-        assert_eq!(out, vec![2, 3]);
-        assert!(g.send(ping(4)).is_some());
-        g.log_queued();
-        assert!(g.send(ping(5)).is_none());
-        g.link_lost();
-        assert_eq!(g.held(), 0);
-        assert!(g.log_done().is_empty(), "the lost link's frames are gone");
-        g.log_queued();
-        g.reset();
-        assert!(g.send(ping(6)).is_some(), "a crash empties the queue");
-    }
 
     fn setup(name: &str, peer: &str, generation: u64) -> Setup {
         Setup {

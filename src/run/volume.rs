@@ -11,10 +11,9 @@ use std::time::Instant;
 use serde_json::json;
 use smol::channel::{Receiver, Sender};
 
+use crate::core::gate::MetaGate;
 use crate::core::meta::{self, Superblock, flags};
-use crate::core::replica::{
-    self, Action, DiskOp, DiskTag, Frame, FrameGate, Payload, Replica, ReqId, Role,
-};
+use crate::core::replica::{self, Action, DiskOp, DiskTag, Frame, Payload, Replica, ReqId, Role};
 use crate::core::wire;
 use crate::run::stats::Stats;
 use crate::run::store::{self, Store};
@@ -38,12 +37,10 @@ pub enum Event {
         header: wire::Header,
         payload: Option<Payload>,
     },
-    /// The disk thread wrote metadata (false: it failed).
-    /// Metadata written (`ok`); `log` when it was an activity-log
-    /// transaction, which frames may be waiting for.
+    /// The disk thread wrote metadata (superblock, bitmap pages or an
+    /// activity-log transaction); false: it failed, and the disk with it.
     Persisted {
         ok: bool,
-        log: bool,
     },
     LinkLost {
         link: u64,
@@ -143,41 +140,34 @@ fn disk_thread(mut store: Store, jobs: std::sync::mpsc::Receiver<Job>, events: S
     let mut broken = false;
     while let Ok(job) = jobs.recv() {
         match job {
-            Job::Persist(sb) => {
-                if let Err(e) = store.write_superblock(sb) {
-                    log::error!("volume: {e}");
-                }
-                if events
-                    .send_blocking(Event::Persisted {
-                        ok: true,
-                        log: false,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            // The writes after a bitmap or log update rely on it: if it
+            // What comes after a metadata write relies on it: if it
             // failed, so does every later operation, and the copy is
-            // failed until repaired.
-            Job::Bitmap(_) | Job::ActivityLog(_) => {
-                let (what, result) = match &job {
-                    Job::Bitmap(pages) => ("bitmap", store.write_bitmap_pages(pages)),
+            // failed until repaired. Never reported as done: a frame or
+            // completion waiting for it would claim what the disk lacks.
+            Job::Persist(_) | Job::Bitmap(_) | Job::ActivityLog(_) => {
+                let (what, result) = match job {
+                    _ if broken => ("metadata", Ok(())),
+                    Job::Persist(sb) => (
+                        "superblock",
+                        store
+                            .write_superblock(sb)
+                            .map_err(|e| std::io::Error::other(e.to_string())),
+                    ),
+                    Job::Bitmap(pages) => ("bitmap", store.write_bitmap_pages(&pages)),
                     Job::ActivityLog(extents) => {
-                        ("activity log", store.write_activity_log(extents))
+                        ("activity log", store.write_activity_log(&extents))
                     }
                     _ => unreachable!("matched above"),
                 };
                 if let Err(e) = result {
                     log::error!(
-                        "volume: writing the {what} of {}: {e}; failing all further I/O",
+                        "volume: writing the {what} of {}: {e}; the local disk is failed: all further I/O on it fails",
                         store.path().display()
                     );
                     broken = true;
                 }
-                let log = matches!(job, Job::ActivityLog(_));
                 if events
-                    .send_blocking(Event::Persisted { ok: !broken, log })
+                    .send_blocking(Event::Persisted { ok: !broken })
                     .is_err()
                 {
                     return;
@@ -258,8 +248,8 @@ pub struct Volume {
     promote_waiter: Option<Sender<Result<serde_json::Value, String>>>,
     /// A metadata write failed: no more inline I/O.
     meta_broken: bool,
-    /// Frames waiting for an activity-log transaction to be on disk.
-    gate: FrameGate,
+    /// Frames and completions waiting for metadata to be on disk.
+    gate: MetaGate,
     /// Disk work that comes after a frame in the same batch: done once the
     /// link's writer has had its turn, so the peer's copy is under way
     /// before the local one (see `apply`).
@@ -382,7 +372,7 @@ impl Volume {
                 restored: 0,
                 promote_waiter: None,
                 meta_broken: false,
-                gate: FrameGate::default(),
+                gate: MetaGate::default(),
                 deferred: VecDeque::new(),
                 stopping: None,
                 restarting: false,
@@ -435,8 +425,8 @@ impl Volume {
         }
     }
 
-    fn publish_report(&self) {
-        let n = self.replica.node_state();
+    fn publish_report(&mut self) {
+        let n = self.gate.report(self.replica.node_state());
         let link = match self.replica.link() {
             replica::LinkState::Standalone => 0,
             replica::LinkState::Connecting => 1,
@@ -527,17 +517,19 @@ impl Volume {
                 let actions = self.replica.request(id, req);
                 self.apply(actions);
             }
-            Event::Persisted { ok, log } => {
+            Event::Persisted { ok } => {
                 self.queued -= 1;
-                if !ok {
-                    // Everything goes through the disk thread now, which
-                    // fails it.
-                    self.meta_broken = true;
+                let released = self.gate.done(ok);
+                for action in released {
+                    self.emit(action);
                 }
-                if log {
-                    for frame in self.gate.log_done() {
-                        self.send(frame);
-                    }
+                if !ok && !self.meta_broken {
+                    // Everything goes through the disk thread now, which
+                    // fails it; the replica and the peer learn the copy
+                    // is failed.
+                    self.meta_broken = true;
+                    let actions = self.replica.disk_failed();
+                    self.apply(actions);
                 }
             }
             Event::Disk { tag, result } => {
@@ -611,6 +603,30 @@ impl Volume {
     fn lose_link(&mut self) -> Vec<Action> {
         self.gate.link_lost();
         self.replica.link_lost()
+    }
+
+    /// Sends a frame or answers a request, once the gate let it through;
+    /// true when a frame was queued for the link.
+    fn emit(&mut self, action: Action) -> bool {
+        match action {
+            Action::Send(frame) => self.send(frame),
+            Action::Complete { id, result } => {
+                if let Some((reply, cookie, arrived)) = self.waiting.remove(&id) {
+                    if let (Some(t), Ok(())) = (arrived, &result) {
+                        self.shared
+                            .write_latency
+                            .record(t.elapsed().as_micros() as u64);
+                    }
+                    let _ = reply.try_send(crate::run::nbd::Reply {
+                        cookie,
+                        error: result.err().unwrap_or(0),
+                        data: None,
+                    });
+                }
+                false
+            }
+            _ => false,
+        }
     }
 
     /// Queues a frame for the link's writer; false when there is no link.
@@ -780,15 +796,17 @@ impl Volume {
                     self.superblock = sb.clone();
                     self.superblock.seq += 1;
                     self.queued += 1;
+                    self.gate.queued();
                     let _ = self.jobs.send(Job::Persist(sb));
                 }
                 Action::PersistBitmap(pages) => {
                     self.queued += 1;
+                    self.gate.queued();
                     let _ = self.jobs.send(Job::Bitmap(pages));
                 }
                 Action::PersistActivityLog(extents) => {
                     self.queued += 1;
-                    self.gate.log_queued();
+                    self.gate.queued();
                     let _ = self.jobs.send(Job::ActivityLog(extents));
                 }
                 Action::Disk { tag, op } => {
@@ -807,23 +825,9 @@ impl Volume {
                         let _ = self.jobs.send(Job::Op(tag, op));
                     }
                 }
-                Action::Send(frame) => {
-                    if let Some(frame) = self.gate.send(frame) {
-                        frame_out |= self.send(frame);
-                    }
-                }
-                Action::Complete { id, result } => {
-                    if let Some((reply, cookie, arrived)) = self.waiting.remove(&id) {
-                        if let (Some(t), Ok(())) = (arrived, &result) {
-                            self.shared
-                                .write_latency
-                                .record(t.elapsed().as_micros() as u64);
-                        }
-                        let _ = reply.try_send(crate::run::nbd::Reply {
-                            cookie,
-                            error: result.err().unwrap_or(0),
-                            data: None,
-                        });
+                action @ (Action::Send(_) | Action::Complete { .. }) => {
+                    if let Some(action) = self.gate.pass(action) {
+                        frame_out |= self.emit(action);
                     }
                 }
                 Action::DropLink(why) => {

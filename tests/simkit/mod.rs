@@ -80,6 +80,10 @@ impl Disk {
 /// Work for a simulated disk, in order.
 pub enum Op {
     Io(DiskTag, DiskOp),
+    /// The superblock: written durably (after a flush of what came
+    /// before, as the store's fdatasync of the one file does). Two slots
+    /// on disk, so a crash keeps the old or the new one, never a mix.
+    Meta(MetaUpdate),
     /// Bitmap pages: written durably (after a flush of what came before).
     Bitmap(Vec<(u64, Vec<u8>)>),
     /// An activity-log transaction: a flush, then the log durably.
@@ -172,7 +176,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hadb::core::bitmap::{Bitmap, PAGE_BYTES};
-use hadb::core::replica::{Action, Frame, FrameGate, MetaUpdate, Payload};
+use hadb::core::gate::MetaGate;
+use hadb::core::replica::{Action, MetaUpdate, Payload};
+use hadb::core::wire::NodeState;
 
 /// A simulated node's volume below the state machine: what survives a
 /// crash (the disk, the metadata, the bitmap, the activity log, whether
@@ -186,8 +192,11 @@ pub struct SimVolume {
     /// Set while running; cleared only by a clean stop.
     pub active: bool,
     pub queue: VecDeque<Op>,
-    /// Log transactions queued and not yet on disk; frames wait for them.
-    gate: FrameGate,
+    /// Metadata queued and not yet on disk; frames and completions wait
+    /// for it, as in the daemon.
+    gate: MetaGate,
+    /// The disk does nothing until resumed (a story's slow disk).
+    pub stalled: bool,
 }
 
 /// What one disk step did.
@@ -195,8 +204,9 @@ pub enum Step {
     Idle,
     /// An I/O finished: hand it to the state machine.
     Done(DiskTag, Result<Option<Payload>, u32>),
-    /// Metadata written; frames that waited for the log may go now.
-    Meta(Vec<Frame>),
+    /// Metadata written; frames and completions that waited for it may go
+    /// now.
+    Meta(Vec<Action>),
 }
 
 impl SimVolume {
@@ -217,7 +227,8 @@ impl SimVolume {
             activity_log: Vec::new(),
             active: false,
             queue: VecDeque::new(),
-            gate: FrameGate::default(),
+            gate: MetaGate::default(),
+            stalled: false,
         }
     }
 
@@ -263,21 +274,32 @@ impl SimVolume {
         }
     }
 
-    /// Takes the actions that concern the disk (and frames that must wait
-    /// for a log transaction); returns the rest for the simulation.
+    /// Takes the actions that concern the disk (and frames and
+    /// completions that must wait for metadata); returns the rest for the
+    /// simulation.
     pub fn take(&mut self, a: Action) -> Option<Action> {
         match a {
-            Action::Persist(m) => self.meta = m,
+            Action::Persist(m) => {
+                self.gate.queued();
+                self.queue.push_back(Op::Meta(m));
+            }
             Action::Disk { tag, op } => self.queue.push_back(Op::Io(tag, op)),
-            Action::PersistBitmap(pages) => self.queue.push_back(Op::Bitmap(pages)),
+            Action::PersistBitmap(pages) => {
+                self.gate.queued();
+                self.queue.push_back(Op::Bitmap(pages));
+            }
             Action::PersistActivityLog(x) => {
-                self.gate.log_queued();
+                self.gate.queued();
                 self.queue.push_back(Op::Log(x));
             }
-            Action::Send(f) => return self.gate.send(f).map(Action::Send),
-            other => return Some(other),
+            other => return self.gate.pass(other),
         }
         None
+    }
+
+    /// What this node's heartbeats say of it: only what is on disk.
+    pub fn report(&mut self, now: NodeState) -> NodeState {
+        self.gate.report(now)
     }
 
     /// The link went: frames held for it go too.
@@ -293,23 +315,31 @@ impl SimVolume {
     }
 
     pub fn step(&mut self) -> Step {
+        if self.stalled {
+            return Step::Idle;
+        }
         let Some(op) = self.queue.pop_front() else {
             return Step::Idle;
         };
         let (tag, op) = match op {
             Op::Io(tag, op) => (tag, op),
+            Op::Meta(m) => {
+                self.disk.flush();
+                self.meta = m;
+                return Step::Meta(self.gate.done(true));
+            }
             Op::Bitmap(pages) => {
                 self.disk.flush();
                 for (p, img) in pages {
                     assert_eq!(p, 0, "the simulated volume has one bitmap page");
                     self.bitmap = img;
                 }
-                return Step::Meta(Vec::new());
+                return Step::Meta(self.gate.done(true));
             }
             Op::Log(extents) => {
                 self.disk.flush();
                 self.activity_log = extents;
-                return Step::Meta(self.gate.log_done());
+                return Step::Meta(self.gate.done(true));
             }
         };
         let disk = &mut self.disk;
