@@ -103,6 +103,7 @@ fn report() -> NodeReport {
         watchdog_timeout_ms: 10_000,
         hears: 99,
         vote: 77,
+        outdate_token: 0xfeed,
     }
 }
 

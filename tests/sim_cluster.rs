@@ -359,6 +359,7 @@ impl Sim {
         let now = self.nodes[n].replica.as_ref().unwrap().node_state();
         let s = self.nodes[n].vol.report(now);
         let node = &self.nodes[n];
+        let token = node.replica.as_ref().unwrap().report_token();
         let (standby, ask) = node.manager.as_ref().unwrap().flags();
         NodeReport {
             role: s.role,
@@ -384,6 +385,7 @@ impl Sim {
             },
             hears: 0,
             vote: 0,
+            outdate_token: token,
         }
     }
 
@@ -688,8 +690,8 @@ impl Sim {
                     let a = self.r(n).peer_proven_outdated(why, on_disk);
                     self.apply(n, a);
                 }
-                manager::Action::OutdateSelf => {
-                    if let Ok(a) = self.r(n).outdate_self() {
+                manager::Action::OutdateSelf(token) => {
+                    if let Ok(a) = self.r(n).outdate_self(token) {
                         self.apply(n, a);
                     }
                 }
@@ -1143,6 +1145,11 @@ impl Sim {
             }
             [verb @ ("cut" | "heal"), "replication"] => {
                 self.repl_cut = *verb == "cut";
+                Ok(())
+            }
+            ["fail", "next", "flush", "on", n] => {
+                let n = node_of(n)?;
+                self.nodes[n].vol.failing_flushes += 1;
                 Ok(())
             }
             [verb @ ("stall" | "resume"), "disk", n] => {

@@ -24,11 +24,10 @@ const OTHER_KEY: &[u8; 32] = &[0x5a; 32];
 /// The frame session key of the replication checks.
 pub const FRAME_KEY: [u8; 32] = [7; 32];
 
-// Heartbeat layout, as src/core/heartbeat.rs has it (private there).
-const HB_FIXED: usize = 84;
-const HB_MAX_NAME: usize = 64;
-const HB_WINDOW: u64 = 64;
-const HB_DOMAIN: &[u8] = b"hadb heartbeat v2\0";
+// Heartbeat layout, as src/core/heartbeat.rs exports it.
+use heartbeat::{
+    DOMAIN as HB_DOMAIN, FIXED as HB_FIXED, MAX_NAME as HB_MAX_NAME, WINDOW as HB_WINDOW,
+};
 const HB_TIMEOUT_US: u64 = 1_000_000;
 /// The incarnation of the membership that `heartbeat_membership` drives;
 /// its script's packets name it in `hears`.
@@ -205,6 +204,7 @@ fn heartbeat_signed_fields(data: &[u8]) {
             watchdog_timeout_ms: r.u32(),
             hears: r.u64(),
             vote: r.u64(),
+            outdate_token: r.u64(),
         },
         timing: Timing {
             sent_us: r.u64(),

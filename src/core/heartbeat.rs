@@ -15,19 +15,20 @@ use sha2::Sha256;
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 pub const MAGIC: [u8; 8] = *b"HADBBEAT";
-/// 2 added the witness's vote and the round-trip echo; a pair runs one
-/// version (a node refuses the other's packets as malformed).
-pub const VERSION: u8 = 2;
+/// 2 added the witness's vote and the round-trip echo, 3 the outdate
+/// token; a pair runs one version (a node refuses the other's packets as
+/// malformed).
+pub const VERSION: u8 = 3;
 pub const MAC_LEN: usize = 32;
 /// Fixed part before the two names.
-const FIXED: usize = 84;
-const MAX_NAME: usize = 64;
+pub const FIXED: usize = 92;
+pub const MAX_NAME: usize = 64;
 /// Sequence numbers below the highest seen that are still accepted once
 /// (UDP may reorder).
-const WINDOW: u64 = 64;
+pub const WINDOW: u64 = 64;
 /// Mixed into every MAC, so a heartbeat can never pass for anything else
 /// signed with the same key.
-const DOMAIN: &[u8] = b"hadb heartbeat v2\0";
+pub const DOMAIN: &[u8] = b"hadb heartbeat v3\0";
 
 pub const FLAG_STANDBY: u8 = 1 << 0;
 pub const FLAG_WATCHDOG: u8 = 1 << 1;
@@ -73,6 +74,13 @@ pub struct NodeReport {
     /// From the witness: the incarnation of the node it gives its vote to
     /// (0: nobody). Nodes send 0.
     pub vote: u64,
+    /// From a primary that asks (FLAG_OUTDATE_REQUEST): the token of its
+    /// current spell without the replication link. From a secondary whose
+    /// copy is outdated: the token it outdated itself for. An "outdated"
+    /// counts as proof only when it echoes the token the primary asks
+    /// with now, so a report that predates the link's last session is
+    /// never taken for one that follows it.
+    pub outdate_token: u64,
 }
 
 /// Timing carried by every packet, for the round trip per link: the
@@ -149,6 +157,7 @@ impl Packet {
         b[64..72].copy_from_slice(&t.sent_us.to_be_bytes());
         b[72..80].copy_from_slice(&t.echo_us.to_be_bytes());
         b[80..84].copy_from_slice(&t.echo_hold_us.to_be_bytes());
+        b[84..92].copy_from_slice(&r.outdate_token.to_be_bytes());
         b.extend_from_slice(c);
         b.extend_from_slice(n);
         let tag = mac(key, &b);
@@ -203,6 +212,7 @@ impl Packet {
                 watchdog_timeout_ms: u32::from_be_bytes([b[44], b[45], b[46], b[47]]),
                 hears: u64_at(48),
                 vote: u64_at(56),
+                outdate_token: u64_at(84),
             },
             timing: Timing {
                 sent_us: u64_at(64),
@@ -565,6 +575,7 @@ mod tests {
                 watchdog_timeout_ms: 10_000,
                 hears: 5,
                 vote: 11,
+                outdate_token: 0xdead,
             },
             timing: Timing {
                 sent_us: 1,

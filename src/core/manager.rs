@@ -36,6 +36,15 @@ pub struct VolumeView {
     /// is outdated (remembered on disk): the peer cannot be promoted
     /// before a resync from here.
     pub peer_outdated: bool,
+    /// The generation this copy holds, and the one the peer was left at
+    /// when this node last went on without it (0: none).
+    pub current_gen: u64,
+    pub bitmap_gen: u64,
+    /// A primary's token for its current spell without the replication
+    /// link (what its "outdate yourself" names), and the token a
+    /// secondary's copy was outdated for.
+    pub outdate_token: u64,
+    pub outdated_for: u64,
 }
 
 impl VolumeView {
@@ -48,6 +57,10 @@ impl VolumeView {
             frozen: r.frozen(),
             peer_up_to_date: r.peer_up_to_date(),
             peer_outdated: r.peer_outdated(),
+            current_gen: r.generations().0,
+            bitmap_gen: r.generations().1,
+            outdate_token: r.outdate_tokens().0,
+            outdated_for: r.outdate_tokens().1,
         }
     }
 }
@@ -63,6 +76,8 @@ impl PeerView {
             standby: r.flags & FLAG_STANDBY != 0,
             asks_outdate: r.flags & FLAG_OUTDATE_REQUEST != 0,
             service_failed: r.service == crate::core::heartbeat::SERVICE_FAILED,
+            current_gen: r.current_gen,
+            outdate_token: r.outdate_token,
         }
     }
 }
@@ -82,6 +97,11 @@ pub struct PeerView {
     pub service_failed: bool,
     /// The peer's hadb is restarting in place: its silence is expected.
     pub restarting: bool,
+    /// The generation the peer's copy holds.
+    pub current_gen: u64,
+    /// From a primary: the token its outdate request names; from a
+    /// secondary whose copy is outdated: the token it answers.
+    pub outdate_token: u64,
 }
 
 /// Everything one step decides from.
@@ -137,8 +157,10 @@ pub enum Action {
     /// is outdated: then true, and remembered on disk): the volume may stop
     /// waiting for it.
     PeerProvenOutdated(&'static str, bool),
-    /// Mark this node's copy outdated: the primary goes on without it.
-    OutdateSelf,
+    /// Mark this node's copy outdated: the primary goes on without it. The
+    /// primary's token, echoed in this node's heartbeats once the mark is
+    /// on disk.
+    OutdateSelf(u64),
     /// No quorum for too long: stop petting the watchdog, so the node
     /// reboots (the peer fences it by waiting). Never undone.
     SelfFence,
@@ -184,6 +206,10 @@ pub struct Manager {
     fence: Fence,
     /// Whether this node's heartbeats ask the peer to outdate itself.
     asks_outdate: bool,
+    /// The peer was last heard, without the replication link, up to date
+    /// at this generation, which this copy neither holds nor left it at:
+    /// it may hold writes this copy lacks (rule 14).
+    peer_may_be_newer: Option<u64>,
     last_attempt: Option<(Action, u64)>,
     /// When this run's first step was.
     started_us: Option<u64>,
@@ -216,6 +242,7 @@ impl Manager {
             lost_since_us: None,
             fence: Fence::None,
             asks_outdate: false,
+            peer_may_be_newer: None,
             last_attempt: None,
             started_us: None,
             no_quorum_since_us: None,
@@ -484,8 +511,14 @@ impl Manager {
                 self.handover_since_us = None;
             }
         }
-        if self.asks_outdate && !(v.role == Role::Primary && v.frozen) {
-            self.asks_outdate = false;
+        // Asked anew at every step, where a rule still wants it.
+        self.asks_outdate = false;
+        if let Some(p) = peer.filter(|_| i.peer_alive) {
+            let linked = !matches!(v.link, LinkState::Standalone | LinkState::Connecting);
+            let older_or_same = p.current_gen == v.current_gen
+                || (v.bitmap_gen != 0 && p.current_gen == v.bitmap_gen)
+                || p.disk != DiskState::UpToDate;
+            self.peer_may_be_newer = (!linked && !older_or_same).then_some(p.current_gen);
         }
         match v.role {
             Role::Primary => self.as_primary(i, peer, &mut out),
@@ -545,28 +578,45 @@ impl Manager {
                 );
             }
             Some(p) => {
-                if v.frozen && !matches!(v.link, LinkState::Connected | LinkState::SyncSource) {
-                    // The replication link is down but the peer is heard:
-                    // it can outdate itself on our word, over the heartbeat.
-                    if p.disk == DiskState::Outdated {
-                        self.because("the peer outdated its copy: going on without it", out);
-                        self.attempt(
-                            Action::PeerProvenOutdated(
-                                "the peer said over the heartbeat that its copy is outdated",
-                                true,
-                            ),
-                            now,
-                            out,
-                        );
-                    } else {
-                        self.asks_outdate = true;
-                        self.because(
-                            "replication link down, peer heard: asking it to outdate its copy",
-                            out,
-                        );
-                    }
-                } else {
+                let linked = matches!(v.link, LinkState::Connected | LinkState::SyncSource);
+                // Rule 5: an "outdated" is proof only when it answers the
+                // token of this spell without the link: one given before
+                // the link last came up may be stale.
+                let proof = p.disk == DiskState::Outdated && p.outdate_token == v.outdate_token;
+                if linked {
                     self.because("primary", out);
+                } else if proof && v.frozen {
+                    // The replication link is down but the peer is heard:
+                    // it outdated itself on our word, over the heartbeat.
+                    self.because("the peer outdated its copy: going on without it", out);
+                    self.attempt(
+                        Action::PeerProvenOutdated(
+                            "the peer said over the heartbeat that its copy is outdated",
+                            true,
+                        ),
+                        now,
+                        out,
+                    );
+                } else if proof {
+                    self.because(
+                        "primary; replication link down; the peer's copy is outdated",
+                        out,
+                    );
+                } else if v.frozen {
+                    self.asks_outdate = true;
+                    self.because(
+                        "replication link down, peer heard: asking it to outdate its copy (rule 5)",
+                        out,
+                    );
+                } else {
+                    // Rule 12: a primary that writes without the peer
+                    // keeps asking a peer it hears to outdate itself, so
+                    // the peer is never promoted with older data.
+                    self.asks_outdate = true;
+                    self.because(
+                        "primary; replication link down, peer heard: asking it to outdate its copy (rule 12)",
+                        out,
+                    );
                 }
             }
             // Just started (restarted in place): the peer has not had
@@ -630,15 +680,28 @@ impl Manager {
         let v = &i.volume;
         match peer {
             Some(p) if p.primary => {
-                if p.asks_outdate
-                    && v.disk == DiskState::UpToDate
-                    && !matches!(v.link, LinkState::Connected | LinkState::SyncTarget)
-                {
+                let linked = matches!(v.link, LinkState::Connected | LinkState::SyncTarget);
+                let asked = p.asks_outdate
+                    && (v.disk == DiskState::UpToDate
+                        || (v.disk == DiskState::Outdated && v.outdated_for != p.outdate_token));
+                // Rule 13: a primary at another generation than this
+                // copy, without the link, writes what this copy lacks.
+                let ahead = p.current_gen != v.current_gen && v.disk == DiskState::UpToDate;
+                if !linked && asked {
                     self.because(
                         "the primary cannot reach this volume and asks it to step aside: marking the copy outdated",
                         out,
                     );
-                    self.attempt(Action::OutdateSelf, now, out);
+                    self.attempt(Action::OutdateSelf(p.outdate_token), now, out);
+                } else if !linked && ahead {
+                    self.because(
+                        format!(
+                            "the primary writes at generation {:016x}, which this copy does not hold: marking the copy outdated (rule 13)",
+                            p.current_gen
+                        ),
+                        out,
+                    );
+                    self.attempt(Action::OutdateSelf(p.outdate_token), now, out);
                 } else if i.service_failed {
                     self.because(
                         "secondary; the peer is primary; mysqld failed here (`hadb mysql reset` once fixed)",
@@ -718,6 +781,15 @@ impl Manager {
                     );
                     return;
                 }
+                if let Some(g) = self.peer_may_be_newer {
+                    self.because(
+                        format!(
+                            "peer lost; it was last heard up to date at generation {g:016x}, which this copy does not hold: promoting could lose its writes, so not promoting (rule 14; `hadb volume primary --force` if its data may go)"
+                        ),
+                        out,
+                    );
+                    return;
+                }
                 if self.standby {
                     self.because("peer lost; standby: not promoting", out);
                     return;
@@ -784,6 +856,9 @@ mod tests {
     use super::*;
 
     const S: u64 = 1_000_000;
+    /// The generation both copies hold, and a primary's outdate token.
+    const GEN: u64 = 0x6e;
+    const TOKEN: u64 = 0x70;
 
     fn cfg(me_first: bool) -> Config {
         Config {
@@ -805,6 +880,10 @@ mod tests {
             frozen: false,
             peer_up_to_date: role == Role::Primary,
             peer_outdated: false,
+            current_gen: GEN,
+            bitmap_gen: 0,
+            outdate_token: TOKEN,
+            outdated_for: 0,
         }
     }
 
@@ -816,6 +895,8 @@ mod tests {
             asks_outdate: false,
             service_failed: false,
             restarting: false,
+            current_gen: GEN,
+            outdate_token: 0,
         }
     }
 
@@ -1092,6 +1173,108 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_alone_keeps_asking_a_peer_it_hears_to_outdate_itself() {
+        let mut a = Manager::new(cfg(true));
+        let alone = VolumeView {
+            link: LinkState::Connecting,
+            peer_up_to_date: false,
+            current_gen: GEN + 1,
+            bitmap_gen: GEN,
+            ..vol(Role::Primary)
+        };
+        assert!(acts(&a.step(&at(0, alone, Some(peer(false))))).is_empty());
+        assert_eq!(a.flags(), (false, true), "rule 12");
+        let linked = VolumeView {
+            link: LinkState::SyncSource,
+            ..alone
+        };
+        a.step(&at(1, linked, Some(peer(false))));
+        assert_eq!(a.flags(), (false, false), "the link settles it");
+    }
+
+    #[test]
+    fn a_secondary_outdates_itself_when_it_hears_a_primary_at_another_generation() {
+        let mut b = Manager::new(cfg(false));
+        let sec = VolumeView {
+            link: LinkState::Connecting,
+            ..vol(Role::Secondary)
+        };
+        let ahead = PeerView {
+            current_gen: GEN + 1,
+            outdate_token: 9,
+            ..peer(true)
+        };
+        assert_eq!(
+            acts(&b.step(&at(0, sec, Some(ahead)))),
+            vec![Action::OutdateSelf(9)],
+            "rule 13"
+        );
+        // Already outdated, asked again for a new spell: answers it.
+        let outdated = VolumeView {
+            disk: DiskState::Outdated,
+            outdated_for: 9,
+            ..sec
+        };
+        let asking = PeerView {
+            asks_outdate: true,
+            outdate_token: 10,
+            ..ahead
+        };
+        assert_eq!(
+            acts(&b.step(&at(5, outdated, Some(asking)))),
+            vec![Action::OutdateSelf(10)]
+        );
+        let answered = VolumeView {
+            outdated_for: 10,
+            ..outdated
+        };
+        assert!(acts(&b.step(&at(10, answered, Some(asking)))).is_empty());
+    }
+
+    #[test]
+    fn a_secondary_never_promotes_over_a_peer_last_heard_at_a_generation_it_lacks() {
+        let mut b = Manager::new(cfg(false));
+        let sec = VolumeView {
+            link: LinkState::Connecting,
+            ..vol(Role::Secondary)
+        };
+        // The peer, back from a crash as secondary, holds a generation
+        // this copy does not (it wrote alone before it crashed).
+        let newer = PeerView {
+            current_gen: GEN + 1,
+            ..peer(false)
+        };
+        b.step(&at(0, sec, Some(newer)));
+        let lost = |t| Inputs {
+            peer_alive: false,
+            ..at(t, sec, Some(newer))
+        };
+        for t in [1, 10, 60] {
+            let a = acts(&b.step(&lost(t)));
+            assert!(
+                !a.contains(&Action::Promote) && !a.contains(&Action::Fence),
+                "{a:?}"
+            );
+        }
+        assert!(b.reason().contains("rule 14"), "{}", b.reason());
+        // A peer left behind at this copy's bitmap generation is older:
+        // the usual fence and takeover.
+        let mut c = Manager::new(cfg(false));
+        let ahead_here = VolumeView {
+            current_gen: GEN + 1,
+            bitmap_gen: GEN,
+            ..sec
+        };
+        c.step(&at(0, ahead_here, Some(peer(false))));
+        let gone = |t| Inputs {
+            peer_alive: false,
+            ..at(t, ahead_here, Some(peer(false)))
+        };
+        assert!(acts(&c.step(&gone(1))).is_empty(), "fence_delay first");
+        assert_eq!(acts(&c.step(&gone(10))), vec![Action::Fence]);
+    }
+
+    #[test]
     fn link_down_heartbeat_up_goes_alone_only_after_the_peer_outdates_itself() {
         let mut a = Manager::new(cfg(true));
         let mut b = Manager::new(cfg(false));
@@ -1113,14 +1296,25 @@ mod tests {
         };
         let asking = PeerView {
             asks_outdate: true,
+            outdate_token: TOKEN,
             ..peer(true)
         };
         assert_eq!(
             acts(&b.step(&at(0, sec, Some(asking)))),
-            vec![Action::OutdateSelf]
+            vec![Action::OutdateSelf(TOKEN)]
         );
+        // An "outdated" that answers another spell without the link (the
+        // link came up and went since) is no proof: asked again.
+        let stale = PeerView {
+            disk: DiskState::Outdated,
+            outdate_token: TOKEN - 1,
+            ..peer(false)
+        };
+        assert!(acts(&a.step(&at(1, pri, Some(stale)))).is_empty());
+        assert_eq!(a.flags(), (false, true), "asked again");
         let outdated_peer = PeerView {
             disk: DiskState::Outdated,
+            outdate_token: TOKEN,
             ..peer(false)
         };
         assert_eq!(

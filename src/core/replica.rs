@@ -249,6 +249,13 @@ fn pages_of(d: &Bitmap) -> BTreeSet<u64> {
         .collect()
 }
 
+/// splitmix64's finalizer: every input bit reaches every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn block_range(offset: u64, length: u64) -> (u64, u64) {
     let first = offset / BLOCK;
     let end = (offset + length.max(1)).div_ceil(BLOCK);
@@ -639,6 +646,15 @@ pub struct Replica {
     current_gen: u64,
     bitmap_gen: u64,
     gen_state: u64,
+    /// A primary's name for the current spell without the replication
+    /// link: new at every link loss. Its heartbeats ask the peer to outdate
+    /// itself for this token, and only an "outdated" that echoes it is
+    /// proof: one given before the link last came up may be stale (a
+    /// short resync may have made the peer up to date since).
+    outdate_token: u64,
+    /// On a secondary: the primary's token this copy was outdated for
+    /// (echoed in its heartbeats while outdated).
+    outdated_for: u64,
     me_first: bool,
     crashed_primary: bool,
     /// Counts link sessions, so that answers to one are not taken for
@@ -712,6 +728,9 @@ pub struct Replica {
     al_full: bool,
     /// Resync target: the primary outdated this copy during the resync.
     outdated_at_resync_end: bool,
+    /// The source's state from its ResyncDone, adopted only once the
+    /// flush that makes the resync durable here has succeeded.
+    adopt_at_resync_end: Option<NodeState>,
     /// A resync's ResyncDone went out with this generation and its
     /// acknowledgement did not come back before the link dropped: the peer
     /// may hold it.
@@ -827,6 +846,10 @@ impl Replica {
             current_gen: s.current_gen,
             bitmap_gen: s.bitmap_gen,
             gen_state: s.gen_seed | 1,
+            // Never 0 (what a secondary that outdated for nobody echoes),
+            // and new at every start.
+            outdate_token: mix(s.gen_seed ^ 0x6f75_7464_6174_6564) | 1,
+            outdated_for: 0,
             me_first: s.me < s.peer,
             // A resumed primary is primary: what it wrote is the data.
             crashed_primary: s.crashed_primary
@@ -875,6 +898,7 @@ impl Replica {
             awaiting_bitmap: false,
             al_full: false,
             outdated_at_resync_end: false,
+            adopt_at_resync_end: None,
             peer_may_hold: None,
             marked_at_start: s.unclean.then_some(s.activity_log.len()),
             peer_outdated: s.peer_outdated,
@@ -911,6 +935,22 @@ impl Replica {
     pub fn alone(&self) -> bool {
         self.alone
     }
+    /// What this node's heartbeats carry as the outdate token: a primary's
+    /// request token, or the token a secondary's outdated copy answers.
+    pub fn report_token(&self) -> u64 {
+        match (self.role, self.disk) {
+            (Role::Primary, _) => self.outdate_token,
+            (Role::Secondary, DiskState::Outdated) => self.outdated_for,
+            _ => 0,
+        }
+    }
+
+    /// The token a primary asks with (see `outdate_token`), and the one a
+    /// secondary's copy was outdated for.
+    pub fn outdate_tokens(&self) -> (u64, u64) {
+        (self.outdate_token, self.outdated_for)
+    }
+
     pub fn generations(&self) -> (u64, u64) {
         (self.current_gen, self.bitmap_gen)
     }
@@ -975,10 +1015,7 @@ impl Replica {
     fn next_gen(&mut self) -> u64 {
         // splitmix64: deterministic from the driver's seed.
         self.gen_state = self.gen_state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.gen_state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) | 1
+        mix(self.gen_state) | 1
     }
 
     fn meta(&self) -> MetaUpdate {
@@ -1492,7 +1529,12 @@ impl Replica {
             DiskTag::ResyncFlush(seq, _) => {
                 // The whole resync is durable here: adopt the source's
                 // generation, then tell it.
-                if result.is_ok() {
+                let adopt = self.adopt_at_resync_end.take();
+                if let (Ok(_), Some(s)) = (&result, adopt) {
+                    self.volume_id = s.volume_id;
+                    self.current_gen = s.current_gen;
+                    self.bitmap_gen = 0;
+                    self.dirty = Some(Bitmap::default());
                     self.disk = if std::mem::take(&mut self.outdated_at_resync_end) {
                         DiskState::Outdated
                     } else {
@@ -1512,11 +1554,24 @@ impl Replica {
                         payload: None,
                     }));
                     out.push(self.state_frame(Kind::State));
+                } else if result.is_ok() {
+                    // No ResyncDone of this session to adopt: nothing to do.
                 } else {
+                    // Never adopted: this copy stays inconsistent on disk
+                    // (never promotable) and failed here; the source sends
+                    // everything again at the next resync.
+                    self.counters.write_errors += 1;
+                    self.disk = DiskState::Failed;
+                    out.push(Action::Persist(self.meta()));
+                    out.push(Action::Log {
+                        warn: true,
+                        message: "the flush that ends the resync failed: local disk failed; the resync is not finished (this copy stays inconsistent until a resync succeeds)".into(),
+                    });
                     out.push(Action::Send(Frame {
                         header: wire::Header::new(Kind::Nack, seq, crate::core::nbd::EIO as u64, 0),
                         payload: None,
                     }));
+                    out.push(self.state_frame(Kind::State));
                 }
             }
         }
@@ -1567,6 +1622,8 @@ impl Replica {
 
     pub fn link_lost(&mut self) -> Vec<Action> {
         self.session += 1;
+        self.adopt_at_resync_end = None;
+        self.outdate_token = self.next_gen();
         let mut out = Vec::new();
         let was = self.link;
         // A refusal (split brain, unrelated data, sizes) stays visible while
@@ -1755,10 +1812,12 @@ impl Replica {
                     // that follows our OutdateAck in this session was sent
                     // before the source went alone, and its generation is
                     // already behind.
-                    self.volume_id = s.volume_id;
-                    self.current_gen = s.current_gen;
-                    self.bitmap_gen = 0;
-                    self.dirty = Some(Bitmap::default());
+                    // Adopted once the flush below succeeds: a failed
+                    // flush may have lost resync writes (the kernel drops
+                    // the pages it could not write back), and a copy that
+                    // claims the source's generation would never get them
+                    // again.
+                    self.adopt_at_resync_end = Some(s);
                     out.push(Action::Disk {
                         tag: DiskTag::ResyncFlush(h.seq, self.session),
                         op: DiskOp::Flush,
@@ -1941,11 +2000,28 @@ impl Replica {
                 self.mark_dirty(blocks);
             }
             self.al_progress(seq, false, true, out);
+            let mut resend_all = false;
             if let Some(rs) = &mut self.resync
                 && let Some((first, count)) = rs.unacked.remove(&seq)
-                && let Some(d) = &mut self.dirty
             {
-                d.extend(first..first + count);
+                if rs.done_sent && count == 0 {
+                    // The peer could not make the resync durable: what it
+                    // acknowledged may be gone from its disk. Nothing of
+                    // this resync counts; it starts again, whole.
+                    rs.done_sent = false;
+                    rs.done_gen = None;
+                    rs.cursor = 0;
+                    resend_all = true;
+                } else if let Some(d) = &mut self.dirty {
+                    d.extend(first..first + count);
+                }
+            }
+            if resend_all {
+                out.push(Action::Log {
+                    warn: true,
+                    message: "the peer failed to flush the end of the resync: it is not finished; every block is sent again".into(),
+                });
+                self.mark_all_dirty(out);
             }
             return;
         }
@@ -2754,7 +2830,7 @@ impl Replica {
     /// The primary cannot reach this copy and goes on without it (it
     /// asked over the heartbeat): mark it outdated on disk, so it is never
     /// promoted before a resync.
-    pub fn outdate_self(&mut self) -> Result<Vec<Action>, String> {
+    pub fn outdate_self(&mut self, token: u64) -> Result<Vec<Action>, String> {
         if self.role == Role::Primary {
             return Err("this node is primary; only a secondary outdates its copy".into());
         }
@@ -2765,6 +2841,9 @@ impl Replica {
             );
         }
         let mut out = Vec::new();
+        // Echoed only while the copy is outdated on disk: the heartbeat
+        // report waits for the Persist below (MetaGate).
+        self.outdated_for = token;
         if self.disk == DiskState::UpToDate {
             self.disk = DiskState::Outdated;
             out.push(Action::Persist(self.meta()));

@@ -113,7 +113,7 @@ pub async fn run(d: Driver) {
                     )
                     .await
                 }
-                Action::OutdateSelf => ask(&events, Command::OutdateSelf).await,
+                Action::OutdateSelf(token) => ask(&events, Command::OutdateSelf(token)).await,
                 Action::SelfFence => {
                     match &watchdog {
                         Some(w) => w.self_fence(),

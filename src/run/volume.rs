@@ -73,8 +73,9 @@ pub enum Command {
     /// The manager's proof that the peer cannot be promoted with older
     /// data (fenced, or outdated by its own word).
     PeerProvenOutdated(String, bool),
-    /// The manager, on the primary's word over the heartbeat.
-    OutdateSelf,
+    /// The manager, on the primary's word over the heartbeat (its outdate
+    /// token).
+    OutdateSelf(u64),
     /// `hadb volume down` (on a secondary): the replication link goes and
     /// stays down until `Up`.
     Down,
@@ -335,6 +336,10 @@ impl Volume {
                 frozen: false,
                 peer_up_to_date: false,
                 peer_outdated: false,
+                current_gen: 0,
+                bitmap_gen: 0,
+                outdate_token: 0,
+                outdated_for: 0,
             }),
         });
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
@@ -440,6 +445,7 @@ impl Volume {
             r.disk = n.disk;
             r.current_gen = n.current_gen;
             r.volume_link = link;
+            r.outdate_token = self.replica.report_token();
         }
         *self.shared.view.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::core::manager::VolumeView::of(&self.replica);
@@ -720,8 +726,8 @@ impl Volume {
                 self.apply(actions);
                 Ok(json!({"alone": self.replica.alone()}))
             }
-            Command::OutdateSelf => {
-                let actions = self.replica.outdate_self()?;
+            Command::OutdateSelf(token) => {
+                let actions = self.replica.outdate_self(token)?;
                 self.apply(actions);
                 Ok(json!({"disk": self.replica.disk()}))
             }

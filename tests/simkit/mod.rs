@@ -197,6 +197,9 @@ pub struct SimVolume {
     gate: MetaGate,
     /// The disk does nothing until resumed (a story's slow disk).
     pub stalled: bool,
+    /// The next this many flushes fail with EIO, and, as fsync does on
+    /// Linux, the cached writes they were to make durable are gone.
+    pub failing_flushes: u32,
 }
 
 /// What one disk step did.
@@ -229,6 +232,7 @@ impl SimVolume {
             queue: VecDeque::new(),
             gate: MetaGate::default(),
             stalled: false,
+            failing_flushes: 0,
         }
     }
 
@@ -362,6 +366,11 @@ impl SimVolume {
                     disk.flush();
                 }
                 None
+            }
+            DiskOp::Flush if self.failing_flushes > 0 => {
+                self.failing_flushes -= 1;
+                disk.cache.clear();
+                return Step::Done(tag, Err(hadb::core::nbd::EIO));
             }
             DiskOp::Flush => {
                 disk.flush();
