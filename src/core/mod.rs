@@ -5,6 +5,7 @@ pub mod al;
 pub mod bitmap;
 pub mod fence;
 pub mod heartbeat;
+pub mod incarnation;
 pub mod manager;
 pub mod meta;
 pub mod mysql_wire;
