@@ -290,8 +290,11 @@ pub struct Membership {
 
 impl Membership {
     /// `incarnation`: new at every start and higher than the last one
-    /// (the driver takes the wall clock in microseconds), so packets of an
-    /// earlier run are recognised as old.
+    /// (`core::incarnation::next`, from the last one kept on disk and the
+    /// wall clock), so packets of an earlier run are recognised as old.
+    /// Nothing here reads a clock: `now_us` in every call is the driver's
+    /// monotonic clock, so a wall-clock step within a run changes
+    /// nothing.
     pub fn new(
         cluster: &str,
         me: &str,
