@@ -829,6 +829,11 @@ pub struct Config {
     pub node: String,
     #[serde(default = "default_key_file")]
     pub key_file: PathBuf,
+    /// Where hadb keeps what must outlive a run: the last heartbeat
+    /// incarnation (`run::incarnation`), so the next run's is higher even
+    /// when the wall clock went back.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// `witness` on the third machine of a pair with a witness.
     #[serde(default)]
     pub role: NodeRole,
@@ -897,6 +902,9 @@ fn default_control_socket() -> PathBuf {
 }
 fn default_key_file() -> PathBuf {
     PathBuf::from("/etc/hadb/authkey")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/hadb")
 }
 
 impl Config {
@@ -1337,6 +1345,7 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
         ("volume.nbd_socket", &config.volume.nbd_socket),
         ("control.socket", &config.control.socket),
         ("key_file", &config.key_file),
+        ("state_dir", &config.state_dir),
     ]) {
         if !path.is_absolute() {
             bad(
@@ -1783,6 +1792,20 @@ socket = "/run/hadb/control.sock"
         assert_eq!(c.volume.ack_timeout.0, Duration::from_secs(10));
         assert_eq!(c.peer_addr(), "10.10.10.5:7789".parse().unwrap());
         assert_eq!(c.volume.nbd_device.as_deref(), Some(Path::new("/dev/nbd0")));
+        assert_eq!(c.state_dir, Path::new("/var/lib/hadb"));
+    }
+
+    #[test]
+    fn the_state_dir_is_an_absolute_path() {
+        let c = p(&format!("state_dir = \"/srv/hadb\"\n{SEED}"), None).unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/hadb"));
+        let err = p(SEED, Some("hadb.state_dir=var/lib/hadb"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key `state_dir`") && err.contains("absolute"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -536,6 +536,8 @@ fn a_fence_race_over_ssh_leaves_exactly_the_primary_standing() {
             r#"cluster = "test"
 node = "{me}"
 key_file = "{d}/{me}.key"
+# Each node its own, as on two machines.
+state_dir = "{d}/{me}.state"
 
 [nodes.a]
 address = "{a0}"

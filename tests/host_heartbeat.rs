@@ -122,3 +122,106 @@ fn a_killed_peer_is_lost_within_about_the_timeout() {
     let hb = heartbeat(&p, 0);
     assert_eq!(hb["links"][0]["up"], false, "{hb}");
 }
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// b's last run had a clock an hour ahead of the clock it restarts with
+/// (its state file says so, as a run whose clock was later stepped back
+/// would have left it). b's incarnations still rise, and a hears b's
+/// new run as a restart instead of dropping it as a replay (with the
+/// wall clock alone, a would never hear b again, and would fence it).
+#[test]
+fn a_restart_after_the_clock_went_back_is_heard() {
+    let mut p = Pair::new("hbclock", "sync", SIZE);
+    let ahead = wall_us() + 3_600_000_000;
+    let state = p.dir.join("b.state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("incarnation"), format!("{ahead}\n")).unwrap();
+    p.start(0);
+    p.start(1);
+    let heard_both_ways = |s: Option<&serde_json::Value>| {
+        s.is_some_and(|s| {
+            s["heartbeat"]["peer_alive"] == true && s["heartbeat"]["peer_hears_me"] == true
+        })
+    };
+    for n in [0, 1] {
+        p.wait(n, "peer heard both ways", heard_both_ways);
+    }
+    let first = heartbeat(&p, 1)["incarnation"].as_u64().unwrap();
+    assert!(
+        first > ahead,
+        "b's run {first} is not above its last ({ahead}): the state file was not read"
+    );
+    assert_eq!(heartbeat(&p, 0)["peer_incarnation"].as_u64(), Some(first));
+
+    // Restarted with the clock an hour behind its last run's.
+    assert!(p.stop(1), "b stopped cleanly");
+    p.start(1);
+    let second = heartbeat(&p, 1)["incarnation"].as_u64().unwrap();
+    assert!(second > first, "{second} after {first}");
+    assert_eq!(
+        std::fs::read_to_string(state.join("incarnation")).unwrap(),
+        format!("{second}\n"),
+        "on disk before it was used"
+    );
+    p.wait(0, "b's new run heard", |s| {
+        s.is_some_and(|s| {
+            heard_both_ways(Some(s)) && s["heartbeat"]["peer_incarnation"].as_u64() == Some(second)
+        })
+    });
+    p.wait(1, "a heard by b's new run", heard_both_ways);
+    assert!(
+        p.log(0).contains("restarted since (new incarnation)"),
+        "{}",
+        p.log(0)
+    );
+}
+
+/// A damaged state file stops the start with a message that names it;
+/// nothing is guessed, and the file is left for the operator.
+#[test]
+fn a_damaged_incarnation_file_stops_the_start() {
+    let p = Pair::new("hbdamaged", "sync", SIZE);
+    let file = p.dir.join("a.state").join("incarnation");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, "17356\0\0\0").unwrap();
+    let config = p.config(0);
+    let mut child = std::process::Command::new(common::hadb_bin())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--cmdline",
+            "none",
+            "run",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hadb run started with a damaged incarnation file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("damaged"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"17356\0\0\0");
+    assert!(p.status(0).is_none(), "no control socket: nothing started");
+}

@@ -45,6 +45,7 @@ impl WitnessDaemon {
 node = "w"
 role = "witness"
 key_file = "{key}"
+state_dir = "{d}/w.state"
 
 [nodes.a]
 address = "{a}"

@@ -4,7 +4,10 @@
 //! replication link that drops; two heartbeat rings whose datagrams are
 //! lost, delayed, duplicated, replayed, and cut per ring and per direction;
 //! disks whose cache loses unflushed writes on a crash; crashes and
-//! restarts; an operator who toggles standby, asks for switchovers, and
+//! restarts; wall clocks that step back and forth, or read 0 as on a VM
+//! whose clock is not set yet (only the incarnation reads them, through
+//! `core::incarnation`, from the last one each node kept on disk); an
+//! operator who toggles standby, asks for switchovers, and
 //! confirms fences only after powering the fenced node off (what
 //! `hadb fence confirm` asks of a human); a client writing on whichever
 //! node is primary.
@@ -36,6 +39,7 @@ use hadb::config::Mode;
 use hadb::core::heartbeat::{
     FLAG_OUTDATE_REQUEST, FLAG_STANDBY, FLAG_WANTS_VOTE, FLAG_WITNESS, Membership, NodeReport,
 };
+use hadb::core::incarnation;
 use hadb::core::manager::{self, Fence, Inputs, Manager, PeerView, VolumeView};
 use hadb::core::quorum::{Vote, VoterView, WatchdogProof, Witness, WitnessConfig, watchdog_proof};
 use hadb::core::replica::{Action, DiskState, Frame, Replica, Request, Role};
@@ -56,6 +60,34 @@ const WATCHDOG_US: u64 = 6_000_000;
 const SELF_FENCE_AFTER_US: u64 = 4 * HB_TIMEOUT_US;
 /// The witness's index in datagrams.
 const W: usize = 2;
+/// The wall clocks' reading at simulated time 0 (2025-01-01), in µs
+/// since the epoch.
+const WALL_BASE_US: u64 = 1_735_689_600_000_000;
+const HOUR_US: u64 = 3_600_000_000;
+
+/// A machine's wall clock, off the simulated time by what it was stepped,
+/// and the incarnation it last took, which survives crashes (the daemon
+/// keeps it in `state_dir`).
+#[derive(Default)]
+struct Wall {
+    offset_us: i128,
+    last_incarnation: Option<u64>,
+}
+
+impl Wall {
+    fn reads(&self, now_us: u64) -> u64 {
+        (i128::from(WALL_BASE_US) + i128::from(now_us) + self.offset_us)
+            .clamp(0, i128::from(u64::MAX)) as u64
+    }
+
+    /// This run's incarnation, as `run::incarnation::take` chooses it.
+    fn take(&mut self, now_us: u64, parity: u64) -> u64 {
+        let inc = incarnation::next(self.last_incarnation, self.reads(now_us), parity)
+            .expect("simulated incarnations stay far below u64::MAX");
+        self.last_incarnation = Some(inc);
+        inc
+    }
+}
 
 /// The third, diskless voter.
 struct SimWitness {
@@ -66,6 +98,7 @@ struct SimWitness {
     next_hb_us: u64,
     /// wcut[n]: datagrams between node n and the witness are lost.
     cut: [bool; 2],
+    wall: Wall,
 }
 
 struct Node {
@@ -87,6 +120,7 @@ struct Node {
     watchdog_fires_us: Option<u64>,
     /// A `watchdog` fence under way since.
     watchdog_fence_since_us: Option<u64>,
+    wall: Wall,
 }
 
 struct Datagram {
@@ -114,7 +148,6 @@ struct Sim {
     recorded: Vec<Datagram>,
     oracle: Oracle,
     next_id: u64,
-    starts: u64,
     trace: Vec<String>,
     verbose: bool,
     witness: Option<SimWitness>,
@@ -145,6 +178,7 @@ impl Sim {
             wmember: None,
             watchdog_fires_us: None,
             watchdog_fence_since_us: None,
+            wall: Wall::default(),
         };
         let mut sim = Sim {
             rng: Rng::new(seed),
@@ -159,7 +193,6 @@ impl Sim {
             recorded: Vec::new(),
             oracle: Oracle::default(),
             next_id: 1,
-            starts: 0,
             trace: Vec::new(),
             verbose,
             witness: (seed % 4 >= 2).then_some(SimWitness {
@@ -168,6 +201,7 @@ impl Sim {
                 members: None,
                 next_hb_us: 0,
                 cut: [false; 2],
+                wall: Wall::default(),
             }),
         };
         if sim.witness.is_some() {
@@ -206,9 +240,8 @@ impl Sim {
 
     fn start(&mut self, n: usize) {
         let seed = self.rng.next();
-        self.starts += 1;
-        // The incarnation is the start time: later runs are higher.
-        let incarnation = self.now_us * 16 + self.starts;
+        // Parity by name order, as the daemon's.
+        let incarnation = self.nodes[n].wall.take(self.now_us, n as u64);
         let mode = self.mode;
         let node = &mut self.nodes[n];
         let peer = if n == 0 { "b" } else { "a" };
@@ -468,9 +501,8 @@ impl Sim {
     }
 
     fn start_witness(&mut self) {
-        self.starts += 1;
-        let incarnation = self.now_us * 16 + self.starts;
         let now = self.now_us;
+        let incarnation = self.witness.as_mut().unwrap().wall.take(now, 0);
         let member = |name| Membership::new("sim", "w", name, KEY, 1, HB_TIMEOUT_US, incarnation);
         let w = self.witness.as_mut().unwrap();
         w.up = true;
@@ -478,6 +510,27 @@ impl Sim {
         w.members = Some([member("a"), member("b")]);
         w.next_hb_us = now;
         self.log("START witness".into());
+    }
+
+    /// Steps the wall clock of node `who` (or the witness, W): back or
+    /// forward by up to an hour, or to 0 (a clock not set yet).
+    fn step_clock(&mut self, who: usize) {
+        let now = self.now_us;
+        let kind = self.rng.below(3);
+        let by = i128::from(1 + self.rng.below(HOUR_US));
+        let (wall, name) = if who == W {
+            (&mut self.witness.as_mut().unwrap().wall, "witness")
+        } else {
+            (&mut self.nodes[who].wall, self.nodes[who].name)
+        };
+        let before = wall.reads(now);
+        match kind {
+            0 => wall.offset_us -= by,
+            1 => wall.offset_us += by,
+            _ => wall.offset_us = -(i128::from(WALL_BASE_US) + i128::from(now)),
+        }
+        let after = wall.reads(now);
+        self.log(format!("clock of {name} stepped from {before} to {after}"));
     }
 
     fn crash_witness(&mut self) {
@@ -825,7 +878,18 @@ impl Sim {
             828..=839 if faults => {
                 let n = self.rng.below(2) as usize;
                 if !self.nodes[n].up {
+                    // Often the clock is wrong at boot: the case that
+                    // matters, a restart under a clock behind the last run.
+                    if self.rng.chance(300) {
+                        self.step_clock(n);
+                    }
                     self.start(n);
+                }
+            }
+            868..=869 if faults => {
+                let who = self.rng.below(3) as usize;
+                if who != W || self.witness.is_some() {
+                    self.step_clock(who);
                 }
             }
             840..=844 => self.replay_old_datagram(),

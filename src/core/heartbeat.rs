@@ -300,8 +300,11 @@ pub struct Membership {
 
 impl Membership {
     /// `incarnation`: new at every start and higher than the last one
-    /// (the driver takes the wall clock in microseconds), so packets of an
-    /// earlier run are recognised as old.
+    /// (`core::incarnation::next`, from the last one kept on disk and the
+    /// wall clock), so packets of an earlier run are recognised as old.
+    /// Nothing here reads a clock: `now_us` in every call is the driver's
+    /// monotonic clock, so a wall-clock step within a run changes
+    /// nothing.
     pub fn new(
         cluster: &str,
         me: &str,
@@ -716,6 +719,82 @@ mod tests {
         assert_eq!(a2.receive(0, &old, 2), Err(Reject::Unconfirmed));
         assert_eq!(a2.peer_report(), None);
         assert!(!a2.peer_alive());
+    }
+
+    /// b restarts with its wall clock an hour behind, or not set at all
+    /// (a VM that booted before its clock was): its next incarnation,
+    /// taken from its last one and the clock as the driver does, still
+    /// rises, and a hears a restart, not a replay. With the clock alone
+    /// a would drop every packet of b's new run, lose it, and fence it.
+    #[test]
+    fn a_restart_with_the_clock_gone_back_is_heard_as_a_restart() {
+        use crate::core::incarnation;
+        const NOW_US: u64 = 1_735_689_600_000_000;
+        for wall_at_restart in [NOW_US - 3_600_000_000, 0] {
+            let a_inc = incarnation::next(None, NOW_US, 0).unwrap();
+            let b_first = incarnation::next(None, NOW_US, 1).unwrap();
+            let mut a = Membership::new("hadb", "a", "b", KEY, 2, 1_000_000, a_inc);
+            let mut b = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, b_first);
+            confirmed(&mut a, &mut b);
+            a.receive(0, &b.outgoing(0, NodeReport::default(), 0), 1)
+                .unwrap();
+            assert_eq!(a.peer_incarnation(), Some(b_first));
+
+            // b restarts; the driver kept b_first on disk.
+            let b_next = incarnation::next(Some(b_first), wall_at_restart, 1).unwrap();
+            let mut b2 = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, b_next);
+            confirmed(&mut a, &mut b2);
+            let primary = NodeReport {
+                role: 1,
+                ..NodeReport::default()
+            };
+            assert_eq!(
+                a.receive(0, &b2.outgoing(0, primary, 0), 2),
+                Ok(vec![Event::PeerFound { restarted: true }]),
+                "clock at {wall_at_restart}: b's new run ({b_next}) after {b_first}"
+            );
+            assert!(b_next > b_first);
+            assert_eq!(a.peer_incarnation(), Some(b_next));
+            assert_eq!(a.peer_report().map(|r| r.role), Some(1));
+            // And the other way: b's new run hears a, and a hears it back.
+            b2.receive(0, &a.outgoing(0, NodeReport::default(), 3), 3)
+                .unwrap();
+            assert!(b2.peer_alive() && a.peer_hears_me());
+        }
+    }
+
+    /// Packets that arrive late are refused as replays and change no
+    /// state: one delayed past the window behind newer ones, and one of
+    /// an earlier run delivered after the peer's new run was heard. Time
+    /// plays no part: only the incarnation and the sequence decide.
+    #[test]
+    fn late_packets_are_refused() {
+        let (mut a, mut b) = pair();
+        confirmed(&mut a, &mut b);
+        let primary = NodeReport {
+            role: 1,
+            ..NodeReport::default()
+        };
+        // Held back in the network while 65 newer ones are sent.
+        let delayed = b.outgoing(0, primary, 0);
+        let mut last = Vec::new();
+        for _ in 0..WINDOW + 1 {
+            last = b.outgoing(0, NodeReport::default(), 0);
+        }
+        a.receive(0, &last, 10).unwrap();
+        assert_eq!(a.receive(0, &delayed, 11), Err(Reject::Replayed));
+        assert_eq!(a.peer_report().map(|r| r.role), Some(0));
+
+        // One of b's packets, never delivered, then b restarts.
+        let from_the_last_run = b.outgoing(0, primary, 0);
+        let mut b2 = Membership::new("hadb", "b", "a", KEY, 2, 1_000_000, 300);
+        confirmed(&mut a, &mut b2);
+        a.receive(0, &b2.outgoing(0, NodeReport::default(), 0), 12)
+            .unwrap();
+        assert_eq!(a.receive(0, &from_the_last_run, 13), Err(Reject::Replayed));
+        assert_eq!(a.peer_report().map(|r| r.role), Some(0));
+        assert_eq!(a.peer_incarnation(), Some(300));
+        assert_eq!(a.links(14)[0].counters.replayed, 2);
     }
 
     /// The defaults (200 ms interval, 1 s timeout) under 1% loss and up

@@ -6,6 +6,7 @@ pub mod bitmap;
 pub mod fence;
 pub mod gate;
 pub mod heartbeat;
+pub mod incarnation;
 pub mod manager;
 pub mod meta;
 pub mod mysql_wire;

@@ -31,6 +31,7 @@ use crate::sys::nbd_netlink::{self, NetlinkNbd};
 #[derive(Debug)]
 pub enum Error {
     Key(peer::KeyError),
+    Incarnation(crate::run::incarnation::Error),
     Store(store::Error),
     Start {
         what: &'static str,
@@ -44,6 +45,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Key(e) => write!(f, "{e}"),
+            Error::Incarnation(e) => write!(f, "{e}"),
             Error::Store(e) => write!(f, "{e}"),
             Error::Start { what, source } => write!(f, "cannot start {what}: {source}"),
             Error::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
@@ -375,6 +377,12 @@ impl control::Handler for Daemon {
 pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error> {
     crate::run::process::become_subreaper();
     let key = peer::read_key(&config.key_file).map_err(Error::Key)?;
+    // Name order, as `me_first`: the two nodes never share a number.
+    let parity = u64::from(config.node.as_str() > config.peer().0);
+    // Taken (and on disk) before anything is opened or sent: a node that
+    // cannot prove its run is newer than the last does not start.
+    let incarnation =
+        crate::run::incarnation::take(&config.state_dir, parity).map_err(Error::Incarnation)?;
     if config.volume.nbd_device.is_some() {
         // Before any thread starts: the flag is inherited, not shared.
         if let Err(e) = crate::sys::memory::protect_from_writeback_deadlock() {
@@ -419,7 +427,8 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         shared: shared.clone(),
         reader,
     });
-    let heartbeat = crate::run::heartbeat::new(&config, &key);
+    let heartbeat = crate::run::heartbeat::new(&config, &key, incarnation);
+    log::info!("heartbeat: this run is incarnation {incarnation}");
     let peer_name_s = config.peer().0.to_owned();
     let manager = Arc::new(std::sync::Mutex::new(crate::core::manager::Manager::new(
         crate::core::manager::Config {

@@ -75,6 +75,7 @@ impl Heartbeat {
             "peer_hears_me": m.peer_hears_me(),
             "peer_report": m.peer_report(),
             "incarnation": m.incarnation(),
+            "peer_incarnation": m.peer_incarnation(),
             "links": links,
         })
     }
@@ -103,13 +104,10 @@ fn addresses(config: &Config) -> Vec<(SocketAddr, SocketAddr)> {
         .collect()
 }
 
-pub fn new(config: &Config, key: &[u8]) -> Arc<Heartbeat> {
+/// `incarnation`: this run's, from [`crate::run::incarnation::take`]
+/// (higher than any earlier run's, whatever the clock did).
+pub fn new(config: &Config, key: &[u8], incarnation: u64) -> Arc<Heartbeat> {
     let links = addresses(config);
-    // Higher at every start (unless the clock went back), so the peer
-    // takes packets of an earlier run for replays.
-    let incarnation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
     let (peer, _) = config.peer();
     let timeout_us = config.heartbeat.timeout.0.as_micros() as u64;
     let witness = config.witness.as_ref().map(|w| {

@@ -9,6 +9,7 @@ pub mod filesystem;
 pub mod heartbeat;
 pub mod http;
 pub mod human;
+pub mod incarnation;
 pub mod manager;
 pub mod mysql_health;
 pub mod mysqld;

@@ -25,6 +25,7 @@ const HISTORY: usize = 20;
 #[derive(Debug)]
 pub enum Error {
     Key(crate::run::peer::KeyError),
+    Incarnation(crate::run::incarnation::Error),
     Bind(SocketAddr, std::io::Error),
     Signals(std::io::Error),
 }
@@ -33,6 +34,7 @@ impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Key(e) => write!(f, "witness: {e}"),
+            Error::Incarnation(e) => write!(f, "witness: {e}"),
             Error::Bind(a, e) => write!(
                 f,
                 "witness: cannot bind the heartbeat socket {a}: {e}; [witness] address must be an address of this machine"
@@ -133,9 +135,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     };
     let me = SocketAddr::new(w.address, w.port.unwrap_or(config.heartbeat.port));
     let timeout_us = config.heartbeat.timeout.0.as_micros() as u64;
-    let incarnation = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    // The nodes drop a witness whose incarnation went back, as they drop
+    // each other. Parity 0: no vote ever names the witness's number.
+    let incarnation =
+        crate::run::incarnation::take(&config.state_dir, 0).map_err(Error::Incarnation)?;
     // Name order: node 0 is the first name, as everywhere in hadb.
     let mut names = config.nodes.iter();
     let mut voter = || {

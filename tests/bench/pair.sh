@@ -112,6 +112,7 @@ for n in a b; do
 cluster = "bench"
 node = "$n"
 key_file = "$D/key"
+state_dir = "$D/$n.state"
 [nodes.a]
 address = "127.0.0.1"
 port = $PORT_A

@@ -99,6 +99,8 @@ impl Pair {
             r#"cluster = "test"
 node = "{me}"
 key_file = "{d}/{me}.key"
+# Each node its own, as on two machines.
+state_dir = "{d}/{me}.state"
 
 [nodes.a]
 address = "127.0.0.1"

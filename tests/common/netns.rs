@@ -98,6 +98,8 @@ impl Net {
             r#"cluster = "test"
 node = "{me}"
 key_file = "{d}/{me}.key"
+# Each node its own, as on two machines.
+state_dir = "{d}/{me}.state"
 
 {a}
 {b}
