@@ -65,6 +65,45 @@ fn wait_exit(child: &mut Child, limit: Duration, what: &str, p: &Pair) -> bool {
     }
 }
 
+/// Waits until both nodes have declared the replication link lost, and
+/// fails unless both did within the link timeout (and a margin) of `cut`,
+/// each saying what happened and naming the peer.
+fn both_declare_the_link_lost(p: &Pair, cut: Instant) {
+    let mut lost = [false, false];
+    while lost.contains(&false) && cut.elapsed() < LINK_TIMEOUT + MARGIN {
+        for (n, gone) in lost.iter_mut().enumerate() {
+            *gone = *gone || p.status(n).is_some_and(|s| s["volume"]["peer"].is_null());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (n, gone) in lost.into_iter().enumerate() {
+        assert!(
+            gone,
+            "node {} still holds the link {:?} after ring0 went silent (limit {:?}): {}\n--- a.log\n{}\n--- b.log\n{}",
+            common::NAMES[n],
+            cut.elapsed(),
+            LINK_TIMEOUT + MARGIN,
+            p.status(n).unwrap()["volume"],
+            p.log(0),
+            p.log(1)
+        );
+    }
+    for n in 0..2 {
+        let event = p.status(n).unwrap()["volume"]["last_link_event"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let peer = common::NAMES[1 - n];
+        assert!(
+            event.contains(&format!("nothing received from {peer} for 5s"))
+                || event.contains(&format!("a send to {peer} did not finish within 5s"))
+                || event.contains(&format!("{peer} acknowledged nothing for 5s")),
+            "node {}: {event}",
+            common::NAMES[n]
+        );
+    }
+}
+
 #[test]
 fn a_silently_dropped_link_is_noticed_on_both_sides_and_the_pair_goes_on() {
     require("qemu-io", "qemu-utils");
@@ -118,43 +157,7 @@ fn a_silently_dropped_link_is_noticed_on_both_sides_and_the_pair_goes_on() {
             "the writes ended before the link was cut; raise WRITES"
         );
     }
-    let mut lost: [Option<Duration>; 2] = [None, None];
-    while lost.iter().any(Option::is_none) && cut.elapsed() < LINK_TIMEOUT + MARGIN {
-        for (n, at) in lost.iter_mut().enumerate() {
-            if at.is_none() && p.status(n).is_some_and(|s| s["volume"]["peer"].is_null()) {
-                *at = Some(cut.elapsed());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for (n, at) in lost.iter().enumerate() {
-        assert!(
-            at.is_some(),
-            "node {} still holds the link {:?} after ring0 went silent (limit {:?}): {}\n--- a.log\n{}\n--- b.log\n{}",
-            common::NAMES[n],
-            cut.elapsed(),
-            LINK_TIMEOUT + MARGIN,
-            p.status(n).unwrap()["volume"],
-            p.log(0),
-            p.log(1)
-        );
-    }
-    // The reason names what happened, and the peer.
-    for n in 0..2 {
-        let event = p.status(n).unwrap()["volume"]["last_link_event"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let peer = common::NAMES[1 - n];
-        assert!(
-            event.contains(&format!("nothing received from {peer} for 5s"))
-                || event.contains(&format!("a send to {peer} did not finish within 5s"))
-                || event.contains(&format!("{peer} acknowledged nothing for 5s")),
-            "node {}: {event}",
-            common::NAMES[n]
-        );
-    }
-
+    both_declare_the_link_lost(&p, cut);
     // The heartbeat still carries the nodes' states: the primary asks
     // the peer to outdate itself, it does, and the held writes go on.
     p.wait(1, "outdated", |s| {
@@ -194,4 +197,17 @@ fn a_silently_dropped_link_is_noticed_on_both_sides_and_the_pair_goes_on() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // An idle link dies as silently: nothing to send, so only the pings
+    // and their answers stop.
+    net.blackhole(0);
+    both_declare_the_link_lost(&p, Instant::now());
+    p.wait(1, "outdated", |s| {
+        s.is_some_and(|s| s["volume"]["disk"] == "outdated")
+    });
+    p.wait(0, "alone", |s| {
+        s.is_some_and(|s| s["volume"]["alone"] == true)
+    });
+    net.clear_blackhole(0);
+    p.wait_in_sync(0);
 }
