@@ -347,23 +347,32 @@ socket = "{d}/{me}.ctl"
     pub fn rate(&self, link: usize, mbit: u32) {
         let rate = format!("{mbit}mbit");
         for node in 0..2 {
-            run_ok(Command::new("tc").args([
-                "-n",
-                &self.ns[node],
-                "qdisc",
-                "replace",
-                "dev",
-                &self.iface(node, link),
-                "root",
-                "tbf",
-                "rate",
-                &rate,
-                // At least one GSO segment, or tbf splits every one.
-                "burst",
-                "64kb",
-                "latency",
-                "200ms",
-            ]));
+            let out = Command::new("tc")
+                .args([
+                    "-n",
+                    &self.ns[node],
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    &self.iface(node, link),
+                    "root",
+                    "tbf",
+                    "rate",
+                    &rate,
+                    // At least one GSO segment, or tbf splits every one.
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "200ms",
+                ])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run tc: {e} (apt-get install iproute2)"));
+            assert!(
+                out.status.success(),
+                "cannot limit link {link}'s rate: tc said {}; this needs the kernel's \
+                 token bucket qdisc (CONFIG_NET_SCH_TBF, `modprobe sch_tbf`)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
 
