@@ -274,6 +274,11 @@ pub struct VolumeConfig {
     pub mode: Mode,
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout: HumanDuration,
+    /// Nothing received on the replication link for this long, or a send
+    /// that does not finish within it, and the link is dead; the idle
+    /// link is pinged often enough that a live one never is.
+    #[serde(default = "default_link_timeout")]
+    pub link_timeout: HumanDuration,
     /// Where the primary attaches the volume to its own kernel; none: no
     /// kernel block device (tests, hosts without nbd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,6 +311,7 @@ impl Default for VolumeConfig {
             port: default_volume_port(),
             mode: default_mode(),
             ack_timeout: default_ack_timeout(),
+            link_timeout: default_link_timeout(),
             nbd_device: None,
             nbd_socket: default_nbd_socket(),
             resync_rate: default_resync_rate(),
@@ -882,6 +888,12 @@ fn default_mode() -> Mode {
 fn default_ack_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
+/// Long enough for a few TCP retransmissions on a lossy link (the first
+/// waits 200 ms at least, and each doubles), short enough that a dead
+/// link is noticed well before semisync's `ack_timeout` of 10 s.
+fn default_link_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
 fn default_resync_rate() -> ByteRate {
     ByteRate(0)
 }
@@ -1248,6 +1260,14 @@ fn validate(config: &Config, origin_of: &dyn Fn(&str) -> Origin) -> Vec<Error> {
             "volume.ack_timeout",
             "expected at least 100ms; shorter timeouts make the volume go alone on ordinary jitter"
                 .into(),
+        );
+    }
+    if config.volume.link_timeout.0 < Duration::from_secs(1)
+        || config.volume.link_timeout.0 > Duration::from_secs(3600)
+    {
+        bad(
+            "volume.link_timeout",
+            "expected 1s to 1h; a TCP retransmission waits 200ms at least, so a shorter timeout drops a live link on ordinary packet loss".into(),
         );
     }
     let hb = &config.heartbeat;
@@ -1930,6 +1950,29 @@ socket = "/run/hadb/control.sock"
             .unwrap_err()
             .to_string();
         assert!(err.contains("volume.ack_timeout"), "{err}");
+    }
+
+    #[test]
+    fn link_timeout_defaults_to_5s_and_refuses_what_would_flap() {
+        assert_eq!(
+            p(SEED, None).unwrap().volume.link_timeout.0,
+            Duration::from_secs(5)
+        );
+        let with =
+            |v: &str| SEED.replace("ack_timeout = \"10s\"", &format!("link_timeout = \"{v}\""));
+        assert_eq!(
+            p(&with("2s"), None).unwrap().volume.link_timeout.0,
+            Duration::from_secs(2)
+        );
+        for bad in ["500ms", "2h"] {
+            let err = p(&with(bad), None).unwrap_err().to_string();
+            assert!(
+                err.contains("key `volume.link_timeout`") && err.contains("expected 1s to 1h"),
+                "{bad}: {err}"
+            );
+        }
+        let c = p(SEED, Some("hadb.volume.link_timeout=3s")).unwrap();
+        assert_eq!(c.volume.link_timeout.0, Duration::from_secs(3));
     }
 
     #[test]

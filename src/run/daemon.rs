@@ -421,6 +421,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
         peer_addr: config.peer_addr(),
         events: events.clone(),
         shared: shared.clone(),
+        timeout: config.volume.link_timeout.0,
     };
     let nbd_server = Arc::new(Server {
         events: events.clone(),

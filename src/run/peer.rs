@@ -5,18 +5,30 @@
 //! listens, so there is never a pair of crossing connections to choose
 //! between. The listener takes a newer authenticated connection over an
 //! older one: the peer restarted and knows better than a half-dead socket.
+//!
+//! A link can die without a word: a switch that drops everything sends no
+//! RST, and TCP retransmits into the void for a quarter of an hour. So
+//! every read and every send is bounded by `volume.link_timeout` (no byte
+//! arriving, or a send not finishing, within it ends the link), each side
+//! pings the other every fifth of it and the other answers, so an idle
+//! live link always has something arriving, and the kernel gets the same
+//! bound (`TCP_USER_TIMEOUT`, keepalives) in case hadb's own tasks stall.
+//! The secondary only reads, so without the bound on reads it would stay
+//! `connected` to a dead link and never outdate itself when asked.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use smol::channel::Sender;
+use smol::channel::{Receiver, Sender};
 use smol::future::FutureExt;
-use smol::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use smol::net::{TcpListener, TcpStream};
+
+use crate::config::HumanDuration;
 
 use crate::core::replica::Frame;
 use crate::core::wire::{self, Hello, Kind, Sealer, Transcript};
@@ -24,10 +36,13 @@ use crate::run::stats::Stats;
 use crate::run::volume::{Event, Link, Shared};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const PING_INTERVAL: Duration = Duration::from_secs(1);
-/// No frame at all for this long and the link is dead.
-const DEAD_AFTER: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_secs(1);
+/// Pings per link timeout: a live link has several chances to show it
+/// before the timeout, even when a ping or its answer is retransmitted.
+const PINGS_PER_TIMEOUT: u32 = 5;
+/// Pongs owed to the peer that the writer has not sent yet; more are
+/// dropped, since one answer proves as much as many.
+const PONGS_OWED: usize = 4;
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
@@ -109,6 +124,9 @@ pub struct LinkSetup {
     pub peer_addr: SocketAddr,
     pub events: Sender<Event>,
     pub shared: Arc<Shared>,
+    /// `volume.link_timeout`: nothing received for this long, or a send
+    /// not finished within it, and the link is dead.
+    pub timeout: Duration,
 }
 
 fn nonce() -> std::io::Result<[u8; wire::NONCE_LEN]> {
@@ -265,6 +283,107 @@ fn count_handshake_error(stats: &Stats, e: &HandshakeError) {
     }
 }
 
+/// How an operation on the link failed.
+enum Failure {
+    /// It did not finish within the link timeout.
+    Stalled,
+    Io(std::io::Error),
+}
+
+/// `op`, unless it is still pending after `limit`. Whatever is ready at
+/// once (most reads and sends) costs no timer.
+async fn within<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Failure> {
+    let mut op = std::pin::pin!(op);
+    if let Some(done) = smol::future::poll_once(op.as_mut()).await {
+        return done.map_err(Failure::Io);
+    }
+    async { Some(op.as_mut().await) }
+        .or(async {
+            smol::Timer::after(limit).await;
+            None
+        })
+        .await
+        .ok_or(Failure::Stalled)?
+        .map_err(Failure::Io)
+}
+
+/// Fills `buf`, failing when no byte arrives for `limit`: a large frame
+/// on a slow link may take longer than that as a whole, but a live
+/// link never goes that long without a byte.
+async fn read_full(
+    input: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+    limit: Duration,
+) -> Result<(), Failure> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match within(limit, input.read(&mut buf[filled..])).await? {
+            0 => {
+                return Err(Failure::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                )));
+            }
+            n => filled += n,
+        }
+    }
+    Ok(())
+}
+
+/// Sends all of `buf`, failing when one send does not finish within
+/// `limit`. Each send returns as soon as the socket takes some bytes, so
+/// a slow link is not mistaken for a dead one.
+async fn write_full(
+    out: &mut (impl AsyncWrite + Unpin),
+    buf: &[u8],
+    limit: Duration,
+) -> Result<(), Failure> {
+    let mut sent = 0;
+    while sent < buf.len() {
+        match within(limit, out.write(&buf[sent..])).await? {
+            0 => return Err(Failure::Io(std::io::ErrorKind::WriteZero.into())),
+            n => sent += n,
+        }
+    }
+    Ok(())
+}
+
+/// What an I/O error on the link means, in words an operator can act on.
+fn io_reason(what: &str, e: &std::io::Error, peer: &str, timeout: Duration) -> String {
+    if e.raw_os_error() == Some(rustix::io::Errno::TIMEDOUT.raw_os_error()) {
+        // TCP_USER_TIMEOUT or the keepalives below ran out.
+        format!(
+            "{what}: {peer} acknowledged nothing for {} (the kernel gave up on the connection)",
+            HumanDuration(timeout)
+        )
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+/// Gives the kernel the link's timeout too: data unacknowledged for that
+/// long ends the connection (`TCP_USER_TIMEOUT`, else TCP retries for
+/// about 15 minutes), and an idle connection is probed so that it ends
+/// within about the same time. hadb's own pings keep a healthy link from
+/// ever being idle that long; these catch a dead link even while hadb's
+/// tasks are stuck.
+fn bound_socket(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    sockopt::set_tcp_user_timeout(stream, ms)?;
+    // Idle for two fifths, then three probes a fifth apart: the whole
+    // timeout. Keepalive counts whole seconds.
+    let fifth = (timeout / PINGS_PER_TIMEOUT).max(Duration::from_secs(1));
+    sockopt::set_socket_keepalive(stream, true)?;
+    sockopt::set_tcp_keepidle(stream, fifth * 2)?;
+    sockopt::set_tcp_keepintvl(stream, fifth)?;
+    sockopt::set_tcp_keepcnt(stream, PINGS_PER_TIMEOUT - 2)?;
+    Ok(())
+}
+
 /// Starts reader and writer tasks on an authenticated stream and hands the
 /// link to the volume. Returns a receiver that fails once the link is gone.
 async fn start_link(
@@ -274,14 +393,23 @@ async fn start_link(
     rx: Sealer,
 ) -> smol::channel::Receiver<()> {
     let _ = stream.set_nodelay(true);
+    if let Err(e) = bound_socket(&stream, setup.timeout) {
+        log::warn!(
+            "replication: cannot set TCP_USER_TIMEOUT and keepalives on the link to {}: {e}; hadb's own {} timeout still finds a dead link",
+            setup.peer,
+            HumanDuration(setup.timeout)
+        );
+    }
     let id = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
     let (frames_tx, frames_rx) = smol::channel::unbounded::<Frame>();
+    let (pongs_tx, pongs_rx) = smol::channel::bounded::<u64>(PONGS_OWED);
     let (alive_tx, alive_rx) = smol::channel::bounded::<()>(1);
     let writer = {
         let stream = stream.clone();
         let events = setup.events.clone();
+        let (peer, timeout) = (setup.peer.clone(), setup.timeout);
         crate::run::spawn(async move {
-            let reason = write_frames(stream, tx, frames_rx).await;
+            let reason = write_frames(stream, tx, frames_rx, pongs_rx, &peer, timeout).await;
             let _ = events.send(Event::LinkLost { link: id, reason }).await;
         })
     };
@@ -292,11 +420,20 @@ async fn start_link(
     let reader = {
         let events = setup.events.clone();
         let shared = setup.shared.clone();
+        let (peer, timeout) = (setup.peer.clone(), setup.timeout);
         crate::run::spawn(async move {
             if go_rx.recv().await.is_err() {
                 return;
             }
-            let reason = read_frames(stream, rx, id, &events, &shared).await;
+            let link = Reader {
+                id,
+                peer: &peer,
+                timeout,
+                events: &events,
+                shared: &shared,
+                pongs: pongs_tx,
+            };
+            let reason = link.read_frames(stream, rx).await;
             let _ = events.send(Event::LinkLost { link: id, reason }).await;
         })
     };
@@ -312,25 +449,61 @@ async fn start_link(
     alive_rx
 }
 
+/// What the writer does next.
+enum Next {
+    Frame(Frame),
+    Pong(u64),
+    Ping,
+    Closed,
+}
+
 async fn write_frames(
     stream: TcpStream,
     mut sealer: Sealer,
-    frames: smol::channel::Receiver<Frame>,
+    frames: Receiver<Frame>,
+    pongs: Receiver<u64>,
+    peer: &str,
+    timeout: Duration,
 ) -> String {
     let mut out = BufWriter::with_capacity(256 * 1024, stream);
+    let interval = timeout / PINGS_PER_TIMEOUT;
     let mut ping_seq = 0u64;
+    // Pings go out on a fixed beat, busy or not, ahead of queued frames:
+    // each node then hears its own pings answered within its own
+    // timeout, whatever the traffic and whatever the peer's timeout.
+    let mut last_ping = Instant::now();
     let mut fair = crate::run::Fair::default();
     loop {
-        let next = async { frames.recv().await.ok() }
-            .or(async {
-                smol::Timer::after(PING_INTERVAL).await;
-                None
-            })
-            .await;
+        // Answers first: they are small, and the peer is timing them.
+        let next = if let Ok(seq) = pongs.try_recv() {
+            Next::Pong(seq)
+        } else if last_ping.elapsed() >= interval {
+            Next::Ping
+        } else {
+            async { frames.recv().await.map_or(Next::Closed, Next::Frame) }
+                .or(async {
+                    match pongs.recv().await {
+                        Ok(seq) => Next::Pong(seq),
+                        // The reader ended and reports why; "closed" here
+                        // could overtake its reason.
+                        Err(_) => smol::future::pending().await,
+                    }
+                })
+                .or(async {
+                    smol::Timer::at(last_ping + interval).await;
+                    Next::Ping
+                })
+                .await
+        };
         let frame = match next {
-            Some(f) => f,
-            None if frames.is_closed() => return "link closed".into(),
-            None => {
+            Next::Frame(f) => f,
+            Next::Closed => return "link closed".into(),
+            Next::Pong(seq) => Frame {
+                header: wire::Header::new(Kind::Pong, seq, 0, 0),
+                payload: None,
+            },
+            Next::Ping => {
+                last_ping = Instant::now();
                 ping_seq += 1;
                 Frame {
                     header: wire::Header::new(Kind::Ping, ping_seq, 0, 0),
@@ -341,85 +514,116 @@ async fn write_frames(
         let payload: &[u8] = frame.payload.as_deref().map_or(&[], |p| p.as_slice());
         let (header, mac) = sealer.seal(frame.header, payload);
         let res = async {
-            out.write_all(&header).await?;
-            out.write_all(payload).await?;
-            out.write_all(&mac).await?;
+            write_full(&mut out, &header, timeout).await?;
+            write_full(&mut out, payload, timeout).await?;
+            write_full(&mut out, &mac, timeout).await?;
             if frames.is_empty() {
-                out.flush().await?;
+                within(timeout, out.flush()).await?;
             }
-            Ok::<(), std::io::Error>(())
+            Ok(())
         }
         .await;
-        if let Err(e) = res {
-            return format!("sending failed: {e}");
+        match res {
+            Ok(()) => {}
+            Err(Failure::Stalled) => {
+                return format!(
+                    "a send to {peer} did not finish within {}",
+                    HumanDuration(timeout)
+                );
+            }
+            Err(Failure::Io(e)) => return io_reason("sending failed", &e, peer, timeout),
         }
         fair.done(wire::HEADER_LEN + payload.len()).await;
     }
 }
 
-async fn read_frames(
-    stream: TcpStream,
-    mut sealer: Sealer,
+/// The reading half of a link.
+struct Reader<'a> {
     id: u64,
-    events: &Sender<Event>,
-    shared: &Shared,
-) -> String {
-    let mut input = BufReader::with_capacity(256 * 1024, stream);
-    let mut header_bytes = [0u8; wire::HEADER_LEN];
-    let mut mac = [0u8; wire::MAC_LEN];
-    let mut fair = crate::run::Fair::default();
-    loop {
-        let got = async { Some(input.read_exact(&mut header_bytes).await) }
-            .or(async {
-                smol::Timer::after(DEAD_AFTER).await;
-                None
-            })
-            .await;
-        match got {
-            None => return format!("no frame from the peer for {}s", DEAD_AFTER.as_secs()),
-            Some(Err(e)) => return format!("connection closed: {e}"),
-            Some(Ok(())) => {}
+    peer: &'a str,
+    timeout: Duration,
+    events: &'a Sender<Event>,
+    shared: &'a Shared,
+    /// Pings to answer, to the writer.
+    pongs: Sender<u64>,
+}
+
+impl Reader<'_> {
+    fn failed(&self, mid_frame: bool, e: Failure) -> String {
+        match e {
+            Failure::Stalled => format!(
+                "nothing received from {} for {}{}",
+                self.peer,
+                HumanDuration(self.timeout),
+                if mid_frame {
+                    " (in the middle of a frame)"
+                } else {
+                    ""
+                }
+            ),
+            Failure::Io(e) if mid_frame => {
+                Stats::bump(&self.shared.stats.repl_bad_frames);
+                io_reason("frame truncated", &e, self.peer, self.timeout)
+            }
+            Failure::Io(e) => io_reason("connection closed", &e, self.peer, self.timeout),
         }
-        let header = match wire::decode_header(&header_bytes) {
-            Ok(h) => h,
-            Err(e) => {
-                Stats::bump(&shared.stats.repl_bad_frames);
+    }
+
+    async fn read_frames(self, stream: TcpStream, mut sealer: Sealer) -> String {
+        let mut input = BufReader::with_capacity(256 * 1024, stream);
+        let mut header_bytes = [0u8; wire::HEADER_LEN];
+        let mut mac = [0u8; wire::MAC_LEN];
+        let mut fair = crate::run::Fair::default();
+        loop {
+            if let Err(e) = read_full(&mut input, &mut header_bytes, self.timeout).await {
+                return self.failed(false, e);
+            }
+            let header = match wire::decode_header(&header_bytes) {
+                Ok(h) => h,
+                Err(e) => {
+                    Stats::bump(&self.shared.stats.repl_bad_frames);
+                    log::warn!("replication: refused a frame: {e}");
+                    return format!("bad frame: {e}");
+                }
+            };
+            fair.done(wire::HEADER_LEN + header.payload_len as usize)
+                .await;
+            let mut payload = vec![0u8; header.payload_len as usize];
+            for part in [&mut payload[..], &mut mac[..]] {
+                if let Err(e) = read_full(&mut input, part, self.timeout).await {
+                    return self.failed(true, e);
+                }
+            }
+            if let Err(e) = sealer.open(&header_bytes, &header, &payload, &mac) {
+                Stats::bump(&self.shared.stats.repl_bad_frames);
                 log::warn!("replication: refused a frame: {e}");
                 return format!("bad frame: {e}");
             }
-        };
-        fair.done(wire::HEADER_LEN + header.payload_len as usize)
-            .await;
-        let mut payload = vec![0u8; header.payload_len as usize];
-        if let Err(e) = input.read_exact(&mut payload).await {
-            Stats::bump(&shared.stats.repl_bad_frames);
-            return format!("frame truncated: {e}");
-        }
-        if let Err(e) = input.read_exact(&mut mac).await {
-            Stats::bump(&shared.stats.repl_bad_frames);
-            return format!("frame truncated: {e}");
-        }
-        if let Err(e) = sealer.open(&header_bytes, &header, &payload, &mac) {
-            Stats::bump(&shared.stats.repl_bad_frames);
-            log::warn!("replication: refused a frame: {e}");
-            return format!("bad frame: {e}");
-        }
-        if matches!(header.kind, Kind::Ping | Kind::Pong) {
-            continue;
-        }
-        let payload = (header.payload_len > 0
-            || matches!(header.kind, Kind::Data | Kind::ResyncData))
-        .then(|| Arc::new(payload));
-        if events
-            .send(Event::Frame {
-                link: id,
-                header,
-                payload,
-            })
-            .await
-            .is_err()
-        {
-            return "volume stopped".into();
+            match header.kind {
+                // A full queue of answers already proves the link alive.
+                Kind::Ping => {
+                    let _ = self.pongs.try_send(header.seq);
+                    continue;
+                }
+                // Its bytes arriving was the point.
+                Kind::Pong => continue,
+                _ => {}
+            }
+            let payload = (header.payload_len > 0
+                || matches!(header.kind, Kind::Data | Kind::ResyncData))
+            .then(|| Arc::new(payload));
+            if self
+                .events
+                .send(Event::Frame {
+                    link: self.id,
+                    header,
+                    payload,
+                })
+                .await
+                .is_err()
+            {
+                return "volume stopped".into();
+            }
         }
     }
 }
@@ -515,5 +719,73 @@ pub async fn listen_loop(setup: LinkSetup) {
             }
         })
         .detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(200);
+
+    /// A connected pair of sockets on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = smol::future::zip(TcpStream::connect(addr), listener.accept()).await;
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[test]
+    fn a_slow_peer_keeps_the_read_alive_and_a_silent_one_ends_it() {
+        smol::block_on(async {
+            let (mut a, mut b) = pair().await;
+            // Ten bytes over about a second, five limits: each arrives
+            // within the limit, so the read goes on.
+            let trickle = async {
+                for i in 0..10u8 {
+                    smol::Timer::after(LIMIT / 2).await;
+                    a.write_all(&[i]).await.unwrap();
+                }
+            };
+            let mut buf = [0u8; 10];
+            let started = Instant::now();
+            let (_, read) = smol::future::zip(trickle, read_full(&mut b, &mut buf, LIMIT)).await;
+            assert!(read.is_ok(), "a live, slow peer ended the read");
+            assert!(started.elapsed() > LIMIT * 4);
+            assert_eq!(buf, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+            // Then silence.
+            let started = Instant::now();
+            let read = read_full(&mut b, &mut buf[..1], LIMIT).await;
+            assert!(matches!(read, Err(Failure::Stalled)));
+            assert!(started.elapsed() < LIMIT * 10);
+        });
+    }
+
+    #[test]
+    fn a_send_the_peer_never_takes_ends_within_the_limit() {
+        smol::block_on(async {
+            let (mut a, _b) = pair().await;
+            // Far more than both sockets' buffers hold.
+            let big = vec![0u8; 64 << 20];
+            let started = Instant::now();
+            let sent = write_full(&mut a, &big, LIMIT).await;
+            assert!(matches!(sent, Err(Failure::Stalled)));
+            assert!(started.elapsed() < Duration::from_secs(5));
+        });
+    }
+
+    #[test]
+    fn the_kernel_gets_the_same_bound() {
+        smol::block_on(async {
+            let (a, _b) = pair().await;
+            bound_socket(&a, Duration::from_secs(5)).unwrap();
+            use rustix::net::sockopt;
+            assert_eq!(sockopt::tcp_user_timeout(&a).unwrap(), 5000);
+            assert!(sockopt::socket_keepalive(&a).unwrap());
+            let probing = sockopt::tcp_keepidle(&a).unwrap()
+                + sockopt::tcp_keepintvl(&a).unwrap() * sockopt::tcp_keepcnt(&a).unwrap();
+            assert_eq!(probing, Duration::from_secs(5));
+        });
     }
 }

@@ -343,6 +343,61 @@ socket = "{d}/{me}.ctl"
         }
     }
 
+    /// Limits what leaves each end of the link to `mbit` megabits per
+    /// second (a token bucket, `tbf`, which hosts without netem have), so
+    /// that a large frame spends a while on the wire, as on a real network.
+    pub fn rate(&self, link: usize, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        for node in 0..2 {
+            let out = Command::new("tc")
+                .args([
+                    "-n",
+                    &self.ns[node],
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    &self.iface(node, link),
+                    "root",
+                    "tbf",
+                    "rate",
+                    &rate,
+                    // At least one GSO segment, or tbf splits every one.
+                    "burst",
+                    "64kb",
+                    "latency",
+                    "200ms",
+                ])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run tc: {e} (apt-get install iproute2)"));
+            assert!(
+                out.status.success(),
+                "cannot limit link {link}'s rate: tc said {}; this needs the kernel's \
+                 token bucket qdisc (CONFIG_NET_SCH_TBF, `modprobe sch_tbf`)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+
+    /// Every packet either node sends to the other's address on `link`
+    /// vanishes: a blackhole route, in each namespace, for the peer's
+    /// address. Unlike `link_down`, nothing tells the sockets (no
+    /// unreachable error, no RST, no ICMP): TCP keeps retransmitting into
+    /// the void, as behind a switch that died.
+    pub fn blackhole(&self, link: usize) {
+        for node in 0..2 {
+            let peer = format!("{}/32", self.addr(1 - node, link));
+            ip_ok(&["-n", &self.ns[node], "route", "add", "blackhole", &peer]);
+        }
+    }
+
+    /// Removes what `blackhole` added.
+    pub fn clear_blackhole(&self, link: usize) {
+        for node in 0..2 {
+            let peer = format!("{}/32", self.addr(1 - node, link));
+            ip_ok(&["-n", &self.ns[node], "route", "del", "blackhole", &peer]);
+        }
+    }
+
     /// Both ends up again; returns once a ping crosses the link (unless a
     /// netem qdisc is on it, which may be there to drop them).
     pub fn link_up(&self, link: usize) {
