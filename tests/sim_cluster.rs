@@ -151,6 +151,8 @@ struct Sim {
     trace: Vec<String>,
     verbose: bool,
     witness: Option<SimWitness>,
+    /// Requests the client saw fail.
+    app_errors: u64,
 }
 
 impl Sim {
@@ -195,6 +197,7 @@ impl Sim {
             next_id: 1,
             trace: Vec::new(),
             verbose,
+            app_errors: 0,
             witness: (seed % 4 >= 2).then_some(SimWitness {
                 up: false,
                 core: None,
@@ -312,7 +315,7 @@ impl Sim {
                         continue;
                     };
                     match (op, result) {
-                        (_, Err(_)) => {}
+                        (_, Err(_)) => self.app_errors += 1,
                         (Some(_), Ok(())) => self.oracle.write_completed(id, n),
                         (None, Ok(())) => self.oracle.flush_completed(id),
                     }
@@ -1038,8 +1041,15 @@ impl Sim {
             }
         }
         for n in 0..2 {
-            if !self.nodes[n].up || self.nodes[n].watchdog_fires_us.is_some() {
-                // A self-fenced node reboots: the watchdog does it.
+            self.nodes[n].vol.failing_writes = 0;
+            let failed = self.nodes[n]
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.disk() == DiskState::Failed);
+            if !self.nodes[n].up || self.nodes[n].watchdog_fires_us.is_some() || failed {
+                // A self-fenced node reboots: the watchdog does it. A
+                // failed disk is repaired by the operator, who restarts
+                // hadb on it.
                 self.crash(n);
                 self.start(n);
             }
@@ -1162,6 +1172,7 @@ impl Sim {
             ["disk", d] => r.disk().to_string() == *d,
             ["frozen"] => r.frozen(),
             ["not", "frozen"] => !r.frozen(),
+            ["saw", "no", "errors"] => self.app_errors == 0,
             ["flushed", "writes"] => {
                 let view = node.vol.disk.view();
                 self.oracle.check(&view, node.name, "story").is_ok()
@@ -1214,6 +1225,11 @@ impl Sim {
             ["fail", "next", "flush", "on", n] => {
                 let n = node_of(n)?;
                 self.nodes[n].vol.failing_flushes += 1;
+                Ok(())
+            }
+            ["fail", "next", "write", "on", n] => {
+                let n = node_of(n)?;
+                self.nodes[n].vol.failing_writes += 1;
                 Ok(())
             }
             [verb @ ("stall" | "resume"), "disk", n] => {

@@ -549,6 +549,23 @@ impl Manager {
             }
             return;
         }
+        if v.disk == DiskState::Failed {
+            // Rule 15: the local disk is detached; the peer holds the good
+            // copy. Hand it the role; never fence it.
+            if v.peer_up_to_date && peer.is_some_and(|p| p.disk == DiskState::UpToDate) {
+                self.because(
+                    "local disk failed: handing the primary role to the peer, which holds every acknowledged write (rule 15)",
+                    out,
+                );
+                self.attempt(Action::Demote, now, out);
+            } else {
+                self.because(
+                    "local disk failed and the peer cannot take over (not connected or not up to date): staying as is, not fencing the peer that may hold the good copy (rule 15)",
+                    out,
+                );
+            }
+            return;
+        }
         if i.service_failed {
             if v.peer_up_to_date
                 && peer.is_some_and(|p| {
@@ -1170,6 +1187,36 @@ mod tests {
         // Without that proof it waits, as rule 1 says.
         let mut b = Manager::new(cfg(true));
         assert!(acts(&b.step(&at(0, vol(Role::Secondary), None))).is_empty());
+    }
+
+    #[test]
+    fn a_primary_whose_disk_failed_hands_over_and_never_fences() {
+        let mut a = Manager::new(cfg(true));
+        let failed = VolumeView {
+            disk: DiskState::Failed,
+            ..vol(Role::Primary)
+        };
+        assert_eq!(
+            acts(&a.step(&at(0, failed, Some(peer(false))))),
+            vec![Action::Demote],
+            "rule 15"
+        );
+        let mut b = Manager::new(cfg(true));
+        let cut_off = VolumeView {
+            link: LinkState::Connecting,
+            peer_up_to_date: false,
+            ..failed
+        };
+        b.step(&at(0, cut_off, Some(peer(false))));
+        for t in [1, 10, 60] {
+            let lost = Inputs {
+                peer_alive: false,
+                ..at(t, cut_off, Some(peer(false)))
+            };
+            assert!(acts(&b.step(&lost)).is_empty());
+        }
+        assert_eq!(b.fence(), Fence::None);
+        assert!(b.reason().contains("rule 15"), "{}", b.reason());
     }
 
     #[test]

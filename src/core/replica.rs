@@ -38,6 +38,10 @@ const BITMAP_FRAME_RUNS: usize = 65536;
 /// writes: 64 KiB in the pipe ahead of any application write.
 const RESYNC_WINDOW_BUSY: usize = 1;
 const RESYNC_RUN_BUSY: u64 = 16;
+/// Resync reads that may fail in a row before the disk counts as failed,
+/// and the first back-off between them (doubled at each failure).
+const RESYNC_READ_ATTEMPTS: u32 = 5;
+const RESYNC_RETRY_US: u64 = 100_000;
 /// How long after an application write the application counts as active.
 const APP_ACTIVE_US: u64 = 100_000;
 
@@ -272,6 +276,9 @@ struct Pending {
     /// None: the peer is not needed (async, alone).
     peer_done: Option<bool>,
     error: Option<u32>,
+    /// The local disk failed this request (or was failed already): it
+    /// succeeds only if the peer acknowledges it, which then holds it.
+    local_error: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -793,6 +800,9 @@ struct ResyncState {
     /// Bytes the rate limit still allows now (token bucket).
     budget: u64,
     last_refill_us: u64,
+    /// Resync reads that failed in a row, and when the next may start.
+    read_errors: u32,
+    retry_at_us: u64,
 }
 
 impl ResyncState {
@@ -1061,11 +1071,16 @@ impl Replica {
             GenView {
                 current: self.current_gen,
                 bitmap_gen: self.bitmap_gen,
-                has_bitmap: self.dirty.is_some(),
+                // A failed copy's bitmap does not say what it lacks (the
+                // writes it failed, and those that went on without it):
+                // it is rewritten in full.
+                has_bitmap: self.dirty.is_some() && self.disk != DiskState::Failed,
                 crashed_primary: self.crashed_primary,
                 lost_cache: self.lost_cache,
                 dirty: self.dirty.as_ref().is_none_or(|d| !d.is_empty()),
-                inconsistent: self.disk == DiskState::Inconsistent,
+                // A failed copy is no source either: what it holds may
+                // lack writes it failed.
+                inconsistent: matches!(self.disk, DiskState::Inconsistent | DiskState::Failed),
                 discard: self.discard_my_data,
                 changes: self.dirty.as_ref().map(|d| d.len()),
                 first: self.me_first,
@@ -1075,11 +1090,15 @@ impl Replica {
             GenView {
                 current: peer.current_gen,
                 bitmap_gen: peer.bitmap_gen,
-                has_bitmap: peer.dirty_blocks != u64::MAX,
+                has_bitmap: peer.dirty_blocks != u64::MAX
+                    && disk_from_code(peer.disk) != DiskState::Failed,
                 crashed_primary: peer.flags & wire::STATE_CRASHED_PRIMARY != 0,
                 lost_cache: peer.flags & wire::STATE_LOST_CACHE != 0,
                 dirty: peer.dirty_blocks != 0,
-                inconsistent: disk_from_code(peer.disk) == DiskState::Inconsistent,
+                inconsistent: matches!(
+                    disk_from_code(peer.disk),
+                    DiskState::Inconsistent | DiskState::Failed
+                ),
                 discard: peer.flags & wire::STATE_DISCARD_MY_DATA != 0,
                 changes: (peer.dirty_blocks != u64::MAX).then_some(peer.dirty_blocks),
                 first: !self.me_first,
@@ -1308,7 +1327,8 @@ impl Replica {
             });
             return out;
         }
-        if self.disk == DiskState::Failed {
+        if self.disk == DiskState::Failed && !self.peer_ready {
+            // Detached, and no peer to serve it: the error is the truth.
             out.push(Action::Complete {
                 id,
                 result: Err(crate::core::nbd::EIO),
@@ -1437,19 +1457,25 @@ impl Replica {
             };
             out.push(Action::Send(Frame { header, payload }));
         }
-        out.push(Action::Disk {
-            tag: DiskTag::Local(seq),
-            op,
-        });
+        // A failed disk is detached (DRBD's `on-io-error detach`): the
+        // write goes to the peer alone and completes on its word.
+        let diskless = self.disk == DiskState::Failed;
+        if !diskless {
+            out.push(Action::Disk {
+                tag: DiskTag::Local(seq),
+                op,
+            });
+        }
         self.pending.insert(
             seq,
             Pending {
                 id,
                 issued_us: self.now_us,
                 blocks,
-                local_done: false,
+                local_done: diskless,
                 peer_done,
                 error: None,
+                local_error: diskless.then_some(crate::core::nbd::EIO),
             },
         );
         if let Some(r) = blocks {
@@ -1457,7 +1483,7 @@ impl Replica {
                 seq,
                 AlHold {
                     blocks: r,
-                    local_done: false,
+                    local_done: diskless,
                     // Not sent: marked out of sync above.
                     peer_done: !to_peer,
                 },
@@ -1480,12 +1506,17 @@ impl Replica {
                 if let Some(p) = self.pending.get_mut(&seq) {
                     p.local_done = true;
                     if let Err(e) = result {
-                        p.error = Some(e);
+                        p.local_error = Some(e);
                         self.counters.write_errors += 1;
-                        out.push(Action::Log {
-                            warn: true,
-                            message: format!("local disk write failed with errno {e}"),
-                        });
+                        let blocks = p.blocks;
+                        if let Some(r) = blocks {
+                            // The copies differ here: the peer may hold it.
+                            self.mark_dirty(r);
+                        }
+                        self.local_disk_failed(
+                            &format!("a write or flush failed with errno {e}"),
+                            &mut out,
+                        );
                     }
                 }
                 self.try_complete(seq, &mut out);
@@ -1515,8 +1546,11 @@ impl Replica {
                     }));
                     if self.disk != DiskState::Failed {
                         // A copy that cannot be written is no copy: say so,
-                        // so the primary stops counting on it.
+                        // so the primary stops counting on it, and on disk
+                        // where it can still be written, so a restart
+                        // never finds it promotable.
                         self.disk = DiskState::Failed;
+                        out.push(Action::Persist(self.meta()));
                         out.push(Action::Log {
                             warn: true,
                             message: format!("local disk failed (errno {e}) while applying the primary's writes: this copy is failed until repaired"),
@@ -1595,9 +1629,13 @@ impl Replica {
                 _ => self.semisync.not_waited += 1,
             }
         }
+        // A request the local disk failed stands on the peer's copy alone.
+        let error = p
+            .error
+            .or(p.local_error.filter(|_| p.peer_done != Some(true)));
         out.push(Action::Complete {
             id: p.id,
-            result: p.error.map_or(Ok(()), Err),
+            result: error.map_or(Ok(()), Err),
         });
         // A paced resync goes on as the application's writes complete.
         if self.resync.is_some() {
@@ -2074,6 +2112,35 @@ impl Replica {
             out.push(Action::DropLink("both primary".into()));
             return;
         }
+        if self.role == Role::Primary && self.disk == DiskState::Failed {
+            self.connect_detached(s, out);
+            return;
+        }
+        if s.role == 1 && disk_from_code(s.disk) == DiskState::Failed {
+            // The mirror image: the primary's disk is detached. This copy
+            // is the only one; it serves the primary if it is current, and
+            // never takes a resync from a disk that failed.
+            if self.disk == DiskState::UpToDate && s.current_gen == self.current_gen {
+                self.last_rule = Some("the primary's disk is detached: this copy serves it");
+                out.push(Action::Log {
+                    warn: true,
+                    message: "connected to peer: its disk is detached; this copy serves its reads and writes".into(),
+                });
+                self.link = LinkState::Connected;
+            } else {
+                self.last_rule =
+                    Some("the primary's disk is detached and this copy is not current");
+                out.push(Action::Log {
+                    warn: true,
+                    message: "refusing to connect: the primary's disk is detached (failed) and this copy is not up to date at its generation; nothing can bring it up to date from a failed disk".into(),
+                });
+                self.link = LinkState::Standalone;
+                out.push(Action::DropLink(
+                    "detached primary, this copy not current".into(),
+                ));
+            }
+            return;
+        }
         let (me, peer) = self.gen_views(&s);
         let d = decide(me, peer);
         self.last_rule = Some(d.rule());
@@ -2235,6 +2302,53 @@ impl Replica {
         self.release_held(out);
     }
 
+    /// A primary whose disk is detached meets its peer: it has no copy to
+    /// resync from or to, so it goes on through the peer only if the peer
+    /// holds everything this node acknowledged (up to date at this node's
+    /// generation). Writes that waited for a peer that never acknowledged
+    /// them are on no good copy: they fail.
+    fn connect_detached(&mut self, s: NodeState, out: &mut Vec<Action>) {
+        self.fail_unreplicated(out);
+        if disk_from_code(s.disk) == DiskState::UpToDate && s.current_gen == self.current_gen {
+            self.last_rule = Some("this node's disk is detached: going on through the peer");
+            out.push(Action::Log {
+                warn: true,
+                message: "connected to peer: this node's disk is detached; reads and writes go on through the peer, which is up to date".into(),
+            });
+            self.link = LinkState::Connected;
+            self.peer_is_current(out);
+        } else {
+            self.last_rule = Some("this node's disk is detached and the peer is not current");
+            out.push(Action::Log {
+                warn: true,
+                message: "refusing to connect: this node's disk is detached (failed) and the peer's copy is not up to date at this node's generation, so no copy here can bring it up to date; repair this disk, or make the peer primary (`hadb volume primary --force` there) if its data is to be kept".into(),
+            });
+            self.link = LinkState::Standalone;
+            out.push(Action::DropLink(
+                "detached primary, peer not current".into(),
+            ));
+        }
+    }
+
+    /// The local disk is detached and the peer never acknowledged these
+    /// writes: no good copy holds them, so they fail (EIO) rather than
+    /// wait for a resync that has nothing to send.
+    fn fail_unreplicated(&mut self, out: &mut Vec<Action>) {
+        for seq in std::mem::take(&mut self.awaiting_resync) {
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.peer_done = None;
+                p.error = Some(crate::core::nbd::EIO);
+            }
+            self.try_complete(seq, out);
+        }
+        for (id, _) in std::mem::take(&mut self.held) {
+            out.push(Action::Complete {
+                id,
+                result: Err(crate::core::nbd::EIO),
+            });
+        }
+    }
+
     fn release_held(&mut self, out: &mut Vec<Action>) {
         while !self.must_hold() && !self.al_full {
             let Some((id, req)) = self.held.pop_front() else {
@@ -2274,6 +2388,10 @@ impl Replica {
     fn resync_pump(&mut self, out: &mut Vec<Action>) {
         let Some(rs) = &mut self.resync else { return };
         let Some(dirty) = &mut self.dirty else { return };
+        if self.now_us < rs.retry_at_us {
+            // Backing off after a failed read; the tick comes back.
+            return;
+        }
         // Application writes first: while any wait, the resync keeps only a
         // couple of reads in flight (the fill-target idea: a little resync
         // traffic in the pipe, never a wall of it).
@@ -2385,14 +2503,42 @@ impl Replica {
                 }
             }
             Err(e) => {
-                out.push(Action::Log {
-                    warn: true,
-                    message: format!("resync read failed (errno {e}); retrying those blocks"),
-                });
                 if let Some(d) = &mut self.dirty {
                     d.extend(first..first + count);
                 }
+                rs.read_errors += 1;
+                if rs.read_errors >= RESYNC_READ_ATTEMPTS {
+                    // The disk cannot give what the peer lacks: it is
+                    // failed, and the resync waits for a repaired disk
+                    // (or for the peer to take over with its own copy
+                    // where that is up to date).
+                    let rs = self.resync.take();
+                    for (f, c) in rs.map(|r| r.in_flight()).unwrap_or_default() {
+                        self.mark_dirty((f, f + c));
+                    }
+                    self.local_disk_failed(
+                        &format!("resync reads failed {RESYNC_READ_ATTEMPTS} times in a row, last with errno {e}"),
+                        out,
+                    );
+                    return;
+                }
+                // Back off, doubling: a disk that fails fast must not be
+                // hammered at full speed.
+                let wait = RESYNC_RETRY_US << (rs.read_errors - 1).min(6);
+                rs.retry_at_us = self.now_us + wait;
+                out.push(Action::Log {
+                    warn: true,
+                    message: format!(
+                        "resync read failed (errno {e}); retrying those blocks in {} ms ({} of {RESYNC_READ_ATTEMPTS})",
+                        wait / 1000,
+                        rs.read_errors
+                    ),
+                });
+                return;
             }
+        }
+        if let Some(rs) = &mut self.resync {
+            rs.read_errors = 0;
         }
         self.resync_pump(out);
     }
@@ -2794,7 +2940,10 @@ impl Replica {
             .map(|p| p.issued_us)
             .min();
         let late = oldest.is_some_and(|t| self.now_us.saturating_sub(t) >= self.ack_timeout_us);
-        if late && self.peer.is_some() && !self.outdate_asked {
+        // A detached primary has nothing to go on alone with: the peer
+        // stays the copy, however slow.
+        let detached = self.disk == DiskState::Failed;
+        if late && !detached && self.peer.is_some() && !self.outdate_asked {
             self.outdate_asked = true;
             out.push(Action::Log {
                 warn: true,
@@ -2865,6 +3014,17 @@ impl Replica {
     /// Releases everything that waits for the peer; writes from here on
     /// are local and marked out of sync.
     fn stop_waiting_for_peer(&mut self, why: &str, out: &mut Vec<Action>) {
+        if self.disk == DiskState::Failed {
+            // Detached: there is no copy here to go on alone with.
+            out.push(Action::Log {
+                warn: true,
+                message: format!(
+                    "not going on without the peer ({why}): this node's disk is detached (failed), so the writes waiting for the peer fail"
+                ),
+            });
+            self.fail_unreplicated(out);
+            return;
+        }
         self.alone = true;
         out.push(Action::Log {
             warn: true,
@@ -2904,17 +3064,48 @@ impl Replica {
         Ok(out)
     }
 
-    /// A local disk failure the driver saw outside a request (e.g. at open).
+    /// A local disk failure the driver saw outside a request (a metadata
+    /// write that failed).
     pub fn disk_failed(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.disk != DiskState::Failed {
+            self.disk = DiskState::Failed;
+            out.push(Action::Log {
+                warn: true,
+                message: "local disk failed (its metadata cannot be written): this copy is failed until repaired".into(),
+            });
+            if self.peer.is_some() {
+                out.push(self.state_frame(Kind::State));
+            }
+        }
+        out
+    }
+
+    /// The local disk failed an application write or flush: it is
+    /// detached. Its copy is failed (on disk too, where the metadata can
+    /// still be written: not consistent, so never promotable); with an
+    /// up-to-date peer, writes go on through it and the application sees
+    /// no error, and the manager hands the primary role over.
+    fn local_disk_failed(&mut self, why: &str, out: &mut Vec<Action>) {
+        if self.disk == DiskState::Failed {
+            return;
+        }
         self.disk = DiskState::Failed;
-        let mut out = vec![Action::Log {
+        out.push(Action::Persist(self.meta()));
+        out.push(Action::Log {
             warn: true,
-            message: "local disk failed".into(),
-        }];
+            message: format!(
+                "local disk failed ({why}): detached; {}",
+                if self.peer_ready {
+                    "writes go on through the peer, which holds every acknowledged write"
+                } else {
+                    "no peer to go on through: I/O fails"
+                }
+            ),
+        });
         if self.peer.is_some() {
             out.push(self.state_frame(Kind::State));
         }
-        out
     }
 }
 
@@ -2960,6 +3151,8 @@ mod tests {
         connected: bool,
         /// The link breaks right after a frame of this kind is delivered.
         cut_after: Option<Kind>,
+        /// The next this many reads on each node fail with EIO.
+        failing_reads: [u32; 2],
     }
 
     impl Pair {
@@ -2974,6 +3167,7 @@ mod tests {
                 completed: Vec::new(),
                 connected: false,
                 cut_after: None,
+                failing_reads: [0; 2],
             }
         }
 
@@ -2998,6 +3192,13 @@ mod tests {
                                     None
                                 }
                                 DiskOp::Flush => None,
+                                DiskOp::Read { .. } if self.failing_reads[n] > 0 => {
+                                    self.failing_reads[n] -= 1;
+                                    let next =
+                                        self.nodes[n].disk_done(tag, Err(crate::core::nbd::EIO));
+                                    queue.extend(next.into_iter().map(|a| (n, a)));
+                                    continue;
+                                }
                                 DiskOp::Read { offset, length } => Some(Arc::new(
                                     self.disks[n][offset as usize..(offset + length) as usize]
                                         .to_vec(),
@@ -3082,6 +3283,53 @@ mod tests {
         assert_eq!(p.completed, vec![(1, Ok(()))]);
         assert_eq!(p.disks[0], p.disks[1]);
         assert!(p.nodes[0].peer_up_to_date());
+    }
+
+    /// A resync source whose reads fail backs off (doubling) instead of
+    /// retrying at full speed, and after a bounded number of failures in a
+    /// row counts its disk failed.
+    #[test]
+    fn resync_read_errors_back_off_then_fail_the_disk() {
+        let alone_with_changes = |fail: u32| {
+            let mut p = Pair::new(0);
+            p.connect();
+            let a = p.nodes[0].promote(false).unwrap();
+            p.run(0, a);
+            p.disconnect();
+            let a = p.nodes[0].go_alone().unwrap();
+            p.run(0, a);
+            p.write(2, 8192, 2, 100);
+            p.failing_reads[0] = fail;
+            p.connect();
+            p
+        };
+        let tick = |p: &mut Pair, t: u64| {
+            p.nodes[0].set_now(t);
+            let a = p.nodes[0].tick();
+            p.run(0, a);
+        };
+        let mut p = alone_with_changes(2);
+        assert_eq!(p.failing_reads[0], 1, "one read failed, then it waits");
+        tick(&mut p, 50_000);
+        assert_eq!(p.failing_reads[0], 1, "still backing off");
+        for t in 1..40 {
+            tick(&mut p, t * 100_000);
+        }
+        assert_eq!(p.failing_reads[0], 0);
+        assert_eq!(p.disks[0], p.disks[1]);
+        assert_eq!(p.nodes[1].disk(), DiskState::UpToDate);
+        assert_eq!(p.nodes[0].disk(), DiskState::UpToDate);
+
+        let mut p = alone_with_changes(100);
+        for t in 1..200 {
+            tick(&mut p, t * 100_000);
+        }
+        assert_eq!(
+            100 - p.failing_reads[0],
+            RESYNC_READ_ATTEMPTS,
+            "bounded attempts"
+        );
+        assert_eq!(p.nodes[0].disk(), DiskState::Failed);
     }
 
     #[test]

@@ -277,6 +277,19 @@ impl Server {
             };
             let volume_req = match command {
                 Command::Disconnect => break Stop::Done,
+                Command::Read { .. } if self.shared.disk_failed.load(Ordering::SeqCst) => {
+                    // The detached disk may hold data older than what was
+                    // acknowledged (its writes failed): an error, never a
+                    // stale block. Reads through the peer are not built yet.
+                    let _ = replies
+                        .send(Reply {
+                            cookie: req.cookie,
+                            error: crate::core::nbd::EIO,
+                            data: None,
+                        })
+                        .await;
+                    continue;
+                }
                 Command::Read { offset, length } => {
                     let file = self.reader.clone();
                     let replies = replies.clone();

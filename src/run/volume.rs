@@ -114,6 +114,9 @@ pub struct Link {
 pub struct Shared {
     /// Whether NBD writes are accepted (this node is primary).
     pub writable: AtomicBool,
+    /// The local disk is failed (detached): reads of it would return
+    /// what it held before the failure, not what was acknowledged since.
+    pub disk_failed: AtomicBool,
     pub data_size: u64,
     pub stats: Stats,
     /// This node as its heartbeats describe it; kept current by the
@@ -324,6 +327,7 @@ impl Volume {
         });
         let shared = Arc::new(Shared {
             writable: AtomicBool::new(false),
+            disk_failed: AtomicBool::new(false),
             data_size: store.layout.data_size,
             stats: shared_stats,
             write_latency: Default::default(),
@@ -447,6 +451,10 @@ impl Volume {
             r.volume_link = link;
             r.outdate_token = self.replica.report_token();
         }
+        self.shared.disk_failed.store(
+            self.replica.disk() == replica::DiskState::Failed,
+            Ordering::SeqCst,
+        );
         *self.shared.view.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::core::manager::VolumeView::of(&self.replica);
     }

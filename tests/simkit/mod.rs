@@ -200,6 +200,8 @@ pub struct SimVolume {
     /// The next this many flushes fail with EIO, and, as fsync does on
     /// Linux, the cached writes they were to make durable are gone.
     pub failing_flushes: u32,
+    /// The next this many data writes fail with EIO and leave nothing.
+    pub failing_writes: u32,
 }
 
 /// What one disk step did.
@@ -233,6 +235,7 @@ impl SimVolume {
             gate: MetaGate::default(),
             stalled: false,
             failing_flushes: 0,
+            failing_writes: 0,
         }
     }
 
@@ -346,6 +349,10 @@ impl SimVolume {
                 return Step::Meta(self.gate.done(true));
             }
         };
+        if self.failing_writes > 0 && matches!(op, DiskOp::Write { .. } | DiskOp::Zeroes { .. }) {
+            self.failing_writes -= 1;
+            return Step::Done(tag, Err(hadb::core::nbd::EIO));
+        }
         let disk = &mut self.disk;
         let result = match op {
             DiskOp::Write { offset, data, fua } => {
