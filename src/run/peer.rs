@@ -17,7 +17,6 @@
 //! `connected` to a dead link and never outdate itself when asked.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +31,7 @@ use crate::config::HumanDuration;
 
 use crate::core::replica::Frame;
 use crate::core::wire::{self, Hello, Kind, Sealer, Transcript};
+use crate::run::secret::{SecretError, read_secret};
 use crate::run::stats::Stats;
 use crate::run::volume::{Event, Link, Shared};
 
@@ -48,14 +48,8 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug)]
 pub enum KeyError {
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    Mode {
-        path: std::path::PathBuf,
-        mode: u32,
-    },
+    /// Missing, unreadable, or failing the rule of [`crate::run::secret`].
+    File(SecretError),
     TooShort {
         path: std::path::PathBuf,
         len: usize,
@@ -65,17 +59,12 @@ pub enum KeyError {
 impl std::fmt::Display for KeyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KeyError::Read { path, source } => write!(
+            KeyError::File(e) if e.is_missing() => write!(
                 f,
-                "cannot read key file {}: {source}; create it with `head -c 32 /dev/urandom > {0}; chmod 600 {0}` and copy it to the peer",
-                path.display()
+                "{e}; create it with `head -c 32 /dev/urandom > {0}; chmod 600 {0}` and copy it to the peer",
+                e.path().display()
             ),
-            KeyError::Mode { path, mode } => write!(
-                f,
-                "key file {} has mode {mode:03o}; it must be readable by root only: `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ),
+            KeyError::File(e) => write!(f, "{e}"),
             KeyError::TooShort { path, len } => write!(
                 f,
                 "key file {} holds {len} bytes; use at least 16 random bytes (`head -c 32 /dev/urandom`)",
@@ -87,23 +76,10 @@ impl std::fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// Reads the shared secret, refusing a file others could read.
+/// Reads the shared secret: a root-only file ([`read_secret`]) of at
+/// least 16 bytes.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Mode {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let key = std::fs::read(path).map_err(|source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let key = read_secret("key file", path).map_err(KeyError::File)?;
     if key.len() < 16 {
         return Err(KeyError::TooShort {
             path: path.to_owned(),
@@ -727,6 +703,30 @@ mod tests {
     use super::*;
 
     const LIMIT: Duration = Duration::from_millis(200);
+
+    /// A key file of mode 0600 that belongs to another account is
+    /// refused: that account could have written a key it knows.
+    #[test]
+    fn a_key_file_owned_by_another_uid_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("hadb-peer-key-{}", std::process::id()));
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_key(&path).is_ok());
+        // 65534: nobody. The tests run as root, which may give it away.
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534))
+            .expect("chown needs root: run the tests as root");
+        let err = read_key(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("uid 65534")
+                && err.contains(&format!("chown root:root {}", path.display())),
+            "a key file owned by uid 65534 was not refused as such: {err:?}"
+        );
+    }
 
     /// A connected pair of sockets on loopback.
     async fn pair() -> (TcpStream, TcpStream) {

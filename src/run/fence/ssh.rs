@@ -600,31 +600,24 @@ fn find_client() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The key must pass [`crate::run::secret::read_secret`] (ssh checks
+/// only its mode; the owner matters as much). Read here only to check.
 fn check_private_key(path: &Path) -> Result<(), SshError> {
-    use std::os::unix::fs::PermissionsExt;
-    let bad = |problem: String| SshError::File {
-        what: "identity file",
-        path: path.to_owned(),
-        problem,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| {
-        bad(format!(
-            "{e}; make a key with `ssh-keygen -t ed25519 -N '' -f {}` and put its .pub in the peer's authorized_keys",
-            path.display()
-        ))
-    })?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
+    match crate::run::secret::read_secret("identity file", path) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(SshError::File {
+            what: "identity file",
+            path: path.to_owned(),
+            problem: if e.is_missing() {
+                format!(
+                    "{e}; make a key with `ssh-keygen -t ed25519 -N '' -f {}` and put its .pub in the peer's authorized_keys",
+                    path.display()
+                )
+            } else {
+                e.to_string()
+            },
+        }),
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {mode:04o} lets others read the private key; chmod 600 {}",
-            path.display()
-        )));
-    }
-    std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    Ok(())
 }
 
 /// The known hosts file must exist and name the peer, or every fence would
