@@ -515,6 +515,36 @@ fn sync_write_waits_for_the_peer_and_go_alone_releases_it() {
     );
 }
 
+/// A userspace NBD client connected while this node was primary is cut
+/// off when it stops being primary: it could otherwise go on reading a
+/// copy that no longer follows the primary's writes.
+#[test]
+fn an_nbd_client_is_closed_when_the_node_stops_being_primary() {
+    let p = Pair::up("nbdcut", "sync", SIZE);
+    let mut s = nbd_connect(&p.nbd_socket(0));
+    assert_eq!(nbd_request(&mut s, nbd::CMD_READ, 1, 0, 4096, &[]), 0);
+    let out = p.hadb(0, &["volume", "secondary"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Closed by the server within a moment, without the client sending
+    // anything more.
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 1];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(_) => panic!("the server sent something unasked"),
+        Err(e) => panic!("the connection is still open after the demotion: {e}"),
+    }
+    assert!(
+        p.log(0).contains("no longer primary"),
+        "the log does not say why: {}",
+        p.log(0)
+    );
+}
+
 #[test]
 fn switch_primary_between_nodes() {
     require("qemu-io", "qemu-utils");
