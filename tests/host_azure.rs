@@ -324,10 +324,28 @@ fn a_wrong_secret_is_refused_clearly_and_changes_nothing() {
     let open = s.private_file("open", b"right", 0o644);
     let err = s.fence("hadb02", "30s", &sp(&open)).err().unwrap();
     assert!(
-        matches!(err, AzureError::FileMode { mode: 0o644, .. }),
+        matches!(
+            err,
+            AzureError::Secret(hadb::run::secret::SecretError::Mode { mode: 0o644, .. })
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("chmod 600"), "{err}");
+
+    // Mode 0600, but another account's file: that account could have put
+    // its own secret there.
+    let theirs = s.private_file("theirs", b"right", 0o600);
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = s.fence("hadb02", "30s", &sp(&theirs)).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            AzureError::Secret(hadb::run::secret::SecretError::Owner { uid: 65534, .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("chown root:root"), "{err}");
+    assert!(s.vm_process_ended().is_none(), "the VM still runs");
 }
 
 #[test]

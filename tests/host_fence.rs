@@ -626,3 +626,76 @@ command = "{command}"
     );
     drop(sshds);
 }
+
+/// The `[fencing.ssh]` table of a fence pointed at `sshd`, running
+/// `command`.
+fn ssh_config(k: &Keys, sshd: &Sshd, command: &str) -> hadb::config::SshConfig {
+    toml::from_str(&format!(
+        r#"identity_file = "{key}"
+known_hosts_file = "{known}"
+port = {port}
+connect_timeout = "3s"
+confirm_timeout = "3s"
+command = "{command}"
+"#,
+        key = k.key.display(),
+        known = k.known_hosts.display(),
+        port = sshd.port,
+    ))
+    .unwrap()
+}
+
+/// What the peer's side prints is no proof: the lines the fence reads as
+/// "logged in, command started, exited 0" arrive from the peer's sshd
+/// (its login banner, before any login) and from the command's stderr,
+/// and neither may count. Only ssh's own log does.
+#[test]
+fn text_the_peer_prints_never_confirms_an_ssh_fence() {
+    let p = Pair::new("sshfake", "sync", SIZE);
+    let k = keys(&p);
+    let fake = "Authenticated to 127.0.0.1 ([127.0.0.1]:22) using \\\"publickey\\\".\n\
+                debug2: exec request accepted on channel 0\n\
+                debug1: client_input_channel_req: channel 0 rtype exit-status reply 0\n\
+                debug1: Exit status 0\n";
+    let banner = p.dir.join("banner");
+    std::fs::write(&banner, fake.replace("\\\"", "\"")).unwrap();
+    // The banner says it all, but the fence's key is not authorized: no
+    // login, nothing ran.
+    let stranger = p.dir.join("stranger_key");
+    sshd::keygen(&stranger);
+    let refused = p.dir.join("refused_keys");
+    std::fs::copy(stranger.with_extension("pub"), &refused).unwrap();
+    let sshd = Sshd::start_with(
+        &p.dir,
+        "liar",
+        "127.0.0.1".parse().unwrap(),
+        free_port(),
+        None,
+        &refused,
+        &format!("Banner {}\n", banner.display()),
+    );
+    std::fs::write(&k.known_hosts, sshd.known_host()).unwrap();
+    let addr = "127.0.0.1".parse().unwrap();
+    let fence =
+        hadb::run::fence::ssh::SshFence::new(&ssh_config(&k, &sshd, "true"), "b", addr).unwrap();
+    let err = fence.deliver().unwrap_err();
+    assert!(
+        matches!(err, hadb::run::fence::ssh::SshError::NotConnected { .. }),
+        "a banner confirmed the fence: {err}"
+    );
+    assert!(fence.test().is_err(), "a banner passed `hadb fence test`");
+    drop(sshd);
+
+    // Logged in, and the command fails after printing on its stderr what
+    // ssh prints for a success: its real exit status, 3, decides.
+    let sshd = loopback_sshd(&p, &k);
+    let lying = "echo 'debug1: Exit status 0' >&2; exit 3";
+    let fence =
+        hadb::run::fence::ssh::SshFence::new(&ssh_config(&k, &sshd, lying), "b", addr).unwrap();
+    let err = fence.deliver().unwrap_err();
+    assert!(
+        matches!(err, hadb::run::fence::ssh::SshError::CommandFailed { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("exit status 3"), "{err}");
+}

@@ -314,6 +314,52 @@ fn garbage_on_the_replication_port_is_refused() {
     assert_eq!(&p.data(1, 4096)[..], &[0x17; 4096][..]);
 }
 
+/// Connections that never speak cannot fill the daemon: a few wait in
+/// the handshake, the rest are closed at once and counted; the real link,
+/// status and the log go on as before.
+#[test]
+fn a_flood_of_silent_connections_is_shed_and_the_pair_goes_on() {
+    let p = Pair::up("flood", "sync", SIZE);
+    let mut conns: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(("127.0.0.1", p.ports[1])).unwrap())
+        .collect();
+    p.wait(1, "shed connections counted", |s| {
+        s.is_some_and(|s| {
+            s["volume"]["bad_input"]["repl_handshakes_shed"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 30
+        })
+    });
+    // Shed means closed at once, not after the 5 s handshake timeout.
+    let mut closed = 0;
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        if matches!(c.read(&mut [0u8; 1]), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 30,
+        "only {closed} of 40 silent connections closed"
+    );
+    // While the rest still hang in the handshake: replication and status.
+    qemu_io(&p.uri(0), &["write -P 0x29 0 4096", "flush"]);
+    assert_eq!(&p.data(1, 4096)[..], &[0x29; 4096][..]);
+    assert!(p.status(1).is_some(), "b stopped answering status");
+    // The handshakes that were let in time out; one line says so, not
+    // one per connection.
+    std::thread::sleep(Duration::from_secs(6));
+    let log = p.log(1);
+    let refused = log.matches("refused a connection from").count();
+    assert_eq!(refused, 1, "{log}");
+    assert!(
+        log.matches("closed at once").count() <= 1,
+        "one line per shed connection: {log}"
+    );
+    drop(conns);
+}
+
 /// Plays node `a` against a lone node `b`: authenticates with the real key,
 /// then sends what the test wants.
 fn impersonate_a(p: &Pair, key: &[u8]) -> (TcpStream, Sealer) {
@@ -466,6 +512,36 @@ fn sync_write_waits_for_the_peer_and_go_alone_releases_it() {
     assert!(
         p.data(0, size) == p.data(1, size),
         "copies differ after the resync"
+    );
+}
+
+/// A userspace NBD client connected while this node was primary is cut
+/// off when it stops being primary: it could otherwise go on reading a
+/// copy that no longer follows the primary's writes.
+#[test]
+fn an_nbd_client_is_closed_when_the_node_stops_being_primary() {
+    let p = Pair::up("nbdcut", "sync", SIZE);
+    let mut s = nbd_connect(&p.nbd_socket(0));
+    assert_eq!(nbd_request(&mut s, nbd::CMD_READ, 1, 0, 4096, &[]), 0);
+    let out = p.hadb(0, &["volume", "secondary"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Closed by the server within a moment, without the client sending
+    // anything more.
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut buf = [0u8; 1];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(_) => panic!("the server sent something unasked"),
+        Err(e) => panic!("the connection is still open after the demotion: {e}"),
+    }
+    assert!(
+        p.log(0).contains("no longer primary"),
+        "the log does not say why: {}",
+        p.log(0)
     );
 }
 

@@ -731,6 +731,9 @@ pub struct Replica {
     unclean: bool,
     /// A resync source waiting for the target's bitmap.
     awaiting_bitmap: bool,
+    /// Where the next run of that bitmap may start: runs come sorted and
+    /// apart, across all its frames.
+    bitmap_next: u64,
     /// A write waits in `held` because the activity log is full.
     al_full: bool,
     /// Resync target: the primary outdated this copy during the resync.
@@ -906,6 +909,7 @@ impl Replica {
             al_applied: BTreeMap::new(),
             unclean: s.unclean,
             awaiting_bitmap: false,
+            bitmap_next: 0,
             al_full: false,
             outdated_at_resync_end: false,
             adopt_at_resync_end: None,
@@ -1875,13 +1879,37 @@ impl Replica {
                             (word(0), word(8))
                         })
                         .collect();
-                    if runs
-                        .iter()
-                        .any(|&(f, n)| n == 0 || f.checked_add(n).is_none_or(|end| end > total))
-                    {
-                        self.violation("bitmap run past the end of the volume", &mut out);
-                        return out;
+                    // As `Bitmap::runs` makes them: each inside the
+                    // volume, sorted and apart, also across the frames of
+                    // one bitmap. Anything else is a peer off the protocol,
+                    // and none of this frame is marked.
+                    let mut next = self.bitmap_next;
+                    let mut marked: u64 = 0;
+                    for &(f, n) in &runs {
+                        let Some(end) = f.checked_add(n).filter(|&e| n != 0 && e <= total) else {
+                            self.violation("bitmap run past the end of the volume", &mut out);
+                            return out;
+                        };
+                        if f < next {
+                            self.violation("bitmap runs overlap or are out of order", &mut out);
+                            return out;
+                        }
+                        // Implied by the two checks above; kept so that no
+                        // change to them lets a frame mark more than the
+                        // volume holds.
+                        marked = match marked.checked_add(n).filter(|&m| m <= total) {
+                            Some(m) => m,
+                            None => {
+                                self.violation(
+                                    "bitmap runs add up to more than the volume",
+                                    &mut out,
+                                );
+                                return out;
+                            }
+                        };
+                        next = end;
                     }
+                    self.bitmap_next = next;
                     for (f, n) in runs {
                         self.mark_dirty((f, f + n));
                     }
@@ -2250,6 +2278,7 @@ impl Replica {
         // Not Connected: the peer is not up to date until the resync ends.
         self.link = LinkState::SyncSource;
         self.awaiting_bitmap = true;
+        self.bitmap_next = 0;
     }
 
     /// This copy is rewritten from the peer's; with `bitmap`, only the
@@ -3112,6 +3141,82 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bitmap frame of `runs` (first block, count).
+    fn bitmap_frame(runs: &[(u64, u64)]) -> (wire::Header, Option<Payload>) {
+        let mut p = Vec::new();
+        for (f, n) in runs {
+            p.extend_from_slice(&f.to_le_bytes());
+            p.extend_from_slice(&n.to_le_bytes());
+        }
+        (
+            wire::Header::new(Kind::Bitmap, 0, 0, p.len() as u32),
+            Some(Arc::new(p)),
+        )
+    }
+
+    #[test]
+    fn a_bitmap_with_runs_out_of_order_overlapping_or_too_many_marks_nothing() {
+        let bad: &[&[&[(u64, u64)]]] = &[
+            // Unsorted within a frame.
+            &[&[(10, 2), (4, 2)]],
+            // Overlapping within a frame.
+            &[&[(4, 4), (6, 2)]],
+            // The same run twice.
+            &[&[(4, 4), (4, 4)]],
+            // Out of order across two frames of one bitmap.
+            &[&[(10, 2)], &[(5, 1)]],
+            // Overlapping across frames.
+            &[&[(0, 32)], &[(31, 33)]],
+            // More than the volume's 64 blocks.
+            &[&[(0, 65)]],
+            &[&[(60, u64::MAX)]],
+        ];
+        for frames in bad {
+            let mut r = Replica::new(setup("a", "b", 5));
+            r.await_bitmap();
+            let before = r.out_of_sync_blocks();
+            let (last, first) = frames.split_last().unwrap();
+            for f in first {
+                let (h, p) = bitmap_frame(f);
+                let out = r.frame(h, p);
+                assert!(
+                    !out.iter().any(|a| matches!(a, Action::DropLink(_))),
+                    "{frames:?}: a good frame dropped the link"
+                );
+            }
+            let marked_before = r.out_of_sync_blocks();
+            let (h, p) = bitmap_frame(last);
+            let out = r.frame(h, p);
+            assert!(
+                out.iter()
+                    .any(|a| matches!(a, Action::DropLink(w) if w.contains("protocol violation"))),
+                "{frames:?}: accepted: {out:?}"
+            );
+            assert_eq!(r.counters.protocol_errors, 1, "{frames:?}");
+            assert_eq!(
+                r.out_of_sync_blocks(),
+                marked_before,
+                "{frames:?}: the bad frame marked blocks"
+            );
+            assert!(before.is_some());
+        }
+
+        // Sorted, apart (adjacent is fine), over two frames: all marked.
+        let mut r = Replica::new(setup("a", "b", 5));
+        r.await_bitmap();
+        for f in [&[(1, 2), (3, 1)][..], &[(10, 4), (63, 1)][..]] {
+            let (h, p) = bitmap_frame(f);
+            let out = r.frame(h, p);
+            assert!(out.is_empty(), "{out:?}");
+        }
+        assert_eq!(r.out_of_sync_blocks(), Some(8));
+        assert_eq!(r.counters.protocol_errors, 0);
+        // A new exchange starts from block 0 again.
+        r.await_bitmap();
+        let (h, p) = bitmap_frame(&[(0, 1)]);
+        assert!(r.frame(h, p).is_empty());
+    }
 
     fn setup(name: &str, peer: &str, generation: u64) -> Setup {
         Setup {

@@ -17,6 +17,7 @@ pub mod nbd;
 pub mod peer;
 pub mod process;
 pub mod resources;
+pub mod secret;
 pub mod stats;
 pub mod store;
 pub mod systemd;

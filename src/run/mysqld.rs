@@ -282,26 +282,14 @@ fn health_check(cfg: &MysqlConfig) -> Result<HealthCheck, String> {
     })
 }
 
-/// The monitor's password, refused if others could read it.
+/// The monitor's password, from a root-only file
+/// ([`crate::run::secret`]).
 fn read_password(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
+    let bytes = crate::run::secret::read_secret("mysql.monitor_password_file", path)
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8(bytes).map_err(|_| {
         format!(
-            "cannot read mysql.monitor_password_file {}: {e}",
-            path.display()
-        )
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "mysql.monitor_password_file {} has mode {mode:03o}; it must be readable by root only: `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read mysql.monitor_password_file {}: {e}",
+            "mysql.monitor_password_file {} is not UTF-8 text; write the password alone in it",
             path.display()
         )
     })?;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use smol::channel::Sender;
+use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::core::nbd::{self, Command};
@@ -41,7 +42,13 @@ enum Stop {
     Io(std::io::Error),
     Protocol(String),
     Done,
+    /// A client of the primary, and the node is no longer primary.
+    Demoted,
 }
+
+/// How often a userspace client's connection checks that the node it
+/// connected to is still the same primary.
+const PRIMACY_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl From<std::io::Error> for Stop {
     fn from(e: std::io::Error) -> Self {
@@ -65,6 +72,21 @@ impl Server {
         self.shared.writable.load(Ordering::SeqCst)
     }
 
+    /// This node's current term as primary (the promotion count), if it
+    /// is primary.
+    fn primacy(&self) -> Option<u64> {
+        let term = self.shared.promotions.load(Ordering::SeqCst);
+        self.writable().then_some(term)
+    }
+
+    /// Resolves once the node is no longer primary in `term` (demoted, or
+    /// demoted and promoted again in between).
+    async fn demoted(&self, term: u64) {
+        while self.primacy() == Some(term) {
+            smol::Timer::after(PRIMACY_CHECK).await;
+        }
+    }
+
     /// Serves a userspace client: negotiation, then transmission.
     pub async fn serve_client<S>(self: Arc<Self>, stream: S)
     where
@@ -81,7 +103,15 @@ impl Server {
                 return;
             }
         }
-        self.transmission(input, output).await;
+        // Negotiation lets a client in only while primary. It is served
+        // for that term only: once the node is secondary its copy no
+        // longer follows the primary's writes, and reading on would
+        // return stale data as if current.
+        let Some(term) = self.primacy() else {
+            log::info!("nbd: closed a client connection: this node is no longer primary");
+            return;
+        };
+        self.transmission(input, output, Some(term)).await;
     }
 
     /// Serves the kernel's end of a socket pair: transmission only.
@@ -90,7 +120,9 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Clone + Send + 'static,
     {
         let input = BufReader::new(stream.clone());
-        self.transmission(input, stream).await;
+        // The kernel's device stays attached in every role; its writes
+        // are refused on a secondary request by request.
+        self.transmission(input, stream, None).await;
     }
 
     /// Returns Ok(true) when the client entered transmission.
@@ -217,17 +249,21 @@ impl Server {
         }
     }
 
-    async fn transmission<R, W>(self: Arc<Self>, mut input: R, output: W)
+    /// `term`: a client of the primary's term, closed when it ends.
+    async fn transmission<R, W>(self: Arc<Self>, mut input: R, output: W, term: Option<u64>)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (reply_tx, reply_rx) = smol::channel::unbounded::<Reply>();
         let writer = crate::run::spawn(write_replies(output, reply_rx));
-        let result = self.requests(&mut input, &reply_tx).await;
+        let result = self.requests(&mut input, &reply_tx, term).await;
         drop(reply_tx);
         match result {
             Stop::Done => {}
+            Stop::Demoted => {
+                log::info!("nbd: closed a client connection: this node is no longer primary")
+            }
             Stop::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
             Stop::Io(e) => log::info!("nbd: connection ended: {e}"),
             Stop::Protocol(why) => {
@@ -239,12 +275,36 @@ impl Server {
         writer.await;
     }
 
-    async fn requests<R: AsyncRead + Unpin>(&self, input: &mut R, replies: &Sender<Reply>) -> Stop {
+    async fn requests<R: AsyncRead + Unpin>(
+        &self,
+        input: &mut R,
+        replies: &Sender<Reply>,
+        term: Option<u64>,
+    ) -> Stop {
         let mut fair = crate::run::Fair::default();
         let stop = loop {
             let mut hdr = [0u8; nbd::REQUEST_LEN];
-            if let Err(e) = input.read_exact(&mut hdr).await {
-                break Stop::Io(e);
+            let read = async { Some(input.read_exact(&mut hdr).await) };
+            let read = match term {
+                // An idle client is closed too, not only at its next
+                // request.
+                Some(t) => {
+                    read.or(async {
+                        self.demoted(t).await;
+                        None
+                    })
+                    .await
+                }
+                None => read.await,
+            };
+            match read {
+                Some(Ok(())) => {}
+                Some(Err(e)) => break Stop::Io(e),
+                None => break Stop::Demoted,
+            }
+            // A request that raced the demotion is not served either.
+            if term.is_some_and(|t| self.primacy() != Some(t)) {
+                break Stop::Demoted;
             }
             let req = match nbd::parse_request(&hdr) {
                 Ok(r) => r,

@@ -16,8 +16,7 @@
 //! The secondary only reads, so without the bound on reads it would stay
 //! `connected` to a dead link and never outdate itself when asked.
 
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +31,7 @@ use crate::config::HumanDuration;
 
 use crate::core::replica::Frame;
 use crate::core::wire::{self, Hello, Kind, Sealer, Transcript};
+use crate::run::secret::{SecretError, read_secret};
 use crate::run::stats::Stats;
 use crate::run::volume::{Event, Link, Shared};
 
@@ -48,14 +48,8 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug)]
 pub enum KeyError {
-    Read {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    Mode {
-        path: std::path::PathBuf,
-        mode: u32,
-    },
+    /// Missing, unreadable, or failing the rule of [`crate::run::secret`].
+    File(SecretError),
     TooShort {
         path: std::path::PathBuf,
         len: usize,
@@ -65,17 +59,12 @@ pub enum KeyError {
 impl std::fmt::Display for KeyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            KeyError::Read { path, source } => write!(
+            KeyError::File(e) if e.is_missing() => write!(
                 f,
-                "cannot read key file {}: {source}; create it with `head -c 32 /dev/urandom > {0}; chmod 600 {0}` and copy it to the peer",
-                path.display()
+                "{e}; create it with `head -c 32 /dev/urandom > {0}; chmod 600 {0}` and copy it to the peer",
+                e.path().display()
             ),
-            KeyError::Mode { path, mode } => write!(
-                f,
-                "key file {} has mode {mode:03o}; it must be readable by root only: `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ),
+            KeyError::File(e) => write!(f, "{e}"),
             KeyError::TooShort { path, len } => write!(
                 f,
                 "key file {} holds {len} bytes; use at least 16 random bytes (`head -c 32 /dev/urandom`)",
@@ -87,23 +76,10 @@ impl std::fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// Reads the shared secret, refusing a file others could read.
+/// Reads the shared secret: a root-only file ([`read_secret`]) of at
+/// least 16 bytes.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let meta = std::fs::metadata(path).map_err(|source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Mode {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let key = std::fs::read(path).map_err(|source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let key = read_secret("key file", path).map_err(KeyError::File)?;
     if key.len() < 16 {
         return Err(KeyError::TooShort {
             path: path.to_owned(),
@@ -691,16 +667,58 @@ pub async fn listen_loop(setup: LinkSetup) {
         setup.listen,
         setup.peer
     );
+    let mut gate = HandshakeGate::new(setup.peer_addr.ip(), Instant::now());
+    let (done_tx, done_rx) = smol::channel::unbounded::<(IpAddr, Option<Refusal>)>();
+    enum Next {
+        Accepted(std::io::Result<(TcpStream, SocketAddr)>),
+        /// A handshake ended: who, and why it was refused (None: a link).
+        Done(IpAddr, Option<Refusal>),
+        Tick,
+    }
     loop {
-        let (mut stream, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
+        let next = async { Next::Accepted(listener.accept().await) }
+            .or(async {
+                match done_rx.recv().await {
+                    Ok((ip, refused)) => Next::Done(ip, refused),
+                    // Cannot happen: this loop holds a sender.
+                    Err(_) => smol::future::pending().await,
+                }
+            })
+            .or(async {
+                smol::Timer::after(LOG_SUMMARY_EVERY).await;
+                Next::Tick
+            })
+            .await;
+        let (mut stream, from) = match next {
+            Next::Accepted(Ok(x)) => x,
+            Next::Accepted(Err(e)) => {
                 log::warn!("replication: accept failed: {e}");
                 smol::Timer::after(Duration::from_millis(100)).await;
                 continue;
             }
+            Next::Done(ip, refused) => {
+                if let Some(line) = gate.ended(ip, refused, Instant::now()) {
+                    log::warn!("{line}");
+                }
+                continue;
+            }
+            Next::Tick => {
+                if let Some(line) = gate.summary(Instant::now()) {
+                    log::warn!("{line}");
+                }
+                continue;
+            }
         };
+        if let Some(line) = gate.admit(from.ip()) {
+            // Dropped here: closed at once, before any byte is read.
+            Stats::bump(&setup.shared.stats.repl_handshakes_shed);
+            if let Some(line) = line {
+                log::warn!("{line}");
+            }
+            continue;
+        }
         let setup = setup.clone();
+        let done = done_tx.clone();
         crate::run::spawn(async move {
             let result = handshake_accept(&mut stream, &setup)
                 .or(async {
@@ -710,15 +728,141 @@ pub async fn listen_loop(setup: LinkSetup) {
                 .await;
             match result {
                 Ok((tx, rx)) => {
+                    // Authenticated: its slot is free before the link
+                    // runs, for as long as it runs.
+                    let _ = done.send((from.ip(), None)).await;
                     let _alive = start_link(stream, &setup, tx, rx).await;
                 }
                 Err(e) => {
                     count_handshake_error(&setup.shared.stats, &e);
-                    log::warn!("replication: refused a connection from {from}: {e}");
+                    let refusal = Refusal {
+                        auth: matches!(e, HandshakeError::Auth(_)),
+                        why: format!("from {from}: {e}"),
+                    };
+                    let _ = done.send((from.ip(), Some(refusal))).await;
                 }
             }
         })
         .detach();
+    }
+}
+
+/// Connections let into the handshake at once, per pool (the peer's
+/// configured address, everyone else): an unauthenticated stranger costs
+/// a task, a socket and a timer for up to [`HANDSHAKE_TIMEOUT`], so a
+/// flood of them is bounded; the peer's own pool keeps it able to connect
+/// while strangers fill theirs.
+const MAX_UNAUTHENTICATED: usize = 4;
+
+/// How often suppressed refusals are summed up in the log.
+const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Addresses remembered as "already logged"; past this, every refusal is
+/// only summed up.
+const MAX_LOGGED_ADDRESSES: usize = 1024;
+
+/// Why a handshake was refused, for [`HandshakeGate::ended`].
+struct Refusal {
+    /// A wrong key, logged apart from the rest (a scan, a timeout): the
+    /// one an operator must see even after a stranger was logged.
+    auth: bool,
+    why: String,
+}
+
+/// The listener's bounds on unauthenticated connections and on what their
+/// refusals write to the log. Owned by the listen loop; time comes in.
+/// The first refusal of each kind (key or other) from each address is
+/// logged in full; later ones, and
+/// connections shed because the handshake was full, are counted and said
+/// in one line a minute.
+struct HandshakeGate {
+    peer: IpAddr,
+    /// In the handshake now: [from the peer's address, from anyone else].
+    open: [usize; 2],
+    /// (address, whether it was an authentication failure) logged once.
+    logged: std::collections::HashSet<(IpAddr, bool)>,
+    /// Refusals not logged since the last summary.
+    quiet_refused: u64,
+    /// Connections shed since the last summary.
+    quiet_shed: u64,
+    /// Whether a shed was logged since the last summary.
+    shed_logged: bool,
+    last_summary: Instant,
+}
+
+impl HandshakeGate {
+    fn new(peer: IpAddr, now: Instant) -> HandshakeGate {
+        HandshakeGate {
+            peer,
+            open: [0, 0],
+            logged: std::collections::HashSet::new(),
+            quiet_refused: 0,
+            quiet_shed: 0,
+            shed_logged: false,
+            last_summary: now,
+        }
+    }
+
+    fn pool(&self, ip: IpAddr) -> usize {
+        usize::from(ip != self.peer)
+    }
+
+    /// A new connection from `ip`: None lets it into the handshake;
+    /// Some(line) sheds it, with a line to log (once per summary period).
+    fn admit(&mut self, ip: IpAddr) -> Option<Option<String>> {
+        let pool = self.pool(ip);
+        if self.open[pool] < MAX_UNAUTHENTICATED {
+            self.open[pool] += 1;
+            return None;
+        }
+        if self.shed_logged {
+            self.quiet_shed += 1;
+            return Some(None);
+        }
+        self.shed_logged = true;
+        Some(Some(format!(
+            "replication: closed at once a connection from {ip}: {MAX_UNAUTHENTICATED} others from {} are still in the handshake (a scan or a flood?); more are counted in volume.bad_input.repl_handshakes_shed and summed up here once a minute",
+            if pool == 0 {
+                "the peer's address"
+            } else {
+                "addresses not the peer's"
+            }
+        )))
+    }
+
+    /// A handshake from `ip` ended, refused (`refused`: why) or not;
+    /// returns a line to log.
+    fn ended(&mut self, ip: IpAddr, refused: Option<Refusal>, now: Instant) -> Option<String> {
+        let pool = self.pool(ip);
+        self.open[pool] = self.open[pool].saturating_sub(1);
+        let Refusal { auth, why } = refused?;
+        if self.logged.contains(&(ip, auth)) || self.logged.len() >= MAX_LOGGED_ADDRESSES {
+            self.quiet_refused += 1;
+            return self.summary(now);
+        }
+        self.logged.insert((ip, auth));
+        Some(format!(
+            "replication: refused a connection {why} (further refusals like it from {ip} are summed up once a minute)"
+        ))
+    }
+
+    /// The summary of what was not logged, once [`LOG_SUMMARY_EVERY`] has
+    /// passed since the last.
+    fn summary(&mut self, now: Instant) -> Option<String> {
+        if now.duration_since(self.last_summary) < LOG_SUMMARY_EVERY {
+            return None;
+        }
+        self.last_summary = now;
+        self.shed_logged = false;
+        let (refused, shed) = (self.quiet_refused, self.quiet_shed);
+        self.quiet_refused = 0;
+        self.quiet_shed = 0;
+        if refused == 0 && shed == 0 {
+            return None;
+        }
+        Some(format!(
+            "replication: in the last minute or so, {refused} more connection(s) refused in the handshake and {shed} more closed at once (too many in the handshake); see volume.bad_input"
+        ))
     }
 }
 
@@ -727,6 +871,71 @@ mod tests {
     use super::*;
 
     const LIMIT: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn the_handshake_gate_bounds_strangers_apart_from_the_peer_and_logs_little() {
+        let peer: IpAddr = "10.10.10.5".parse().unwrap();
+        let stranger: IpAddr = "10.10.10.99".parse().unwrap();
+        let t0 = Instant::now();
+        let mut g = HandshakeGate::new(peer, t0);
+        for _ in 0..MAX_UNAUTHENTICATED {
+            assert!(g.admit(stranger).is_none());
+        }
+        // The fifth stranger is shed, logged once; the sixth only counted.
+        assert!(matches!(g.admit(stranger), Some(Some(l)) if l.contains("closed at once")));
+        assert!(matches!(g.admit(stranger), Some(None)));
+        // The peer's own address still gets in.
+        assert!(g.admit(peer).is_none());
+        let refused = |why: &str| {
+            Some(Refusal {
+                auth: false,
+                why: why.into(),
+            })
+        };
+        // The first refusal from the stranger is logged, the next not.
+        assert!(g.ended(stranger, refused("timed out"), t0).is_some());
+        assert!(g.ended(stranger, refused("timed out"), t0).is_none());
+        // A wrong key from the same address is a different story: logged.
+        let wrong_key = Some(Refusal {
+            auth: true,
+            why: "wrong key".into(),
+        });
+        assert!(g.ended(stranger, wrong_key, t0).is_some());
+        // A slot freed: the next stranger gets in again.
+        assert!(g.admit(stranger).is_none());
+        // A minute on: one line sums up what was not said.
+        let later = t0 + LOG_SUMMARY_EVERY;
+        let sum = g.summary(later).unwrap();
+        assert!(
+            sum.contains("1 more connection(s) refused") && sum.contains("1 more closed at once"),
+            "{sum}"
+        );
+        assert!(g.summary(later + LOG_SUMMARY_EVERY).is_none());
+    }
+
+    /// A key file of mode 0600 that belongs to another account is
+    /// refused: that account could have written a key it knows.
+    #[test]
+    fn a_key_file_owned_by_another_uid_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("hadb-peer-key-{}", std::process::id()));
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_key(&path).is_ok());
+        // 65534: nobody. The tests run as root, which may give it away.
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534))
+            .expect("chown needs root: run the tests as root");
+        let err = read_key(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("uid 65534")
+                && err.contains(&format!("chown root:root {}", path.display())),
+            "a key file owned by uid 65534 was not refused as such: {err:?}"
+        );
+    }
 
     /// A connected pair of sockets on loopback.
     async fn pair() -> (TcpStream, TcpStream) {

@@ -23,6 +23,7 @@ macro_rules! counters {
 
 counters! {
     repl_handshake_failures: "Replication connections refused in the handshake (not a hadb peer, wrong cluster, unknown node, timeout).",
+    repl_handshakes_shed: "Replication connections closed at once because too many others were still in the handshake.",
     repl_auth_failures: "Replication peers that failed the challenge-response (wrong key).",
     repl_bad_frames: "Frames refused after the handshake (bad magic, checksum, MAC, truncation, size); each drops the link.",
     repl_protocol_errors: "Well-formed frames that broke the protocol's rules; each drops the link.",

@@ -69,6 +69,19 @@ impl Sshd {
         netns: Option<&str>,
         authorized_keys: &Path,
     ) -> Sshd {
+        Sshd::start_with(dir, name, addr, port, netns, authorized_keys, "")
+    }
+
+    /// [`Sshd::start`] with `extra` lines appended to its configuration.
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        addr: IpAddr,
+        port: u16,
+        netns: Option<&str>,
+        authorized_keys: &Path,
+        extra: &str,
+    ) -> Sshd {
         require_openssh();
         // sshd's privilege separation needs it; the host's sshd (if any)
         // uses the same one.
@@ -94,7 +107,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 LogLevel VERBOSE
-",
+{extra}",
                 host_key = host_key.display(),
                 authorized = authorized_keys.display(),
             ),

@@ -159,11 +159,8 @@ pub enum AzureError {
         problem: String,
     },
     /// The secret or key file can be read by others than root.
-    FileMode {
-        what: &'static str,
-        path: PathBuf,
-        mode: u32,
-    },
+    /// A secret file failed [`crate::run::secret::read_secret`].
+    Secret(crate::run::secret::SecretError),
     /// No token from the instance metadata service.
     NoManagedIdentity { endpoint: String, detail: String },
     /// The login endpoint refused the service principal.
@@ -251,12 +248,7 @@ impl fmt::Display for AzureError {
                 "cannot use the {what} {}: {problem}; fix the file or fencing.azure in the config",
                 path.display()
             ),
-            AzureError::FileMode { what, path, mode } => write!(
-                f,
-                "the {what} {} has mode {mode:03o}; it must be readable by root only: `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ),
+            AzureError::Secret(e) => write!(f, "{e}; nothing was fenced"),
             AzureError::NoManagedIdentity { endpoint, detail } => write!(
                 f,
                 "no token from the instance metadata service at {endpoint} ({detail}); give this VM a managed identity (a user-assigned one needs fencing.azure.client_id) or set auth = \"service-principal\""
@@ -1212,23 +1204,9 @@ fn exchange(
     })
 }
 
-/// Reads a file that holds a secret, refusing one others could read.
+/// Reads a file that holds a secret ([`crate::run::secret`]).
 fn read_private(what: &'static str, path: &Path) -> Result<Vec<u8>, AzureError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |e: std::io::Error| AzureError::File {
-        what,
-        path: path.to_owned(),
-        problem: e.to_string(),
-    };
-    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(AzureError::FileMode {
-            what,
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    std::fs::read(path).map_err(io)
+    crate::run::secret::read_secret(what, path).map_err(AzureError::Secret)
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, AzureError> {

@@ -5,8 +5,9 @@
 //! command counts only once the peer then stays silent on every ring
 //! ([`crate::core::fence::ssh_silence`], checked by the caller).
 //!
-//! What "delivered" means. ssh runs with `LogLevel=DEBUG2`, whose lines on
-//! stderr say how far the session got ([`Session::read`]):
+//! What "delivered" means. ssh runs with `LogLevel=DEBUG2` and `-E FILE`:
+//! its own log goes to a private file, whose lines say how far the session
+//! got ([`Session::read`]):
 //!
 //! - no `Authenticated to …`: it never logged in (connection refused or
 //!   timed out, host key unknown or changed, key refused). Failed.
@@ -25,6 +26,13 @@
 //! ssh's own exit code cannot tell these apart (255 is both "could not
 //! connect" and "the connection dropped after the command"), which is why
 //! the verbose transcript is read instead.
+//!
+//! Why a file and not ssh's stderr: the peer writes to that stderr too,
+//! before any login (sshd's `Banner`) and after (the command's own
+//! stderr), so a banner reading "Authenticated to …", "exec request
+//! accepted" and "Exit status 0" would have passed for a delivered fence.
+//! `-E` sends only ssh's log to the file; what arrives on stderr is kept
+//! as the peer's words for messages, never as evidence.
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -159,12 +167,17 @@ pub struct Session {
     /// The command was ended by a signal on the peer.
     pub signalled: bool,
     /// The last lines that are not debugging chatter: what went wrong, in
-    /// ssh's (or the command's) words.
+    /// ssh's words.
     pub problem: String,
+    /// The last lines the peer wrote on ssh's stderr (the command's error,
+    /// a banner): for messages only, never evidence.
+    pub peer_said: String,
 }
 
 impl Session {
-    /// Reads the transcript of an ssh run with `LogLevel=DEBUG2`.
+    /// Reads ssh's own log (`-E`) of a run with `LogLevel=DEBUG2`. Each
+    /// record is matched from its start: a record's later part may quote
+    /// text the peer sent (a disconnect reason).
     pub fn read<'a>(lines: impl IntoIterator<Item = &'a str>) -> Session {
         let mut s = Session::default();
         let mut said: Vec<&str> = Vec::new();
@@ -174,9 +187,11 @@ impl Session {
                 || line.starts_with("debug1: Authentication succeeded")
             {
                 s.authenticated = true;
-            } else if line.contains("exec request accepted on channel") {
+            } else if line.starts_with("debug2: exec request accepted on channel ") {
                 s.accepted = true;
-            } else if line.contains("rtype exit-signal") {
+            } else if line.starts_with("debug1: client_input_channel_req: ")
+                && line.contains(" rtype exit-signal ")
+            {
                 s.signalled = true;
             } else if let Some(n) = line.strip_prefix("debug1: Exit status ") {
                 // -1: ssh had no exit status from the peer.
@@ -199,10 +214,11 @@ impl Session {
     /// stopped here at its deadline.
     pub fn verdict(&self, target: &str, killed: Option<Duration>) -> Result<Delivered, SshError> {
         let target = target.to_owned();
-        let detail = if self.problem.is_empty() {
+        let words = self.words();
+        let detail = if words.is_empty() {
             "ssh said nothing more".to_owned()
         } else {
-            self.problem.clone()
+            words.clone()
         };
         if !self.authenticated {
             return Err(match killed {
@@ -220,7 +236,7 @@ impl Session {
             return Err(SshError::CommandFailed {
                 target,
                 status: "ended by a signal".into(),
-                detail: self.problem.clone(),
+                detail: words,
             });
         }
         match (self.exit, killed) {
@@ -228,10 +244,21 @@ impl Session {
             (Some(n), _) => Err(SshError::CommandFailed {
                 target,
                 status: format!("exit status {n}"),
-                detail: self.problem.clone(),
+                detail: words,
             }),
             (None, Some(after)) => Err(SshError::Hung { target, after }),
             (None, None) => Ok(Delivered::Dropped),
+        }
+    }
+}
+
+impl Session {
+    /// What went wrong, in ssh's words and then the peer's.
+    fn words(&self) -> String {
+        match (self.problem.is_empty(), self.peer_said.is_empty()) {
+            (_, true) => self.problem.clone(),
+            (true, false) => format!("the peer said: {}", self.peer_said),
+            (false, false) => format!("{}; the peer said: {}", self.problem, self.peer_said),
         }
     }
 }
@@ -284,7 +311,8 @@ impl SshFence {
     /// ssh's arguments for running `remote` on the peer: no configuration
     /// file, agent, password or prompt; only the configured key and host
     /// key; bounded connection and keepalives.
-    pub fn argv(&self, remote: &str) -> Vec<String> {
+    /// `log`: where ssh writes its own log (`-E`).
+    pub fn argv(&self, remote: &str, log: &Path) -> Vec<String> {
         let connect = self.connect_timeout.as_secs_f64().ceil().max(1.0) as u64;
         let mut a: Vec<String> = vec!["-F".into(), "none".into()];
         for o in [
@@ -315,6 +343,8 @@ impl SshFence {
             a.push(o);
         }
         a.extend([
+            "-E".into(),
+            log.display().to_string(),
             "-n".into(),
             "-T".into(),
             "-p".into(),
@@ -353,16 +383,17 @@ impl SshFence {
         }
     }
 
-    /// Runs ssh with `remote`, reading its transcript as it comes; kills it
-    /// at `limit`. Returns the session, when the peer accepted the command,
+    /// Runs ssh with `remote`, reading its log as it comes; kills it at
+    /// `limit`. Returns the session, when the peer accepted the command,
     /// and, if it was killed, after how long.
     fn run(
         &self,
         remote: &str,
         limit: Duration,
     ) -> Result<(Session, Option<Instant>, Option<Duration>), SshError> {
+        let log_file = PrivateLog::create().map_err(SshError::Start)?;
         let mut cmd = Command::new(&self.client);
-        cmd.args(self.argv(remote))
+        cmd.args(self.argv(remote, &log_file.path))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -398,31 +429,165 @@ impl SshFence {
                 return Err(SshError::Start(e));
             }
         };
+        // The peer's stderr, read to the end whatever it holds (it may not
+        // be UTF-8) on a thread of its own: a pipe left unread would stall
+        // ssh. Its end is ssh's end.
+        let (drained, peer_done) = std::sync::mpsc::channel::<()>();
+        let drainer = std::thread::Builder::new()
+            .name("hadb-fence-ssh-err".into())
+            .spawn(move || {
+                let mut tail = std::collections::VecDeque::new();
+                let mut stderr = BufReader::new(stderr);
+                let mut raw = Vec::new();
+                while matches!(stderr.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
+                    let line = String::from_utf8_lossy(&raw).trim().to_owned();
+                    raw.clear();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    log::debug!("ssh fence: the peer said: {line}");
+                    if tail.len() == PEER_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+                drop(drained);
+                Vec::from(tail).join("; ")
+            });
         let started = Instant::now();
-        let mut lines = std::collections::VecDeque::new();
-        let mut accepted_at = None;
-        let mut stderr = BufReader::new(stderr);
-        let mut raw = Vec::new();
-        // To the end, whatever it holds (the command's own output may not
-        // be UTF-8): a pipe left unread would stall ssh.
-        while matches!(stderr.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
-            let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
-            raw.clear();
-            if line.contains("exec request accepted on channel") {
-                accepted_at.get_or_insert_with(Instant::now);
+        let mut log = Transcript::default();
+        let peer_said = match drainer {
+            Ok(drainer) => {
+                // ssh's log, as it grows, until ssh is gone: the moment
+                // the peer accepted the command is when the fence was
+                // delivered (read a few ms late at most, which only makes
+                // the silence that follows count for less).
+                while peer_done.recv_timeout(LOG_POLL)
+                    == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    log.read_more(&log_file.file);
+                }
+                drainer.join().unwrap_or_default()
             }
-            log::debug!("ssh fence: {line}");
-            if lines.len() == MAX_LINES {
-                lines.pop_front();
+            Err(e) => {
+                let _ = child.kill();
+                drop(ended);
+                let _ = killer.join();
+                let _ = child.wait();
+                crate::run::process::release(pid);
+                return Err(SshError::Start(e));
             }
-            lines.push_back(line);
-        }
+        };
         drop(ended);
         let killed = killer.join().unwrap_or(false);
         let _ = child.wait();
         crate::run::process::release(pid);
-        let session = Session::read(lines.iter().map(String::as_str));
-        Ok((session, accepted_at, killed.then(|| started.elapsed())))
+        log.read_more(&log_file.file);
+        let mut session = Session::read(log.lines.iter().map(String::as_str));
+        session.peer_said = peer_said;
+        Ok((session, log.accepted_at, killed.then(|| started.elapsed())))
+    }
+}
+
+/// Lines of the peer's stderr kept for messages.
+const PEER_LINES: usize = 2;
+
+/// How often ssh's log is read while it runs.
+const LOG_POLL: Duration = Duration::from_millis(10);
+
+/// ssh's log file (`-E`): created empty, mode 0600, in a directory of its
+/// own (mode 0700) so nobody else can read it, swap it or write to it
+/// first; both are removed when dropped.
+struct PrivateLog {
+    dir: PathBuf,
+    path: PathBuf,
+    /// Opened for reading before ssh appends to it.
+    file: std::fs::File,
+}
+
+impl PrivateLog {
+    fn create() -> std::io::Result<PrivateLog> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let mut tries = 0;
+        let dir = loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = base.join(format!("hadb-fence-ssh.{}.{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => break dir,
+                // Left by an earlier hadb with the same pid, or planted:
+                // never reused, another name is taken.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 100 => {
+                    tries += 1
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot make a private directory for ssh's log in {}: {e}",
+                            base.display()
+                        ),
+                    ));
+                }
+            }
+        };
+        let path = dir.join("ssh.log");
+        let made = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        match made {
+            Ok(file) => Ok(PrivateLog { dir, path, file }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot make ssh's log file {}: {e}", path.display()),
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for PrivateLog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// ssh's log read so far: its complete lines (the last [`MAX_LINES`]),
+/// and when the peer's acceptance of the command was first seen.
+#[derive(Default)]
+struct Transcript {
+    lines: std::collections::VecDeque<String>,
+    partial: Vec<u8>,
+    accepted_at: Option<Instant>,
+}
+
+impl Transcript {
+    /// Reads what ssh appended since the last call.
+    fn read_more(&mut self, mut file: &std::fs::File) {
+        use std::io::Read;
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            self.partial.extend_from_slice(&buf[..n]);
+        }
+        while let Some(at) = self.partial.iter().position(|b| *b == b'\n') {
+            let raw: Vec<u8> = self.partial.drain(..=at).collect();
+            let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
+            if line.starts_with("debug2: exec request accepted on channel ") {
+                self.accepted_at.get_or_insert_with(Instant::now);
+            }
+            log::debug!("ssh fence: {line}");
+            if self.lines.len() == MAX_LINES {
+                self.lines.pop_front();
+            }
+            self.lines.push_back(line);
+        }
     }
 }
 
@@ -435,31 +600,24 @@ fn find_client() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The key must pass [`crate::run::secret::read_secret`] (ssh checks
+/// only its mode; the owner matters as much). Read here only to check.
 fn check_private_key(path: &Path) -> Result<(), SshError> {
-    use std::os::unix::fs::PermissionsExt;
-    let bad = |problem: String| SshError::File {
-        what: "identity file",
-        path: path.to_owned(),
-        problem,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| {
-        bad(format!(
-            "{e}; make a key with `ssh-keygen -t ed25519 -N '' -f {}` and put its .pub in the peer's authorized_keys",
-            path.display()
-        ))
-    })?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
+    match crate::run::secret::read_secret("identity file", path) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(SshError::File {
+            what: "identity file",
+            path: path.to_owned(),
+            problem: if e.is_missing() {
+                format!(
+                    "{e}; make a key with `ssh-keygen -t ed25519 -N '' -f {}` and put its .pub in the peer's authorized_keys",
+                    path.display()
+                )
+            } else {
+                e.to_string()
+            },
+        }),
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(bad(format!(
-            "mode {mode:04o} lets others read the private key; chmod 600 {}",
-            path.display()
-        )));
-    }
-    std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    Ok(())
 }
 
 /// The known hosts file must exist and name the peer, or every fence would
@@ -624,7 +782,10 @@ debug1: Exit status -1
             confirm_timeout: Duration::from_secs(10),
             target: "root@10.10.10.5:22 (hadb02)".into(),
         };
-        let a = f.argv("echo b > /proc/sysrq-trigger");
+        let a = f.argv(
+            "echo b > /proc/sysrq-trigger",
+            Path::new("/tmp/hadb-fence-ssh.1.0/ssh.log"),
+        );
         let joined = a.join(" ");
         for want in [
             "-F none",
@@ -636,6 +797,7 @@ debug1: Exit status -1
             "StrictHostKeyChecking=yes",
             "ConnectTimeout=5",
             "LogLevel=DEBUG2",
+            "-E /tmp/hadb-fence-ssh.1.0/ssh.log",
             "-p 22 -l root -- 10.10.10.5",
         ] {
             assert!(joined.contains(want), "{want} missing: {joined}");
