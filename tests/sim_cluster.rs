@@ -304,8 +304,13 @@ impl Sim {
     }
 
     fn apply(&mut self, n: usize, actions: Vec<Action>) {
+        let after = self.nodes[n]
+            .replica
+            .as_ref()
+            .map(hadb::core::replica::Replica::node_state);
         for a in actions {
-            let Some(a) = self.nodes[n].vol.take(a) else {
+            let after = after.expect("actions come from a live replica");
+            let Some(a) = self.nodes[n].vol.take(a, after) else {
                 continue;
             };
             match a {

@@ -34,8 +34,9 @@ use crate::core::wire::NodeState;
 /// What waits behind metadata: frames and completions, in order.
 #[derive(Debug, Default)]
 pub struct MetaGate {
-    /// Metadata writes queued and not yet answered by the disk.
-    pending: usize,
+    /// Metadata writes queued and not yet answered by the disk, each with
+    /// the node's state once it is written (what it makes durable).
+    pending: VecDeque<NodeState>,
     held: VecDeque<Action>,
     /// The node's state as of the last moment nothing was pending: what
     /// its heartbeats may say.
@@ -43,21 +44,22 @@ pub struct MetaGate {
 }
 
 impl MetaGate {
-    /// A metadata write was queued for the disk.
-    pub fn queued(&mut self) {
-        self.pending += 1;
+    /// A metadata write was queued for the disk; `after` is the node's
+    /// state once it is written (the state the replica returned it with).
+    pub fn queued(&mut self, after: NodeState) {
+        self.pending.push_back(after);
     }
 
     /// Whether a metadata write is queued and not yet on disk.
     pub fn pending(&self) -> bool {
-        self.pending > 0
+        !self.pending.is_empty()
     }
 
     /// The action if it may be carried out now; otherwise it is held.
     /// Only frames and completions are held: every other action passes.
     pub fn pass(&mut self, action: Action) -> Option<Action> {
         match action {
-            Action::Send(_) | Action::Complete { .. } if self.pending > 0 => {
+            Action::Send(_) | Action::Complete { .. } if !self.pending.is_empty() => {
                 self.held.push_back(action);
                 None
             }
@@ -74,7 +76,16 @@ impl MetaGate {
     /// completions fail with EIO, since the data they acknowledge may not
     /// be recoverable from this disk.
     pub fn done(&mut self, ok: bool) -> Vec<Action> {
-        self.pending = self.pending.saturating_sub(1);
+        let written = self.pending.pop_front();
+        // The state this write made durable may be reported once no
+        // later write of the same batch (the same state) is still due:
+        // reports advance under a steady stream of metadata writes.
+        if let Some(state) = written
+            && ok
+            && self.pending.front() != Some(&state)
+        {
+            self.published = Some(state);
+        }
         if !ok {
             return std::mem::take(&mut self.held)
                 .into_iter()
@@ -87,7 +98,7 @@ impl MetaGate {
                 })
                 .collect();
         }
-        if self.pending == 0 {
+        if self.pending.is_empty() {
             self.held.drain(..).collect()
         } else {
             Vec::new()
@@ -115,7 +126,7 @@ impl MetaGate {
     /// peer acts on these reports (an "outdated" lets it go on alone), so
     /// they must not run ahead of the disk.
     pub fn report(&mut self, now: NodeState) -> NodeState {
-        if self.pending == 0 || self.published.is_none() {
+        if self.pending.is_empty() || self.published.is_none() {
             self.published = Some(now);
         }
         self.published.unwrap_or(now)
@@ -139,6 +150,19 @@ mod tests {
         Action::Complete { id, result: Ok(()) }
     }
 
+    fn state(disk: u8) -> NodeState {
+        NodeState {
+            role: 0,
+            disk,
+            data_size: 1 << 20,
+            volume_id: [1; 16],
+            current_gen: 5,
+            bitmap_gen: 0,
+            dirty_blocks: 0,
+            flags: 0,
+        }
+    }
+
     fn seqs(actions: &[Action]) -> Vec<u64> {
         actions
             .iter()
@@ -154,21 +178,21 @@ mod tests {
     fn frames_and_completions_wait_for_metadata_in_order() {
         let mut g = MetaGate::default();
         assert!(g.pass(ping(1)).is_some(), "nothing pending: goes at once");
-        g.queued();
+        g.queued(state(0));
         assert!(g.pass(ping(2)).is_none());
         assert!(g.pass(complete(7)).is_none());
-        g.queued();
+        g.queued(state(0));
         assert!(g.pass(ping(3)).is_none());
         assert!(g.done(true).is_empty(), "one write still pending");
         assert_eq!(seqs(&g.done(true)), vec![2, 1007, 3]);
         assert!(g.pass(ping(4)).is_some());
-        g.queued();
+        g.queued(state(0));
         assert!(g.pass(ping(5)).is_none());
         assert!(g.pass(complete(8)).is_none());
         g.link_lost();
         assert_eq!(g.held(), 1, "the completion stays");
         assert_eq!(seqs(&g.done(true)), vec![1008]);
-        g.queued();
+        g.queued(state(0));
         g.reset();
         assert!(g.pass(ping(6)).is_some(), "a crash empties the queue");
     }
@@ -176,7 +200,7 @@ mod tests {
     #[test]
     fn a_failed_metadata_write_drops_frames_and_fails_completions() {
         let mut g = MetaGate::default();
-        g.queued();
+        g.queued(state(0));
         assert!(g.pass(ping(1)).is_none());
         assert!(g.pass(complete(2)).is_none());
         let out = g.done(false);
@@ -193,21 +217,31 @@ mod tests {
     #[test]
     fn heartbeats_say_only_what_is_on_disk() {
         let mut g = MetaGate::default();
-        let up = NodeState {
-            role: 0,
-            disk: 0,
-            data_size: 1 << 20,
-            volume_id: [1; 16],
-            current_gen: 5,
-            bitmap_gen: 0,
-            dirty_blocks: 0,
-            flags: 0,
-        };
-        let outdated = NodeState { disk: 1, ..up };
+        let (up, outdated) = (state(0), state(1));
         assert_eq!(g.report(up).disk, 0);
-        g.queued();
+        g.queued(outdated);
         assert_eq!(g.report(outdated).disk, 0, "not yet on disk");
         g.done(true);
         assert_eq!(g.report(outdated).disk, 1);
+    }
+
+    #[test]
+    fn reports_advance_under_a_steady_stream_of_metadata_writes() {
+        let mut g = MetaGate::default();
+        g.report(state(0));
+        // Two writes of one batch (the same state): only the second
+        // makes it all durable.
+        g.queued(state(1));
+        g.queued(state(1));
+        g.done(true);
+        assert_eq!(g.report(state(3)).disk, 0);
+        // Each later write is queued before the one before it is done:
+        // never a moment with nothing pending, yet the reports move on.
+        g.queued(state(2));
+        g.done(true);
+        assert_eq!(g.report(state(3)).disk, 1);
+        g.queued(state(3));
+        g.done(true);
+        assert_eq!(g.report(state(3)).disk, 2);
     }
 }

@@ -757,6 +757,9 @@ impl Volume {
     /// behind it. Metadata work keeps its place: it takes the deferred
     /// disk work with it.
     fn apply(&mut self, actions: Vec<Action>) {
+        // What the metadata written here makes durable: the state the
+        // replica returned these actions in.
+        let after = self.replica.node_state();
         let mut todo: VecDeque<Action> = actions.into();
         let mut frame_out = false;
         while let Some(action) = todo.pop_front() {
@@ -810,17 +813,17 @@ impl Volume {
                     self.superblock = sb.clone();
                     self.superblock.seq += 1;
                     self.queued += 1;
-                    self.gate.queued();
+                    self.gate.queued(after);
                     let _ = self.jobs.send(Job::Persist(sb));
                 }
                 Action::PersistBitmap(pages) => {
                     self.queued += 1;
-                    self.gate.queued();
+                    self.gate.queued(after);
                     let _ = self.jobs.send(Job::Bitmap(pages));
                 }
                 Action::PersistActivityLog(extents) => {
                     self.queued += 1;
-                    self.gate.queued();
+                    self.gate.queued(after);
                     let _ = self.jobs.send(Job::ActivityLog(extents));
                 }
                 Action::Disk { tag, op } => {

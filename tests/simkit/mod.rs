@@ -284,19 +284,20 @@ impl SimVolume {
     /// Takes the actions that concern the disk (and frames and
     /// completions that must wait for metadata); returns the rest for the
     /// simulation.
-    pub fn take(&mut self, a: Action) -> Option<Action> {
+    /// `after`: the node's state as the replica returned the action.
+    pub fn take(&mut self, a: Action, after: NodeState) -> Option<Action> {
         match a {
             Action::Persist(m) => {
-                self.gate.queued();
+                self.gate.queued(after);
                 self.queue.push_back(Op::Meta(m));
             }
             Action::Disk { tag, op } => self.queue.push_back(Op::Io(tag, op)),
             Action::PersistBitmap(pages) => {
-                self.gate.queued();
+                self.gate.queued(after);
                 self.queue.push_back(Op::Bitmap(pages));
             }
             Action::PersistActivityLog(x) => {
-                self.gate.queued();
+                self.gate.queued(after);
                 self.queue.push_back(Op::Log(x));
             }
             other => return self.gate.pass(other),
