@@ -1567,6 +1567,19 @@ impl Config {
             self.watchdog.enabled,
         )
     }
+
+    /// The settings that must agree with the peer's, as this node's
+    /// heartbeats carry them (manager rule 15).
+    pub fn settings(&self) -> crate::core::settings::Settings {
+        crate::core::settings::Settings::new(
+            self.volume.mode,
+            self.self_fences(),
+            self.witness.as_ref().map(|w| w.node.as_str()),
+            self.heartbeat.timeout.0.as_micros() as u64,
+            self.fencing.fence_delay.0.as_micros() as u64,
+            self.watchdog.timeout.0.as_micros() as u64,
+        )
+    }
 }
 
 /// How long a node without quorum goes on before it stops petting its

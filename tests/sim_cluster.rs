@@ -156,6 +156,9 @@ struct Sim {
     trace: Vec<String>,
     verbose: bool,
     witness: Option<SimWitness>,
+    /// The nodes' heartbeats carry their settings (always, but in a story
+    /// that says `settings not compared`).
+    compare_settings: bool,
 }
 
 impl Sim {
@@ -223,6 +226,7 @@ impl Sim {
                 cut: [false; 2],
                 wall: Wall::default(),
             }),
+            compare_settings: true,
         };
         if sim.witness.is_some() {
             sim.start_witness();
@@ -280,6 +284,7 @@ impl Sim {
             incarnation,
         ));
         let with_witness = self.witness.is_some();
+        let settings = Sim::settings(with_witness, node.watchdog_method, mode);
         node.manager = Some(Manager::new(manager::Config {
             me_first: n == 0,
             fence_delay_us: FENCE_DELAY_US,
@@ -289,6 +294,7 @@ impl Sim {
             self_fence_after_us: (with_witness && node.watchdog_method)
                 .then_some(SELF_FENCE_AFTER_US),
             fence_retry_us: with_witness.then_some(30_000_000),
+            settings: settings,
         }));
         node.wmember = with_witness
             .then(|| Membership::new("sim", node.name, "w", KEY, 1, HB_TIMEOUT_US, incarnation));
@@ -442,7 +448,27 @@ impl Sim {
             hears: 0,
             vote: 0,
             outdate_token: token,
+            // A story may leave them out, so that the watchdog fence's own
+            // check is seen to hold without the comparison (rule 15).
+            settings: if self.compare_settings {
+                Sim::settings(with_witness, node.watchdog_method, self.mode)
+            } else {
+                settings::Settings::default()
+            },
         }
+    }
+
+    /// A node's settings that must agree, as the daemon takes them from
+    /// its config.
+    fn settings(with_witness: bool, watchdog_method: bool, mode: Mode) -> settings::Settings {
+        settings::Settings::new(
+            mode,
+            settings::self_fences(with_witness, watchdog_method, true),
+            with_witness.then_some("w"),
+            HB_TIMEOUT_US,
+            FENCE_DELAY_US,
+            WATCHDOG_US,
+        )
     }
 
     fn send_heartbeats(&mut self, n: usize, faults: bool) {
@@ -1067,6 +1093,16 @@ impl Sim {
             }
         }
         for n in 0..2 {
+            if !self.nodes[n].watchdog_method {
+                // Rule 15 held the pair as it was while the settings
+                // differed; the operator makes them the same.
+                self.log(format!(
+                    "operator: adds `watchdog` to fencing.methods on {} and restarts it",
+                    self.nodes[n].name
+                ));
+                self.nodes[n].watchdog_method = true;
+                self.crash(n);
+            }
             if !self.nodes[n].up || self.nodes[n].watchdog_fires_us.is_some() {
                 // A self-fenced node reboots: the watchdog does it.
                 self.crash(n);
@@ -1186,6 +1222,7 @@ impl Sim {
             ["fence", "confirmed"] => matches!(m.fence(), Fence::Confirmed { .. }),
             ["holds", "vote"] => self.vote(n) == Some(Vote::Mine),
             ["self-fenced"] => m.self_fenced(),
+            ["says", words @ ..] => m.reason().contains(&words.join(" ")),
             ["peer", "lost"] => !hb.peer_alive(),
             ["peer", "alive"] => hb.peer_alive(),
             ["disk", d] => r.disk().to_string() == *d,
@@ -1384,6 +1421,7 @@ fn scenario_stories() {
                 *l == "with witness"
                     || l.starts_with("mode ")
                     || l.starts_with("without watchdog method on ")
+                    || *l == "settings not compared"
             })
             .collect();
         let with_witness = header.contains(&"with witness");
@@ -1399,6 +1437,7 @@ fn scenario_stories() {
             .find_map(|l| l.strip_prefix("without watchdog method on "))
             .map(|n| node_of(n).unwrap_or_else(|e| panic!("{}: {e}", file.display())));
         let mut sim = Sim::with_settings(seed, verbose, mode, lacking);
+        sim.compare_settings = !header.contains(&"settings not compared");
         sim.establish().unwrap();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();

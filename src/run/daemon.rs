@@ -87,6 +87,8 @@ impl Daemon {
         let mut v = json!({
             "maintenance": self.maintenance.load(std::sync::atomic::Ordering::Relaxed),
             "reason": m.reason(),
+            // Rule 15: the settings that differ from the peer's, or null.
+            "settings_mismatch": m.settings_mismatch(),
             "transitions": history,
             "standby": m.standby(),
             "fence": m.fence(),
@@ -441,6 +443,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             self_fence_after_us: config
                 .self_fences()
                 .then(|| crate::config::self_fence_after(&config.heartbeat).as_micros() as u64),
+            settings: config.settings(),
             fence_retry_us: config
                 .fencing
                 .methods
@@ -511,6 +514,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             let restarting = restarting.clone();
             // Armed is said only by a node that fences itself: the
             // peer's `watchdog` fence counts on it (issue 13, finding 8).
+            let settings = config.settings();
             let (watchdog_flag, watchdog_ms) = crate::core::settings::watchdog_advert(
                 config.self_fences(),
                 watchdog
@@ -522,6 +526,7 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
                     let mut r = *shared.report.lock().unwrap_or_else(|e| e.into_inner());
                     r.watchdog_timeout_ms = watchdog_ms;
                     r.flags |= watchdog_flag;
+                    r.settings = settings;
                     r.service = match mysqld.as_ref().map(|m| m.view()) {
                         Some(v) if v.failed() => crate::core::heartbeat::SERVICE_FAILED,
                         Some(v) if v.healthy() => crate::core::heartbeat::SERVICE_HEALTHY,
