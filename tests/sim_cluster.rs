@@ -294,7 +294,7 @@ impl Sim {
             self_fence_after_us: (with_witness && node.watchdog_method)
                 .then_some(SELF_FENCE_AFTER_US),
             fence_retry_us: with_witness.then_some(30_000_000),
-            settings: settings,
+            settings,
         }));
         node.wmember = with_witness
             .then(|| Membership::new("sim", node.name, "w", KEY, 1, HB_TIMEOUT_US, incarnation));

@@ -155,7 +155,7 @@ fn mode_name(m: u8) -> String {
 }
 
 fn duration(ms: u32) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
