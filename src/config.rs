@@ -1557,6 +1557,31 @@ fn validate_watchdog_method(config: &Config, bad: &mut dyn FnMut(&str, String)) 
     }
 }
 
+impl Config {
+    /// Whether this node fences itself without quorum (and so may say
+    /// so in its heartbeats): `core::settings::self_fences` on its keys.
+    pub fn self_fences(&self) -> bool {
+        crate::core::settings::self_fences(
+            self.witness.is_some(),
+            self.fencing.methods.contains(&FenceMethod::Watchdog),
+            self.watchdog.enabled,
+        )
+    }
+
+    /// The settings that must agree with the peer's, as this node's
+    /// heartbeats carry them (manager rule 16).
+    pub fn settings(&self) -> crate::core::settings::Settings {
+        crate::core::settings::Settings::new(
+            self.volume.mode,
+            self.self_fences(),
+            self.witness.as_ref().map(|w| w.node.as_str()),
+            self.heartbeat.timeout.0.as_micros() as u64,
+            self.fencing.fence_delay.0.as_micros() as u64,
+            self.watchdog.timeout.0.as_micros() as u64,
+        )
+    }
+}
+
 /// How long a node without quorum goes on before it stops petting its
 /// watchdog: time for the witness to give its vote (it may wait two
 /// timeouts for the primary) and for the vote to arrive.

@@ -104,6 +104,14 @@ fn report() -> NodeReport {
         hears: 99,
         vote: 77,
         outdate_token: 0xfeed,
+        settings: hadb::core::settings::Settings::new(
+            hadb::config::Mode::Sync,
+            true,
+            Some("hadbw"),
+            1_000_000,
+            5_000_000,
+            10_000_000,
+        ),
     }
 }
 

@@ -43,6 +43,7 @@ use hadb::core::incarnation;
 use hadb::core::manager::{self, Fence, Inputs, Manager, PeerView, VolumeView};
 use hadb::core::quorum::{Vote, VoterView, WatchdogProof, Witness, WitnessConfig, watchdog_proof};
 use hadb::core::replica::{Action, DiskState, Frame, Replica, Request, Role};
+use hadb::core::settings;
 use simkit::{DATA, Oracle, Rng, SimVolume, Step};
 
 const KEY: &[u8] = b"simulated cluster key, 32 bytes!";
@@ -120,6 +121,10 @@ struct Node {
     watchdog_fires_us: Option<u64>,
     /// A `watchdog` fence under way since.
     watchdog_fence_since_us: Option<u64>,
+    /// With a witness: `watchdog` is among this node's fence methods, so
+    /// it fences itself without quorum and fences its peer by waiting.
+    /// Some seeds leave it off one node: settings that differ.
+    watchdog_method: bool,
     wall: Wall,
 }
 
@@ -153,6 +158,9 @@ struct Sim {
     witness: Option<SimWitness>,
     /// Requests the client saw fail.
     app_errors: u64,
+    /// The nodes' heartbeats carry their settings (always, but in a story
+    /// that says `settings not compared`).
+    compare_settings: bool,
 }
 
 impl Sim {
@@ -166,6 +174,20 @@ impl Sim {
     }
 
     fn with_mode(seed: u64, verbose: bool, mode: Mode) -> Sim {
+        // A quarter of the witness seeds: one node without the `watchdog`
+        // method (it never fences itself), the other with it.
+        let lacking = (seed % 8 >= 6).then_some((seed % 2) as usize);
+        Sim::with_settings(seed, verbose, mode, lacking)
+    }
+
+    /// `without_watchdog_method`: that node's fence methods lack
+    /// `watchdog` (with a witness: settings that differ).
+    fn with_settings(
+        seed: u64,
+        verbose: bool,
+        mode: Mode,
+        without_watchdog_method: Option<usize>,
+    ) -> Sim {
         let node = |name| Node {
             name,
             up: false,
@@ -180,6 +202,7 @@ impl Sim {
             wmember: None,
             watchdog_fires_us: None,
             watchdog_fence_since_us: None,
+            watchdog_method: true,
             wall: Wall::default(),
         };
         let mut sim = Sim {
@@ -206,9 +229,13 @@ impl Sim {
                 cut: [false; 2],
                 wall: Wall::default(),
             }),
+            compare_settings: true,
         };
         if sim.witness.is_some() {
             sim.start_witness();
+        }
+        if let Some(n) = without_watchdog_method {
+            sim.nodes[n].watchdog_method = false;
         }
         sim.start(0);
         sim.start(1);
@@ -260,14 +287,17 @@ impl Sim {
             incarnation,
         ));
         let with_witness = self.witness.is_some();
+        let settings = Sim::settings(with_witness, node.watchdog_method, mode);
         node.manager = Some(Manager::new(manager::Config {
             me_first: n == 0,
             fence_delay_us: FENCE_DELAY_US,
             retry_us: 1_000_000,
             start_grace_us: 2 * HB_TIMEOUT_US,
             restart_grace_us: 30_000_000,
-            self_fence_after_us: with_witness.then_some(SELF_FENCE_AFTER_US),
+            self_fence_after_us: (with_witness && node.watchdog_method)
+                .then_some(SELF_FENCE_AFTER_US),
             fence_retry_us: with_witness.then_some(30_000_000),
+            settings,
         }));
         node.wmember = with_witness
             .then(|| Membership::new("sim", node.name, "w", KEY, 1, HB_TIMEOUT_US, incarnation));
@@ -402,32 +432,51 @@ impl Sim {
         let node = &self.nodes[n];
         let token = node.replica.as_ref().unwrap().report_token();
         let (standby, ask) = node.manager.as_ref().unwrap().flags();
+        // As the daemon: every node's watchdog is open with a witness,
+        // but only one that fences itself says so.
+        let with_witness = self.witness.is_some();
+        let (watchdog_flag, watchdog_ms) = settings::watchdog_advert(
+            settings::self_fences(with_witness, node.watchdog_method, true),
+            with_witness.then_some((WATCHDOG_US / 1000) as u32),
+        );
         NodeReport {
             role: s.role,
             disk: s.disk,
             current_gen: s.current_gen,
             flags: if standby { FLAG_STANDBY } else { 0 }
                 | if ask { FLAG_OUTDATE_REQUEST } else { 0 }
-                | if self.witness.is_some() {
-                    hadb::core::heartbeat::FLAG_WATCHDOG
-                } else {
-                    0
-                },
+                | watchdog_flag,
             volume_link: 0,
             service: if node.service_failed {
                 hadb::core::heartbeat::SERVICE_FAILED
             } else {
                 0
             },
-            watchdog_timeout_ms: if self.witness.is_some() {
-                (WATCHDOG_US / 1000) as u32
-            } else {
-                0
-            },
+            watchdog_timeout_ms: watchdog_ms,
             hears: 0,
             vote: 0,
             outdate_token: token,
+            // A story may leave them out, so that the watchdog fence's own
+            // check is seen to hold without the comparison (rule 16).
+            settings: if self.compare_settings {
+                Sim::settings(with_witness, node.watchdog_method, self.mode)
+            } else {
+                settings::Settings::default()
+            },
         }
+    }
+
+    /// A node's settings that must agree, as the daemon takes them from
+    /// its config.
+    fn settings(with_witness: bool, watchdog_method: bool, mode: Mode) -> settings::Settings {
+        settings::Settings::new(
+            mode,
+            settings::self_fences(with_witness, watchdog_method, true),
+            with_witness.then_some("w"),
+            HB_TIMEOUT_US,
+            FENCE_DELAY_US,
+            WATCHDOG_US,
+        )
     }
 
     fn send_heartbeats(&mut self, n: usize, faults: bool) {
@@ -642,9 +691,12 @@ impl Sim {
             }
             let m = self.nodes[n].membership.as_ref().unwrap();
             let (alive, last) = (m.peer_alive(), m.last_heard_us());
-            let armed = m.peer_report().map_or(0, |r| r.watchdog_timeout_ms);
+            let advertised = m
+                .peer_report()
+                .as_ref()
+                .and_then(settings::peer_self_fences);
             if let WatchdogProof::Confirmed { .. } =
-                watchdog_proof(armed, armed > 0, since, last, alive, now)
+                watchdog_proof(advertised, since, last, alive, now)
             {
                 let peer = &self.nodes[1 - n];
                 let self_fenced = peer.manager.as_ref().is_some_and(|m| m.self_fenced());
@@ -726,7 +778,10 @@ impl Sim {
                     self.log(format!("  {name}: FENCE requested"));
                     // With a witness, the `watchdog` method runs first;
                     // the operator is the last level either way.
-                    if self.witness.is_some() && self.vote(n) == Some(Vote::Mine) {
+                    if self.witness.is_some()
+                        && self.nodes[n].watchdog_method
+                        && self.vote(n) == Some(Vote::Mine)
+                    {
                         self.nodes[n].watchdog_fence_since_us = Some(self.now_us);
                     }
                 }
@@ -1051,6 +1106,16 @@ impl Sim {
                 .replica
                 .as_ref()
                 .is_some_and(|r| r.disk() == DiskState::Failed);
+            if !self.nodes[n].watchdog_method {
+                // Rule 16 held the pair as it was while the settings
+                // differed; the operator makes them the same.
+                self.log(format!(
+                    "operator: adds `watchdog` to fencing.methods on {} and restarts it",
+                    self.nodes[n].name
+                ));
+                self.nodes[n].watchdog_method = true;
+                self.crash(n);
+            }
             if !self.nodes[n].up || self.nodes[n].watchdog_fires_us.is_some() || failed {
                 // A self-fenced node reboots: the watchdog does it. A
                 // failed disk is repaired by the operator, who restarts
@@ -1172,6 +1237,7 @@ impl Sim {
             ["fence", "confirmed"] => matches!(m.fence(), Fence::Confirmed { .. }),
             ["holds", "vote"] => self.vote(n) == Some(Vote::Mine),
             ["self-fenced"] => m.self_fenced(),
+            ["says", words @ ..] => m.reason().contains(&words.join(" ")),
             ["peer", "lost"] => !hb.peer_alive(),
             ["peer", "alive"] => hb.peer_alive(),
             ["disk", d] => r.disk().to_string() == *d,
@@ -1365,13 +1431,19 @@ fn scenario_stories() {
     );
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        // A story's first lines may say `with witness` (seed 2 has one)
-        // and `mode semisync` (the default is sync).
+        // A story's first lines may say `with witness` (seed 2 has one),
+        // `mode semisync` (the default is sync) and `without watchdog
+        // method on NODE`.
         let header: Vec<&str> = text
             .lines()
             .map(|l| l.split('#').next().unwrap_or("").trim())
             .filter(|l| !l.is_empty())
-            .take_while(|l| *l == "with witness" || l.starts_with("mode "))
+            .take_while(|l| {
+                *l == "with witness"
+                    || l.starts_with("mode ")
+                    || l.starts_with("without watchdog method on ")
+                    || *l == "settings not compared"
+            })
             .collect();
         let with_witness = header.contains(&"with witness");
         let mode = match header.iter().find_map(|l| l.strip_prefix("mode ")) {
@@ -1381,7 +1453,12 @@ fn scenario_stories() {
         };
         let seed = if with_witness { 2 } else { 1 };
         let verbose = std::env::var_os("HADB_SIM_VERBOSE").is_some();
-        let mut sim = Sim::with_mode(seed, verbose, mode);
+        let lacking = header
+            .iter()
+            .find_map(|l| l.strip_prefix("without watchdog method on "))
+            .map(|n| node_of(n).unwrap_or_else(|e| panic!("{}: {e}", file.display())));
+        let mut sim = Sim::with_settings(seed, verbose, mode, lacking);
+        sim.compare_settings = !header.contains(&"settings not compared");
         sim.establish().unwrap();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();

@@ -205,6 +205,15 @@ fn heartbeat_signed_fields(data: &[u8]) {
             hears: r.u64(),
             vote: r.u64(),
             outdate_token: r.u64(),
+            settings: hadb::core::settings::Settings {
+                format: r.u8(),
+                mode: r.u8(),
+                self_fences: r.u8() & 1 != 0,
+                witness: r.u32(),
+                heartbeat_timeout_ms: r.u32(),
+                fence_delay_ms: r.u32(),
+                watchdog_timeout_ms: r.u32(),
+            },
         },
         timing: Timing {
             sent_us: r.u64(),
@@ -337,9 +346,12 @@ fn heartbeat_signed_body(body: &[u8]) {
     match got {
         Ok(p) => {
             assert!(framed && utf8, "accepted a malformed body: {body:02x?}");
-            // Bytes 41..44 are padding, not read; all else round-trips.
+            // Bytes 41..44 and 95 are padding, and of byte 94 only bit 0
+            // is read; all else round-trips.
             let mut canonical = body.to_vec();
             canonical[41..44].fill(0);
+            canonical[94] &= 1;
+            canonical[95] = 0;
             assert_eq!(p.encode(KEY), sign_heartbeat(&canonical));
             let mut m = hb_membership(1, p.report.hears);
             let expect = if p.cluster == "hadb" && p.node == "b" {

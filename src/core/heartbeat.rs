@@ -17,18 +17,18 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 pub const MAGIC: [u8; 8] = *b"HADBBEAT";
 /// 2 added the witness's vote and the round-trip echo, 3 the outdate
 /// token; a pair runs one version (a node refuses the other's packets as
-/// malformed).
-pub const VERSION: u8 = 3;
+/// malformed), 4 the settings that must agree.
+pub const VERSION: u8 = 4;
 pub const MAC_LEN: usize = 32;
 /// Fixed part before the two names.
-pub const FIXED: usize = 92;
+pub const FIXED: usize = 112;
 pub const MAX_NAME: usize = 64;
 /// Sequence numbers below the highest seen that are still accepted once
 /// (UDP may reorder).
 pub const WINDOW: u64 = 64;
 /// Mixed into every MAC, so a heartbeat can never pass for anything else
 /// signed with the same key.
-pub const DOMAIN: &[u8] = b"hadb heartbeat v3\0";
+pub const DOMAIN: &[u8] = b"hadb heartbeat v4\0";
 
 pub const FLAG_STANDBY: u8 = 1 << 0;
 pub const FLAG_WATCHDOG: u8 = 1 << 1;
@@ -81,6 +81,9 @@ pub struct NodeReport {
     /// with now, so a report that predates the link's last session is
     /// never taken for one that follows it.
     pub outdate_token: u64,
+    /// The sender's settings that must agree with this node's (none from
+    /// the witness); compared by the manager (rule 16).
+    pub settings: crate::core::settings::Settings,
 }
 
 /// Timing carried by every packet, for the round trip per link: the
@@ -158,6 +161,7 @@ impl Packet {
         b[72..80].copy_from_slice(&t.echo_us.to_be_bytes());
         b[80..84].copy_from_slice(&t.echo_hold_us.to_be_bytes());
         b[84..92].copy_from_slice(&r.outdate_token.to_be_bytes());
+        b[92..112].copy_from_slice(&r.settings.encode());
         b.extend_from_slice(c);
         b.extend_from_slice(n);
         let tag = mac(key, &b);
@@ -213,6 +217,11 @@ impl Packet {
                 hears: u64_at(48),
                 vote: u64_at(56),
                 outdate_token: u64_at(84),
+                settings: {
+                    let mut w = [0u8; crate::core::settings::WIRE_LEN];
+                    w.copy_from_slice(&b[92..112]);
+                    crate::core::settings::Settings::decode(&w)
+                },
             },
             timing: Timing {
                 sent_us: u64_at(64),
@@ -579,6 +588,14 @@ mod tests {
                 hears: 5,
                 vote: 11,
                 outdate_token: 0xdead,
+                settings: crate::core::settings::Settings::new(
+                    crate::config::Mode::Semisync,
+                    true,
+                    Some("hadbw"),
+                    1_000_000,
+                    5_000_000,
+                    10_000_000,
+                ),
             },
             timing: Timing {
                 sent_us: 1,

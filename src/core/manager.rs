@@ -18,6 +18,7 @@
 
 use crate::core::quorum::Vote;
 use crate::core::replica::{DiskState, LinkState, Role};
+use crate::core::settings::{self, Settings};
 
 /// How long a switchover waits for the peer to take the role.
 const HANDOVER_US: u64 = 30_000_000;
@@ -78,6 +79,7 @@ impl PeerView {
             service_failed: r.service == crate::core::heartbeat::SERVICE_FAILED,
             current_gen: r.current_gen,
             outdate_token: r.outdate_token,
+            settings: r.settings,
         }
     }
 }
@@ -102,6 +104,8 @@ pub struct PeerView {
     /// From a primary: the token its outdate request names; from a
     /// secondary whose copy is outdated: the token it answers.
     pub outdate_token: u64,
+    /// Its settings that must agree with this node's (rule 16).
+    pub settings: Settings,
 }
 
 /// Everything one step decides from.
@@ -142,6 +146,8 @@ pub struct Config {
     /// this (Pacemaker retries too: a token still propagating, Azure
     /// throttling). None: no automatic method, the operator decides.
     pub fence_retry_us: Option<u64>,
+    /// This node's settings that must agree with the peer's (rule 16).
+    pub settings: Settings,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +222,9 @@ pub struct Manager {
     /// Since when this node has had no quorum (peer lost, vote not its).
     no_quorum_since_us: Option<u64>,
     self_fenced: bool,
+    /// What differs between this node's settings and the peer's last
+    /// report (rule 16), in words; logged once per change.
+    settings_mismatch: Option<String>,
     /// When the last run of the fence methods failed.
     fence_failed_us: Option<u64>,
     reason: String,
@@ -247,6 +256,7 @@ impl Manager {
             started_us: None,
             no_quorum_since_us: None,
             self_fenced: false,
+            settings_mismatch: None,
             fence_failed_us: None,
             reason: "starting".into(),
             history: std::collections::VecDeque::new(),
@@ -267,6 +277,11 @@ impl Manager {
     /// This node stopped petting its watchdog for want of quorum.
     pub fn self_fenced(&self) -> bool {
         self.self_fenced
+    }
+
+    /// The settings that differ from the peer's, in words (rule 16).
+    pub fn settings_mismatch(&self) -> Option<&str> {
+        self.settings_mismatch.as_deref()
     }
     /// What this node's heartbeats say: standby (or handing over), and
     /// whether they ask the peer to outdate itself.
@@ -513,6 +528,33 @@ impl Manager {
         }
         // Asked anew at every step, where a rule still wants it.
         self.asks_outdate = false;
+        // Rule 16: the peer's last report, heard now or before it was
+        // lost, carries settings this node's rules rely on in it.
+        let mismatch = i
+            .peer
+            .and_then(|p| settings::mismatch(&self.cfg.settings, &p.settings));
+        if mismatch != self.settings_mismatch {
+            out.push(Action::Log {
+                warn: mismatch.is_some(),
+                message: match &mismatch {
+                    Some(m) => format!("manager: {m}"),
+                    None => "manager: the peer's settings agree with this node's again".into(),
+                },
+            });
+            self.settings_mismatch = mismatch;
+        }
+        if let Some(m) = &self.settings_mismatch {
+            let why = format!(
+                "{m}. Until they do, this node neither promotes, goes on alone nor fences: staying {} (rule 16)",
+                if v.role == Role::Primary {
+                    "primary"
+                } else {
+                    "secondary"
+                }
+            );
+            self.because(why, &mut out);
+            return out;
+        }
         if let Some(p) = peer.filter(|_| i.peer_alive) {
             let linked = !matches!(v.link, LinkState::Standalone | LinkState::Connecting);
             let older_or_same = p.current_gen == v.current_gen
@@ -886,6 +928,7 @@ mod tests {
             restart_grace_us: 30 * S,
             self_fence_after_us: None,
             fence_retry_us: Some(30 * S),
+            settings: Settings::default(),
         }
     }
 
@@ -914,6 +957,7 @@ mod tests {
             restarting: false,
             current_gen: GEN,
             outdate_token: 0,
+            settings: Settings::default(),
         }
     }
 
@@ -1540,5 +1584,84 @@ mod tests {
         m.step(&at(1, v, None));
         m.fence_failed();
         assert_eq!(acts(&m.step(&at(100, v, None))), vec![]);
+    }
+
+    #[test]
+    fn settings_that_differ_stop_every_takeover_and_say_which() {
+        use crate::config::Mode;
+        let mine = Settings::new(Mode::Sync, true, Some("w"), S, 5 * S, 6 * S);
+        let theirs = Settings::new(Mode::Sync, false, Some("w"), S, 5 * S, 6 * S);
+        let mut m = Manager::new(Config {
+            settings: mine,
+            ..cfg(true)
+        });
+        let differs = PeerView {
+            settings: theirs,
+            ..peer(false)
+        };
+        // Heard, nobody primary, this node first by name: it would take
+        // the role; the settings differ, so it stays as it is.
+        let linked = VolumeView {
+            link: LinkState::Connected,
+            ..vol(Role::Secondary)
+        };
+        let a = m.step(&at(1, linked, Some(differs)));
+        assert!(!a.contains(&Action::Promote), "{a:?}");
+        assert!(m.reason().contains("rule 16"), "{}", m.reason());
+        assert!(
+            m.settings_mismatch()
+                .is_some_and(|s| s.contains("fencing.methods differs")),
+            "{:?}",
+            m.settings_mismatch()
+        );
+        let warned = |a: &[Action]| {
+            a.iter()
+                .filter(|a| matches!(a, Action::Log { warn: true, .. }))
+                .count()
+        };
+        assert_eq!(warned(&a), 1, "logged once");
+        // Lost: no fence, no promotion, however long; logged no more.
+        for s in 2..60 {
+            let mut i = at(s, vol(Role::Secondary), Some(differs));
+            i.peer_alive = false;
+            let a = m.step(&i);
+            assert!(
+                !a.iter()
+                    .any(|a| matches!(a, Action::Fence | Action::Promote)),
+                "{a:?}"
+            );
+            assert_eq!(warned(&a), 0, "{a:?}");
+        }
+        assert_eq!(m.fence(), Fence::None);
+        // A primary whose peer is lost neither fences nor goes on alone.
+        let mut p = Manager::new(Config {
+            settings: mine,
+            ..cfg(true)
+        });
+        let frozen = VolumeView {
+            frozen: true,
+            ..vol(Role::Primary)
+        };
+        p.step(&at(1, frozen, Some(differs)));
+        for s in 2..30 {
+            let mut i = at(s, frozen, Some(differs));
+            i.peer_alive = false;
+            let a = p.step(&i);
+            assert!(
+                !a.iter().any(|a| matches!(
+                    a,
+                    Action::Fence | Action::PeerProvenOutdated(..) | Action::Demote
+                )),
+                "{a:?}"
+            );
+        }
+        // The peer comes back with the same settings: the rules run again.
+        let same = PeerView {
+            settings: mine,
+            ..peer(false)
+        };
+        let a = m.step(&at(61, linked, Some(same)));
+        assert!(a.contains(&Action::Promote), "{a:?}");
+        assert_eq!(m.settings_mismatch(), None);
     }
 }

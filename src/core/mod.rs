@@ -14,4 +14,5 @@ pub mod nbd;
 pub mod quorum;
 pub mod replica;
 pub mod service;
+pub mod settings;
 pub mod wire;

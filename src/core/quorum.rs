@@ -230,17 +230,19 @@ pub enum WatchdogProof {
     },
 }
 
+/// `advertised_ms`: the watchdog timeout the peer's last report says it
+/// fences itself within (`settings::peer_self_fences`); None: it never
+/// said so, and waiting proves nothing.
 pub fn watchdog_proof(
-    watchdog_ms: u32,
-    armed: bool,
+    advertised_ms: Option<u32>,
     started_us: u64,
     last_heard_us: Option<u64>,
     peer_alive: bool,
     now_us: u64,
 ) -> WatchdogProof {
-    if !armed || watchdog_ms == 0 {
+    let Some(watchdog_ms) = advertised_ms.filter(|ms| *ms > 0) else {
         return WatchdogProof::NotArmed;
-    }
+    };
     let from = last_heard_us.map_or(started_us, |t| t.max(started_us));
     let until_us = from + 2 * u64::from(watchdog_ms) * 1000;
     if !peer_alive && now_us >= until_us {
@@ -364,17 +366,14 @@ mod tests {
     #[test]
     fn the_watchdog_proof_counts_from_the_later_of_silence_and_start() {
         use WatchdogProof::*;
-        assert_eq!(
-            watchdog_proof(5000, false, 0, None, false, 99 * T),
-            NotArmed
-        );
+        assert_eq!(watchdog_proof(None, 0, None, false, 99 * T), NotArmed);
         // Last heard at 1 s, the attempt started at 10 s: 10 + 2 * 5.
-        let p = |now| watchdog_proof(5000, true, 10 * T, Some(T), false, now);
+        let p = |now| watchdog_proof(Some(5000), 10 * T, Some(T), false, now);
         assert_eq!(p(19 * T), Wait { until_us: 20 * T });
         assert_eq!(p(20 * T), Confirmed { silent_us: 19 * T });
         // Heard again: never confirmed.
         assert!(matches!(
-            watchdog_proof(5000, true, 0, Some(T), true, 99 * T),
+            watchdog_proof(Some(5000), 0, Some(T), true, 99 * T),
             Wait { .. }
         ));
     }

@@ -87,6 +87,8 @@ impl Daemon {
         let mut v = json!({
             "maintenance": self.maintenance.load(std::sync::atomic::Ordering::Relaxed),
             "reason": m.reason(),
+            // Rule 16: the settings that differ from the peer's, or null.
+            "settings_mismatch": m.settings_mismatch(),
             "transitions": history,
             "standby": m.standby(),
             "fence": m.fence(),
@@ -438,13 +440,10 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             retry_us: 1_000_000,
             start_grace_us: 2 * config.heartbeat.timeout.0.as_micros() as u64,
             restart_grace_us: RESTART_GRACE.as_micros() as u64,
-            self_fence_after_us: (config.witness.is_some()
-                && config
-                    .fencing
-                    .methods
-                    .contains(&crate::config::FenceMethod::Watchdog)
-                && config.watchdog.enabled)
+            self_fence_after_us: config
+                .self_fences()
                 .then(|| crate::config::self_fence_after(&config.heartbeat).as_micros() as u64),
+            settings: config.settings(),
             fence_retry_us: config
                 .fencing
                 .methods
@@ -513,16 +512,21 @@ pub fn run(config: Config, sources: crate::config::Sources) -> Result<(), Error>
             let interval = config.heartbeat.interval.0;
             let mysqld = resources.mysqld.clone();
             let restarting = restarting.clone();
-            let watchdog_ms = watchdog
-                .as_ref()
-                .map_or(0, |w| w.timeout.as_millis() as u32);
+            // Armed is said only by a node that fences itself: the
+            // peer's `watchdog` fence counts on it (issue 13, finding 8).
+            let settings = config.settings();
+            let (watchdog_flag, watchdog_ms) = crate::core::settings::watchdog_advert(
+                config.self_fences(),
+                watchdog
+                    .as_ref()
+                    .map(|w| u32::try_from(w.timeout.as_millis()).unwrap_or(u32::MAX)),
+            );
             crate::run::spawn(async move {
                 let report = || {
                     let mut r = *shared.report.lock().unwrap_or_else(|e| e.into_inner());
                     r.watchdog_timeout_ms = watchdog_ms;
-                    if watchdog_ms > 0 {
-                        r.flags |= crate::core::heartbeat::FLAG_WATCHDOG;
-                    }
+                    r.flags |= watchdog_flag;
+                    r.settings = settings;
                     r.service = match mysqld.as_ref().map(|m| m.view()) {
                         Some(v) if v.failed() => crate::core::heartbeat::SERVICE_FAILED,
                         Some(v) if v.healthy() => crate::core::heartbeat::SERVICE_HEALTHY,

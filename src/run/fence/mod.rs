@@ -15,9 +15,9 @@ use serde_json::json;
 
 use crate::config::{Config, FenceMethod};
 use crate::core::fence::{FencePlan, Next, Outcome, Silence, Trigger, ssh_silence};
-use crate::core::heartbeat::FLAG_WATCHDOG;
 use crate::core::manager::{Fence, Manager};
 use crate::core::quorum::{Vote, WatchdogProof, watchdog_proof};
+use crate::core::settings::peer_self_fences;
 use crate::run::fence::azure::AzureFence;
 use crate::run::fence::ssh::SshFence;
 use crate::run::heartbeat::Heartbeat;
@@ -355,16 +355,15 @@ impl Fencer {
                 let m = lock(&self.hb.membership);
                 (m.peer_report(), m.peer_alive(), m.last_heard_us())
             };
-            let (ms, armed) = report.map_or((0, false), |r| {
-                (r.watchdog_timeout_ms, r.flags & FLAG_WATCHDOG != 0)
-            });
+            let advertised = report.as_ref().and_then(peer_self_fences);
+            let ms = advertised.unwrap_or(0);
             let now = self.hb.now_us();
-            match watchdog_proof(ms, armed, started_us, last, alive, now) {
+            match watchdog_proof(advertised, started_us, last, alive, now) {
                 WatchdogProof::NotArmed => {
                     return (
                         Outcome::Failed,
                         format!(
-                            "{} never said its watchdog is armed: it would not reboot itself",
+                            "{} never said it fences itself (an armed watchdog, a witness and the `watchdog` method in its own fencing.methods): it would not reboot itself",
                             self.peer
                         ),
                     );
@@ -404,20 +403,23 @@ impl Fencer {
     /// The watchdog method's preconditions, as they stand now.
     fn watchdog_test(&self) -> (bool, String) {
         let report = lock(&self.hb.membership).peer_report();
-        let armed = report.filter(|r| r.flags & FLAG_WATCHDOG != 0 && r.watchdog_timeout_ms > 0);
+        let armed = report.as_ref().and_then(peer_self_fences);
         match (armed, self.hb.vote()) {
             (None, _) => (
                 false,
-                format!("{} has not said its watchdog is armed", self.peer),
+                format!(
+                    "{} has not said it fences itself (it needs an armed watchdog, a [witness] and `watchdog` in its own fencing.methods)",
+                    self.peer
+                ),
             ),
             (_, None | Some(Vote::Unheard)) => (false, "the witness is not heard".into()),
-            (Some(r), Some(_)) => (
+            (Some(ms), Some(_)) => (
                 true,
                 format!(
                     "{} advertises an armed watchdog of {} s and the witness is heard: a fence would wait {} s",
                     self.peer,
-                    r.watchdog_timeout_ms / 1000,
-                    2 * r.watchdog_timeout_ms / 1000
+                    ms / 1000,
+                    2 * ms / 1000
                 ),
             ),
         }
