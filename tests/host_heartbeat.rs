@@ -191,18 +191,8 @@ fn a_damaged_incarnation_file_stops_the_start() {
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::write(&file, "17356\0\0\0").unwrap();
     let config = p.config(0);
-    let mut child = std::process::Command::new(common::hadb_bin())
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--cmdline",
-            "none",
-            "run",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let log = p.dir.join("a.damaged.log");
+    let mut child = common::spawn_hadb_run(None, &config, std::fs::File::create(&log).unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -215,8 +205,7 @@ fn a_damaged_incarnation_file_stops_the_start() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains(&file.display().to_string()) && stderr.contains("damaged"),

@@ -3276,6 +3276,19 @@ mod tests {
             }
         }
 
+        /// A pair whose first primary, a, lost its peer and went on alone
+        /// on the operator's word.
+        fn gone_alone() -> Pair {
+            let mut p = Pair::new(0);
+            p.connect();
+            let a = p.nodes[0].promote(false).unwrap();
+            p.run(0, a);
+            p.disconnect();
+            let a = p.nodes[0].go_alone().unwrap();
+            p.run(0, a);
+            p
+        }
+
         fn run(&mut self, node: usize, actions: Vec<Action>) {
             self.run_many(actions.into_iter().map(|a| (node, a)).collect());
         }
@@ -3396,13 +3409,7 @@ mod tests {
     #[test]
     fn resync_read_errors_back_off_then_fail_the_disk() {
         let alone_with_changes = |fail: u32| {
-            let mut p = Pair::new(0);
-            p.connect();
-            let a = p.nodes[0].promote(false).unwrap();
-            p.run(0, a);
-            p.disconnect();
-            let a = p.nodes[0].go_alone().unwrap();
-            p.run(0, a);
+            let mut p = Pair::gone_alone();
             p.write(2, 8192, 2, 100);
             p.failing_reads[0] = fail;
             p.connect();
@@ -3474,13 +3481,7 @@ mod tests {
 
     #[test]
     fn a_resync_that_may_have_ended_on_the_peer_ends_going_alone() {
-        let mut p = Pair::new(0);
-        p.connect();
-        let a = p.nodes[0].promote(false).unwrap();
-        p.run(0, a);
-        p.disconnect();
-        let a = p.nodes[0].go_alone().unwrap();
-        p.run(0, a);
+        let mut p = Pair::gone_alone();
         p.write(1, 0, 1, 4096);
         assert_eq!(p.completed, vec![(1, Ok(()))]);
         // The peer finishes the resync, but its acknowledgement is lost
